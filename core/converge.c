@@ -1,0 +1,69 @@
+#include "converge.h"
+
+#include <stdio.h>
+
+/* Rounds that move less than this are dominated by fixed costs, not by the link. */
+#define CONV_MIN_SAMPLE (4ULL << 20)
+/* Give up early when the dirty set has not shrunk for this many rounds. */
+#define CONV_STALL_ROUNDS 5
+
+void conv_init(struct conv *c, double fixed_ms)
+{
+	*c = (struct conv){.fixed_ms = fixed_ms};
+}
+
+void conv_round(struct conv *c, uint64_t bytes, double round_s, uint64_t dirty_bytes,
+		double window_s)
+{
+	if (round_s > 0 && (bytes >= CONV_MIN_SAMPLE || c->bandwidth == 0) && bytes) {
+		double bw = (double)bytes / round_s;
+		/* Weigh the newest round most; links on shared machines are noisy. */
+		c->bandwidth = c->bandwidth ? 0.5 * c->bandwidth + 0.5 * bw : bw;
+	}
+	if (window_s > 0)
+		c->dirty_rate = (double)dirty_bytes / window_s;
+	c->growing = dirty_bytes >= c->remaining && c->remaining ? c->growing + 1 : 0;
+	c->remaining = dirty_bytes;
+}
+
+double conv_expected_downtime_ms(const struct conv *c)
+{
+	if (!c->remaining)
+		return c->fixed_ms;
+	if (c->bandwidth <= 0)
+		return 1e9;
+	return c->fixed_ms + (double)c->remaining / c->bandwidth * 1000.0;
+}
+
+enum conv_decision conv_decide(const struct conv *c, unsigned round, unsigned max_rounds,
+			       double elapsed_s, unsigned timeout_s, unsigned downtime_limit_ms,
+			       char *why, size_t whylen)
+{
+	double expect = conv_expected_downtime_ms(c);
+
+	if (expect <= downtime_limit_ms)
+		return CONV_STOP_COPY;
+	if (max_rounds && round >= max_rounds) {
+		snprintf(why, whylen,
+			 "pre-copy did not converge in %u rounds: %.1f MB still dirty, expected "
+			 "downtime %.1f ms > limit %u ms (dirty rate %.1f MB/s, bandwidth %.1f MB/s)",
+			 round, c->remaining / 1e6, expect, downtime_limit_ms, c->dirty_rate / 1e6,
+			 c->bandwidth / 1e6);
+		return CONV_GIVE_UP;
+	}
+	if (timeout_s && elapsed_s >= timeout_s) {
+		snprintf(why, whylen,
+			 "timeout of %u s reached: %.1f MB still dirty, expected downtime %.1f ms "
+			 "> limit %u ms",
+			 timeout_s, c->remaining / 1e6, expect, downtime_limit_ms);
+		return CONV_GIVE_UP;
+	}
+	if (c->growing >= CONV_STALL_ROUNDS && c->dirty_rate >= c->bandwidth) {
+		snprintf(why, whylen,
+			 "pre-copy cannot converge: the guest dirties %.1f MB/s, the link carries "
+			 "%.1f MB/s, and the dirty set has not shrunk for %u rounds",
+			 c->dirty_rate / 1e6, c->bandwidth / 1e6, c->growing);
+		return CONV_GIVE_UP;
+	}
+	return CONV_CONTINUE;
+}

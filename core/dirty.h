@@ -1,0 +1,56 @@
+/* Dirty-page tracking of the guest views (the shadow-paging step of pre-copy).
+ *
+ * Two methods, chosen at create time by probing the running kernel:
+ *  - DIRTY_WP_ASYNC: userfaultfd with UFFD_FEATURE_WP_ASYNC; the kernel clears the
+ *    write-protect bit itself on the first write, and PAGEMAP_SCAN on
+ *    /proc/self/pagemap collects written pages and re-arms protection in one call.
+ *  - DIRTY_UFFD_WP_SYNC: plain userfaultfd write-protect; a handler thread records the
+ *    faulting page in a bitmap and un-protects it; collect re-protects what it takes.
+ * Only guest-view writes are seen; writes made another way must be reported with
+ * dirty_mark(). */
+#ifndef HYMIG_CORE_DIRTY_H
+#define HYMIG_CORE_DIRTY_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "bitmap.h"
+#include "ram.h"
+
+enum dirty_method {
+	DIRTY_AUTO = -1,   /* WP_ASYNC when the kernel has it, else sync */
+	DIRTY_WP_ASYNC = 0,
+	DIRTY_UFFD_WP_SYNC = 1,
+};
+
+struct dirty_tracker;
+
+/* Registers every guest view of ram with a new userfaultfd (WP mode). want is
+ * DIRTY_AUTO or a forced method (-ENOTSUP when the kernel lacks it). Protection is not
+ * armed yet. */
+int dirty_create(struct hm_ram *ram, enum dirty_method want, struct dirty_tracker **out);
+/* Unregisters and frees; accepts NULL. */
+void dirty_destroy(struct dirty_tracker *t);
+enum dirty_method dirty_method_of(const struct dirty_tracker *t);
+/* "wp-async" or "uffd-wp-sync": the name used in statistics. */
+const char *dirty_method_name(enum dirty_method m);
+
+/* Write-protects every guest view and forgets earlier writes: from now on each write
+ * is recorded. */
+int dirty_start(struct dirty_tracker *t);
+/* Sets in out (npages bits, global page index) every page written (or marked) since
+ * dirty_start or the previous collect with rearm. With rearm the collected pages are
+ * protected again and consumed: the next collect sees only newer writes. Without it (the
+ * final scan while vCPUs are parked) nothing is consumed and protection is left as it
+ * is: the same pages are reported again by the next collect, so a write made after it
+ * (a guest resumed after a failed migration) is never lost. Pages backed by huge pages
+ * are reported as all their 4 KiB pages. *count (may be NULL) gets the number of pages
+ * newly set in out. -EINVAL before dirty_start or after dirty_stop. */
+int dirty_collect(struct dirty_tracker *t, struct bitmap *out, bool rearm, uint64_t *count);
+/* Reports a write the tracker cannot see (DMA, write(2), another mapping). Safe to call
+ * from any thread; the other calls are made by one thread at a time. */
+void dirty_mark(struct dirty_tracker *t, uint64_t first_page, uint64_t npages);
+/* Removes all protection and stops recording; dirty_start may be called again. */
+int dirty_stop(struct dirty_tracker *t);
+
+#endif

@@ -1,0 +1,399 @@
+/* The destination side: listens, authenticates the source, reserves RAM, lands pages
+ * and commits. A failed attempt leaves no trace: RAM is reset and it listens again. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "log.h"
+#include "ram.h"
+
+struct hm_incoming {
+	const struct hm_vm_ops *ops;
+	void *opaque;
+	struct hm_incoming_cfg cfg;
+	uint8_t psk[AUTH_MAX_KEY];
+	struct tp_addr addr;
+	struct tp_listener *listener;
+	pthread_t thread;
+	atomic_bool stop;
+	pthread_mutex_t lock; /* guards state and last_error */
+	enum hm_in_state state;
+	char last_error[256];
+};
+
+/* One attempt's working set. */
+struct session {
+	struct hm_incoming *in;
+	struct tp_conn *ctl;
+	struct tp_bulk *bulk;
+	struct hm_ram *ram;
+	uint8_t *state; /* the STATE message, once it arrived */
+	uint32_t state_len;
+	uint64_t t_heard, t_sent;
+	char err[256];
+};
+
+static const char *const in_state_names[HM_IN_STATE_MAX] = {
+	[HM_IN_LISTENING] = "listening",
+	[HM_IN_RECEIVING] = "receiving",
+	[HM_IN_COMPLETE] = "awaiting-commit",
+	[HM_IN_ARRIVED] = "arrived",
+};
+
+const char *hm_in_state_name(enum hm_in_state s)
+{
+	return s < HM_IN_STATE_MAX ? in_state_names[s] : "?";
+}
+
+void hm_incoming_cfg_init(struct hm_incoming_cfg *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->autostart = true;
+	cfg->dead_peer_ms = 5000;
+}
+
+static void set_state(struct hm_incoming *in, enum hm_in_state s)
+{
+	pthread_mutex_lock(&in->lock);
+	in->state = s;
+	pthread_mutex_unlock(&in->lock);
+	if (in->ops->event)
+		in->ops->event(in->opaque, in_state_names[s]);
+}
+
+/* Handshake and reservation: returns 0 when the channels are open. */
+static int accept_source(struct session *s)
+{
+	struct hm_incoming *in = s->in;
+	const uint8_t *psk = in->cfg.psk_len ? in->psk : NULL;
+	uint8_t buf[1024], mac[WIRE_MAC_LEN];
+	struct msg_hello hello;
+	struct msg_challenge ch = {.flags = psk ? WIRE_F_PSK : 0};
+	struct msg_auth auth;
+	struct msg_ready ready;
+	struct tp_bulk_cfg bc = {.psk = psk, .psk_len = in->cfg.psk_len,
+				 .timeout_ms = in->cfg.dead_peer_ms};
+	char why[200];
+	int rc;
+
+	rc = ctl_expect(s->ctl, WIRE_HELLO, in->cfg.dead_peer_ms, buf, sizeof(buf), &hello, s->err,
+			sizeof(s->err));
+	if (rc < 0) {
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_PROTOCOL, s->err);
+		return rc;
+	}
+	if (hello.page_size != HM_PAGE_SIZE) {
+		snprintf(s->err, sizeof(s->err), "source uses %u-byte pages, this host %llu",
+			 hello.page_size, HM_PAGE_SIZE);
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_PAGE_SIZE, s->err);
+		return -EPROTO;
+	}
+	if (psk && !(hello.flags & WIRE_F_PSK)) {
+		snprintf(s->err, sizeof(s->err),
+			 "the destination requires a pre-shared key: pass --psk-file");
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_AUTH, s->err);
+		return -EACCES;
+	}
+	if (!psk && (hello.flags & WIRE_F_PSK)) {
+		snprintf(s->err, sizeof(s->err),
+			 "the source wants to authenticate but the destination has no "
+			 "pre-shared key: start it with --psk-file");
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_AUTH, s->err);
+		return -EACCES;
+	}
+	auth_random(ch.nonce, sizeof(ch.nonce));
+	auth_random(ch.sid, sizeof(ch.sid));
+	auth_mac(psk, bc.psk_len, "dst", hello.nonce, WIRE_NONCE_LEN, ch.nonce, WIRE_NONCE_LEN,
+		 ch.mac);
+	if ((rc = ctl_send(s->ctl, WIRE_CHALLENGE, &ch, NULL)) < 0) {
+		snprintf(s->err, sizeof(s->err), "sending challenge: %s", strerror(-rc));
+		return rc;
+	}
+	rc = ctl_expect(s->ctl, WIRE_AUTH, in->cfg.dead_peer_ms, buf, sizeof(buf), &auth, s->err,
+			sizeof(s->err));
+	if (rc < 0)
+		return rc;
+	auth_mac(psk, bc.psk_len, "src", ch.nonce, WIRE_NONCE_LEN, hello.nonce, WIRE_NONCE_LEN,
+		 mac);
+	if (psk && !auth_equal(mac, auth.mac, sizeof(mac))) {
+		snprintf(s->err, sizeof(s->err),
+			 "authentication failed: the source's pre-shared key differs");
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_AUTH, s->err);
+		return -EACCES;
+	}
+	/* Only an authenticated source makes us reserve memory. */
+	rc = in->ops->reserve(in->opaque, hello.nregions, hello.region_size, &s->ram, why,
+			      sizeof(why));
+	if (rc < 0) {
+		snprintf(s->err, sizeof(s->err), "destination cannot hold the guest: %s", why);
+		ctl_refuse(s->ctl, WIRE_REFUSE, rc == -ENOSPC ? REFUSE_LAYOUT : REFUSE_RESOURCES,
+			   s->err);
+		return rc;
+	}
+	set_state(in, HM_IN_RECEIVING);
+	ready.channels = hello.channels;
+	if ((rc = ctl_send(s->ctl, WIRE_READY, &ready, NULL)) < 0) {
+		snprintf(s->err, sizeof(s->err), "sending ready: %s", strerror(-rc));
+		return rc;
+	}
+	bc.channels = hello.channels;
+	bc.ram = s->ram;
+	memcpy(bc.sid, ch.sid, WIRE_SID_LEN);
+	return in->addr.ops->bulk_accept(in->listener, &bc, &s->bulk, s->err, sizeof(s->err));
+}
+
+/* Lands everything the DONE message announces, loads the state, confirms. */
+static int complete(struct session *s, const struct msg_done *done)
+{
+	struct hm_incoming *in = s->in;
+	uint64_t pages[WIRE_MAX_CHANNELS], total = 0;
+	const uint8_t *vcpu, *dev;
+	uint32_t vcpu_len, dev_len;
+	struct msg_complete c;
+	int rc;
+
+	if (!s->state) {
+		snprintf(s->err, sizeof(s->err), "done arrived before the state");
+		return -EPROTO;
+	}
+	if (done->channels != s->bulk->channels) {
+		snprintf(s->err, sizeof(s->err), "done names %u channels, %u are open",
+			 done->channels, s->bulk->channels);
+		return -EPROTO;
+	}
+	/* Wait for the landers, heartbeating so the source knows we are alive. */
+	for (;;) {
+		rc = s->bulk->ops->land_wait(s->bulk, HEARTBEAT_MS, pages, s->err, sizeof(s->err));
+		if (rc != -ETIMEDOUT)
+			break;
+		if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
+			snprintf(s->err, sizeof(s->err), "control connection lost");
+			return -ECONNRESET;
+		}
+	}
+	if (rc < 0)
+		return rc;
+	for (unsigned i = 0; i < done->channels; i++) {
+		if (pages[i] != done->pages[i]) {
+			snprintf(s->err, sizeof(s->err),
+				 "channel %u: source sent %llu pages, %llu landed", i,
+				 (unsigned long long)done->pages[i], (unsigned long long)pages[i]);
+			return -EPROTO;
+		}
+		total += pages[i];
+	}
+	rc = wire_decode_state(s->state + sizeof(struct wire_hdr), s->state_len, &vcpu, &vcpu_len,
+			       &dev, &dev_len, s->err, sizeof(s->err));
+	if (rc < 0)
+		return rc;
+	rc = in->ops->load_state(in->opaque, vcpu, vcpu_len, dev, dev_len, s->err, sizeof(s->err));
+	if (rc < 0)
+		return rc;
+	set_state(in, HM_IN_COMPLETE);
+	c.pages_received = total;
+	return ctl_send(s->ctl, WIRE_COMPLETE, &c, NULL);
+}
+
+/* Receives control messages until the commit. Returns 0 once the guest is ours. */
+static int receive(struct session *s)
+{
+	struct hm_incoming *in = s->in;
+	uint8_t hdrbuf[1024];
+	int rc;
+
+	s->t_heard = s->t_sent = now_ns();
+	for (;;) {
+		struct wire_hdr h;
+		uint8_t *buf = hdrbuf;
+		size_t cap = sizeof(hdrbuf);
+		uint64_t pages[WIRE_MAX_CHANNELS];
+
+		if (atomic_load(&in->stop)) {
+			snprintf(s->err, sizeof(s->err), "destination shutting down");
+			return -ECANCELED;
+		}
+		/* STATE may be large: receive into a buffer of the maximum size. */
+		if (!s->state) {
+			s->state = malloc(sizeof(h) + WIRE_MAX_PAYLOAD);
+			if (!s->state)
+				return -ENOMEM;
+			s->state_len = 0;
+		}
+		if (!s->state_len) {
+			buf = s->state;
+			cap = sizeof(h) + WIRE_MAX_PAYLOAD;
+		}
+		rc = s->ctl->ops->recv_msg(s->ctl, buf, cap, HEARTBEAT_MS, &h, s->err, sizeof(s->err));
+		bool got = rc == 0;
+		if (got)
+			s->t_heard = now_ns();
+		else if (rc != -ETIMEDOUT)
+			return rc;
+		if (now_ns() - s->t_sent >= HEARTBEAT_MS * 1000000ULL) {
+			s->t_sent = now_ns();
+			if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
+				snprintf(s->err, sizeof(s->err), "control connection lost");
+				return -ECONNRESET;
+			}
+		}
+		/* A lander that failed (bad record, lost channel) ends the attempt. */
+		rc = s->bulk->ops->land_wait(s->bulk, 0, pages, s->err, sizeof(s->err));
+		if (rc < 0 && rc != -ETIMEDOUT)
+			return rc;
+		if (now_ns() - s->t_heard > (uint64_t)in->cfg.dead_peer_ms * 1000000ULL) {
+			snprintf(s->err, sizeof(s->err), "the source went silent for %d ms",
+				 in->cfg.dead_peer_ms);
+			return -ETIMEDOUT;
+		}
+		if (!got)
+			continue;
+		switch (h.type) {
+		case WIRE_HEARTBEAT:
+			break;
+		case WIRE_STATE:
+			if (buf != s->state) {
+				snprintf(s->err, sizeof(s->err), "state sent twice");
+				return -EPROTO;
+			}
+			s->state_len = h.len;
+			break;
+		case WIRE_DONE: {
+			struct msg_done done;
+			rc = wire_decode(h.type, buf + sizeof(h), h.len, &done, s->err,
+					 sizeof(s->err));
+			if (rc == 0)
+				rc = complete(s, &done);
+			if (rc < 0)
+				return rc;
+			break;
+		}
+		case WIRE_COMMIT:
+			if (in->state != HM_IN_COMPLETE) {
+				snprintf(s->err, sizeof(s->err), "commit before the guest was complete");
+				return -EPROTO;
+			}
+			set_state(in, HM_IN_ARRIVED);
+			in->ops->arrived(in->opaque, in->cfg.autostart);
+			ctl_send(s->ctl, WIRE_RESUMED, NULL, NULL);
+			return 0;
+		case WIRE_ABORT: {
+			struct msg_refuse r;
+			if (wire_decode(h.type, buf + sizeof(h), h.len, &r, s->err, sizeof(s->err)) == 0)
+				snprintf(s->err, sizeof(s->err), "the source cancelled: %s", r.reason);
+			return -ECONNABORTED;
+		}
+		default:
+			snprintf(s->err, sizeof(s->err), "unexpected %s message",
+				 wire_type_name(h.type));
+			return -EPROTO;
+		}
+	}
+}
+
+static void *incoming_main(void *arg)
+{
+	struct hm_incoming *in = arg;
+
+	while (!atomic_load(&in->stop)) {
+		struct session s = {.in = in};
+		char why[200];
+		int rc = in->addr.ops->accept(in->listener, 500, &s.ctl, why, sizeof(why));
+
+		if (rc == -ETIMEDOUT)
+			continue;
+		if (rc < 0) {
+			log_err("incoming: %s", why);
+			continue;
+		}
+		rc = accept_source(&s);
+		if (rc == 0)
+			rc = receive(&s);
+		if (rc < 0) {
+			log_err("incoming migration failed: %s", s.err);
+			pthread_mutex_lock(&in->lock);
+			snprintf(in->last_error, sizeof(in->last_error), "%s", s.err);
+			pthread_mutex_unlock(&in->lock);
+			if (in->state == HM_IN_COMPLETE && s.state_len && rc != -ECONNABORTED &&
+			    rc != -EPROTO) {
+				/* The source may have committed: stay paused until an operator
+				 * decides; never risk running the guest twice or losing it. */
+				log_err("incoming: link lost while awaiting the commit; the guest "
+					"stays here, paused (hymig resume runs it)");
+			}
+		}
+		if (s.bulk)
+			s.bulk->ops->bulk_close(s.bulk);
+		s.ctl->ops->conn_close(s.ctl);
+		free(s.state);
+		if (rc == 0 || in->state == HM_IN_COMPLETE)
+			break;
+		if (s.ram && in->state == HM_IN_RECEIVING)
+			ram_reset(s.ram, true); /* the next source expects zeroed RAM */
+		set_state(in, HM_IN_LISTENING);
+	}
+	in->addr.ops->listener_close(in->listener);
+	in->listener = NULL;
+	return NULL;
+}
+
+int hm_incoming_start(const struct hm_vm_ops *ops, void *opaque, const struct hm_incoming_cfg *cfg,
+		      struct hm_incoming **out, char *err, size_t errlen)
+{
+	struct hm_incoming *in = calloc(1, sizeof(*in));
+	int rc;
+
+	if (!in)
+		return -ENOMEM;
+	if (cfg->psk_len > AUTH_MAX_KEY) {
+		snprintf(err, errlen, "pre-shared key longer than %d bytes", AUTH_MAX_KEY);
+		free(in);
+		return -EINVAL;
+	}
+	in->ops = ops;
+	in->opaque = opaque;
+	in->cfg = *cfg;
+	if (cfg->psk_len)
+		memcpy(in->psk, cfg->psk, cfg->psk_len);
+	in->cfg.psk = NULL;
+	pthread_mutex_init(&in->lock, NULL);
+	rc = tp_parse_uri(cfg->uri, &in->addr, err, errlen);
+	if (rc == 0)
+		rc = in->addr.ops->listen(&in->addr, &in->listener, err, errlen);
+	if (rc == 0 && (rc = -pthread_create(&in->thread, NULL, incoming_main, in)) < 0) {
+		snprintf(err, errlen, "cannot start the incoming thread");
+		in->addr.ops->listener_close(in->listener);
+	}
+	if (rc < 0) {
+		pthread_mutex_destroy(&in->lock);
+		free(in);
+		return rc;
+	}
+	*out = in;
+	return 0;
+}
+
+enum hm_in_state hm_incoming_state(struct hm_incoming *in, char *last_error, size_t errlen)
+{
+	enum hm_in_state s;
+
+	pthread_mutex_lock(&in->lock);
+	s = in->state;
+	if (last_error)
+		snprintf(last_error, errlen, "%s", in->last_error);
+	pthread_mutex_unlock(&in->lock);
+	return s;
+}
+
+void hm_incoming_destroy(struct hm_incoming *in)
+{
+	if (!in)
+		return;
+	atomic_store(&in->stop, true);
+	pthread_join(in->thread, NULL);
+	pthread_mutex_destroy(&in->lock);
+	free(in);
+}

@@ -1,0 +1,358 @@
+#include "wire.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *const type_names[WIRE_TYPE_MAX] = {
+	[WIRE_HELLO] = "hello",       [WIRE_CHALLENGE] = "challenge", [WIRE_AUTH] = "auth",
+	[WIRE_READY] = "ready",       [WIRE_REFUSE] = "refuse",       [WIRE_CHAN_HELLO] = "chan-hello",
+	[WIRE_HEARTBEAT] = "heartbeat", [WIRE_STATE] = "state",       [WIRE_DONE] = "done",
+	[WIRE_COMPLETE] = "complete", [WIRE_COMMIT] = "commit",       [WIRE_RESUMED] = "resumed",
+	[WIRE_ABORT] = "abort",
+};
+
+/* Fixed payload sizes; STATE is variable (at least its two lengths). */
+static const uint32_t payload_len[WIRE_TYPE_MAX] = {
+	[WIRE_HELLO] = 584,  [WIRE_CHALLENGE] = 88, [WIRE_AUTH] = 32,  [WIRE_READY] = 16,
+	[WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
+	[WIRE_DONE] = 136,   [WIRE_COMPLETE] = 16,  [WIRE_COMMIT] = 0, [WIRE_RESUMED] = 0,
+	[WIRE_ABORT] = 200,
+};
+
+const char *wire_type_name(uint16_t type)
+{
+	return type && type < WIRE_TYPE_MAX ? type_names[type] : "unknown";
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	v = htole32(v);
+	memcpy(p, &v, 4);
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+	v = htole64(v);
+	memcpy(p, &v, 8);
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return le32toh(v);
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return le64toh(v);
+}
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return -EPROTO;
+}
+
+static void put_hdr(uint8_t *buf, uint16_t type, uint32_t len)
+{
+	put32(buf, WIRE_MAGIC);
+	buf[4] = WIRE_VERSION & 0xff;
+	buf[5] = WIRE_VERSION >> 8;
+	buf[6] = type & 0xff;
+	buf[7] = type >> 8;
+	put32(buf + 8, len);
+	put32(buf + 12, 0);
+}
+
+int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
+{
+	uint32_t len;
+	uint8_t *p = buf + sizeof(struct wire_hdr);
+
+	if (!type || type >= WIRE_TYPE_MAX || type == WIRE_STATE)
+		return -EINVAL;
+	len = payload_len[type];
+	if (cap < sizeof(struct wire_hdr) + len)
+		return -ENOSPC;
+	memset(buf, 0, sizeof(struct wire_hdr) + len);
+	put_hdr(buf, type, len);
+	switch (type) {
+	case WIRE_HELLO: {
+		const struct msg_hello *m = msg;
+		put32(p, m->page_size);
+		put32(p + 4, m->mode);
+		put32(p + 8, m->channels);
+		put32(p + 12, m->flags);
+		put32(p + 16, m->nregions);
+		memcpy(p + 24, m->nonce, WIRE_NONCE_LEN);
+		for (unsigned i = 0; i < m->nregions && i < HM_MAX_REGIONS; i++)
+			put64(p + 56 + 8 * i, m->region_size[i]);
+		break;
+	}
+	case WIRE_CHALLENGE: {
+		const struct msg_challenge *m = msg;
+		put32(p, m->flags);
+		memcpy(p + 8, m->nonce, WIRE_NONCE_LEN);
+		memcpy(p + 40, m->sid, WIRE_SID_LEN);
+		memcpy(p + 56, m->mac, WIRE_MAC_LEN);
+		break;
+	}
+	case WIRE_AUTH:
+		memcpy(p, ((const struct msg_auth *)msg)->mac, WIRE_MAC_LEN);
+		break;
+	case WIRE_READY:
+		put32(p, ((const struct msg_ready *)msg)->channels);
+		break;
+	case WIRE_REFUSE:
+	case WIRE_ABORT: {
+		const struct msg_refuse *m = msg;
+		put32(p, m->code);
+		memcpy(p + 8, m->reason, strnlen(m->reason, WIRE_REASON_LEN - 1));
+		break;
+	}
+	case WIRE_CHAN_HELLO: {
+		const struct msg_chan_hello *m = msg;
+		memcpy(p, m->sid, WIRE_SID_LEN);
+		put32(p + 16, m->index);
+		memcpy(p + 24, m->mac, WIRE_MAC_LEN);
+		break;
+	}
+	case WIRE_DONE: {
+		const struct msg_done *m = msg;
+		put32(p, m->channels);
+		for (unsigned i = 0; i < WIRE_MAX_CHANNELS; i++)
+			put64(p + 8 + 8 * i, i < m->channels ? m->pages[i] : 0);
+		break;
+	}
+	case WIRE_COMPLETE:
+		put64(p, ((const struct msg_complete *)msg)->pages_received);
+		break;
+	default: /* empty payloads */
+		break;
+	}
+	return (int)(sizeof(struct wire_hdr) + len);
+}
+
+int wire_encode_state(const void *vcpu, uint32_t vcpu_len, const void *dev, uint32_t dev_len,
+		      uint8_t *buf, size_t cap)
+{
+	uint64_t len = 8ULL + vcpu_len + dev_len;
+
+	if (len > WIRE_MAX_PAYLOAD)
+		return -E2BIG;
+	if (cap < sizeof(struct wire_hdr) + len)
+		return -ENOSPC;
+	put_hdr(buf, WIRE_STATE, (uint32_t)len);
+	put32(buf + 16, vcpu_len);
+	put32(buf + 20, dev_len);
+	memcpy(buf + 24, vcpu, vcpu_len);
+	memcpy(buf + 24 + vcpu_len, dev, dev_len);
+	return (int)(sizeof(struct wire_hdr) + len);
+}
+
+int wire_decode_hdr(const uint8_t *buf, struct wire_hdr *h, char *err, size_t errlen)
+{
+	uint32_t magic = get32(buf);
+	uint16_t version = (uint16_t)(buf[4] | buf[5] << 8);
+	uint16_t type = (uint16_t)(buf[6] | buf[7] << 8);
+	uint32_t len = get32(buf + 8);
+
+	if (magic != WIRE_MAGIC)
+		return fail(err, errlen, "bad magic 0x%08x (not a hymig peer?)", magic);
+	if (version != WIRE_VERSION)
+		return fail(err, errlen, "protocol version %u, this hymig speaks %u", version,
+			    WIRE_VERSION);
+	if (!type || type >= WIRE_TYPE_MAX)
+		return fail(err, errlen, "unknown message type %u", type);
+	if (type == WIRE_STATE ? (len < 8 || len > WIRE_MAX_PAYLOAD) : len != payload_len[type])
+		return fail(err, errlen, "%s message with payload length %u (expected %s%u)",
+			    type_names[type], len, type == WIRE_STATE ? "8.." : "",
+			    type == WIRE_STATE ? WIRE_MAX_PAYLOAD : payload_len[type]);
+	if (get32(buf + 12))
+		return fail(err, errlen, "reserved header bytes are not zero");
+	h->magic = magic;
+	h->version = version;
+	h->type = type;
+	h->len = len;
+	h->reserved = 0;
+	return 0;
+}
+
+static int decode_reason(const uint8_t *p, struct msg_refuse *m, char *err, size_t errlen)
+{
+	m->code = get32(p);
+	if (!memchr(p + 8, 0, WIRE_REASON_LEN))
+		return fail(err, errlen, "refusal reason is not terminated");
+	memcpy(m->reason, p + 8, WIRE_REASON_LEN);
+	return 0;
+}
+
+int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *err,
+		size_t errlen)
+{
+	if (!type || type >= WIRE_TYPE_MAX || type == WIRE_STATE || len != payload_len[type])
+		return fail(err, errlen, "%s message with payload length %u", wire_type_name(type),
+			    len);
+	switch (type) {
+	case WIRE_HELLO: {
+		struct msg_hello m = {0};
+		m.page_size = get32(p);
+		m.mode = get32(p + 4);
+		m.channels = get32(p + 8);
+		m.flags = get32(p + 12);
+		m.nregions = get32(p + 16);
+		memcpy(m.nonce, p + 24, WIRE_NONCE_LEN);
+		if (m.mode != WIRE_MODE_PRECOPY && m.mode != WIRE_MODE_COLD)
+			return fail(err, errlen, "unknown migration mode %u", m.mode);
+		if (!m.channels || m.channels > WIRE_MAX_CHANNELS)
+			return fail(err, errlen, "channel count %u out of range 1..%d", m.channels,
+				    WIRE_MAX_CHANNELS);
+		if (m.flags & ~WIRE_F_PSK)
+			return fail(err, errlen, "unknown hello flags 0x%x", m.flags);
+		if (!m.nregions || m.nregions > HM_MAX_REGIONS)
+			return fail(err, errlen, "region count %u out of range 1..%d", m.nregions,
+				    HM_MAX_REGIONS);
+		for (unsigned i = 0; i < HM_MAX_REGIONS; i++) {
+			uint64_t sz = get64(p + 56 + 8 * i);
+			if (i < m.nregions && (!sz || sz % HM_PAGE_SIZE))
+				return fail(err, errlen, "region %u size %llu is not a positive "
+						    "multiple of the page size", i,
+					    (unsigned long long)sz);
+			if (i >= m.nregions && sz)
+				return fail(err, errlen, "region %u set beyond the region count %u",
+					    i, m.nregions);
+			m.region_size[i] = sz;
+		}
+		*(struct msg_hello *)msg = m;
+		return 0;
+	}
+	case WIRE_CHALLENGE: {
+		struct msg_challenge *m = msg;
+		m->flags = get32(p);
+		if (m->flags & ~WIRE_F_PSK)
+			return fail(err, errlen, "unknown challenge flags 0x%x", m->flags);
+		memcpy(m->nonce, p + 8, WIRE_NONCE_LEN);
+		memcpy(m->sid, p + 40, WIRE_SID_LEN);
+		memcpy(m->mac, p + 56, WIRE_MAC_LEN);
+		return 0;
+	}
+	case WIRE_AUTH:
+		memcpy(((struct msg_auth *)msg)->mac, p, WIRE_MAC_LEN);
+		return 0;
+	case WIRE_READY: {
+		struct msg_ready *m = msg;
+		m->channels = get32(p);
+		if (!m->channels || m->channels > WIRE_MAX_CHANNELS)
+			return fail(err, errlen, "ready for %u channels (1..%d)", m->channels,
+				    WIRE_MAX_CHANNELS);
+		return 0;
+	}
+	case WIRE_REFUSE:
+	case WIRE_ABORT:
+		return decode_reason(p, msg, err, errlen);
+	case WIRE_CHAN_HELLO: {
+		struct msg_chan_hello *m = msg;
+		memcpy(m->sid, p, WIRE_SID_LEN);
+		m->index = get32(p + 16);
+		memcpy(m->mac, p + 24, WIRE_MAC_LEN);
+		if (m->index >= WIRE_MAX_CHANNELS)
+			return fail(err, errlen, "channel index %u out of range", m->index);
+		return 0;
+	}
+	case WIRE_DONE: {
+		struct msg_done *m = msg;
+		m->channels = get32(p);
+		if (!m->channels || m->channels > WIRE_MAX_CHANNELS)
+			return fail(err, errlen, "done for %u channels", m->channels);
+		for (unsigned i = 0; i < WIRE_MAX_CHANNELS; i++)
+			m->pages[i] = get64(p + 8 + 8 * i);
+		return 0;
+	}
+	case WIRE_COMPLETE:
+		((struct msg_complete *)msg)->pages_received = get64(p);
+		return 0;
+	default:
+		return 0;
+	}
+}
+
+int wire_decode_state(const uint8_t *p, uint32_t len, const uint8_t **vcpu, uint32_t *vcpu_len,
+		      const uint8_t **dev, uint32_t *dev_len, char *err, size_t errlen)
+{
+	uint32_t vl, dl;
+
+	if (len < 8)
+		return fail(err, errlen, "state message of %u bytes", len);
+	vl = get32(p);
+	dl = get32(p + 4);
+	if ((uint64_t)vl + dl + 8 != len)
+		return fail(err, errlen, "state blobs of %u + %u bytes in a %u-byte message", vl,
+			    dl, len);
+	*vcpu = p + 8;
+	*vcpu_len = vl;
+	*dev = p + 8 + vl;
+	*dev_len = dl;
+	return 0;
+}
+
+void wire_rec_encode(struct wire_rec *out, uint16_t type, uint64_t first_page, uint32_t npages)
+{
+	out->magic = htole32(WIRE_REC_MAGIC);
+	out->type = htole16(type);
+	out->flags = 0;
+	out->npages = htole32(npages);
+	out->reserved = 0;
+	out->first_page = htole64(first_page);
+}
+
+int wire_rec_decode(const struct wire_rec *in, uint64_t npages, struct wire_rec *out, char *err,
+		    size_t errlen)
+{
+	struct wire_rec r = {
+		.magic = le32toh(in->magic),
+		.type = le16toh(in->type),
+		.flags = le16toh(in->flags),
+		.npages = le32toh(in->npages),
+		.reserved = le32toh(in->reserved),
+		.first_page = le64toh(in->first_page),
+	};
+
+	if (r.magic != WIRE_REC_MAGIC)
+		return fail(err, errlen, "bad record magic 0x%08x", r.magic);
+	if (r.flags || r.reserved)
+		return fail(err, errlen, "record with unknown flags or reserved bits");
+	switch (r.type) {
+	case REC_PAGES:
+	case REC_ZERO:
+		if (!r.npages || r.npages > WIRE_MAX_RUN)
+			return fail(err, errlen, "record of %u pages (1..%d)", r.npages,
+				    WIRE_MAX_RUN);
+		if (r.first_page >= npages || npages - r.first_page < r.npages)
+			return fail(err, errlen,
+				    "pages %llu..%llu lie outside guest RAM (%llu pages)",
+				    (unsigned long long)r.first_page,
+				    (unsigned long long)(r.first_page + r.npages - 1),
+				    (unsigned long long)npages);
+		break;
+	case REC_END:
+		if (r.npages)
+			return fail(err, errlen, "end record carrying %u pages", r.npages);
+		break;
+	default:
+		return fail(err, errlen, "unknown record type %u", r.type);
+	}
+	*out = r;
+	return 0;
+}

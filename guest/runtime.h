@@ -1,0 +1,59 @@
+/* Internals of the bundled guest shared by its runtime and its control socket. */
+#ifndef HYMIG_GUEST_RUNTIME_H
+#define HYMIG_GUEST_RUNTIME_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "../include/hymig/hymig.h"
+#include "../core/json.h"
+#include "guest.h"
+
+#define RATE_SAMPLES 32
+
+struct guest {
+	struct guest_cfg cfg;
+	struct hm_ram *ram;
+	char ram_err[256];
+
+	/* vCPUs; pause/resume go through lock. */
+	pthread_mutex_t lock;
+	pthread_cond_t cv;
+	unsigned nvcpus;
+	pthread_t vcpu_thread[WL_MAX_VCPUS];
+	struct wl_vcpu vcpu[WL_MAX_VCPUS];
+	bool vcpus_started;
+	bool run;           /* vCPUs may run (false: parked) */
+	bool quit;          /* process is ending */
+	unsigned parked;
+	uint64_t parked_ns; /* when the last vCPU parked */
+	atomic_bool ready;  /* the workload finished formatting RAM */
+	bool migrated;      /* the guest now lives elsewhere (source) */
+	bool arrived;       /* the guest came from elsewhere (destination) */
+
+	/* Migration; guarded by lock. */
+	struct hm_migration *mig;
+	struct hm_incoming *in;
+	unsigned events;    /* bumped on every engine state change */
+	bool keep_source;
+
+	/* The dirtier's rate, sampled by the control thread. */
+	uint64_t sample_ns[RATE_SAMPLES], sample_pages[RATE_SAMPLES];
+	unsigned nsamples;
+	uint64_t mig_start_ns, mig_start_pages;
+	double rate_before, rate_during; /* MB/s, carried in the device state */
+};
+
+int guest_pause(struct guest *g, uint64_t *parked_ns);
+void guest_resume(struct guest *g);
+bool guest_running(struct guest *g);
+/* Fills a JSON status object (state, ready, RAM, migration progress). */
+void guest_status_json(struct guest *g, struct jw *w);
+void stats_json(const struct hm_stats *st, struct jw *w);
+/* Starts an outgoing migration from a parsed request; err gets the reason. */
+int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t errlen);
+void guest_rate_sample(struct guest *g);
+/* Runs the control socket server until the guest quits. */
+int ctl_serve(struct guest *g);
+
+#endif

@@ -1,0 +1,61 @@
+/* TCP transport, private. One control connection (framed messages) and N bulk
+ * connections; each bulk connection carries the pages of fixed blocks so a page is
+ * never overtaken by an older copy of itself. */
+#ifndef HYMIG_TRANSPORT_TCP_H
+#define HYMIG_TRANSPORT_TCP_H
+
+#include <pthread.h>
+
+#include "../transport_ops.h"
+
+struct tcp_conn {
+	struct tp_conn base;
+	int fd;
+};
+
+struct tcp_listener {
+	struct tp_listener base;
+	int fd;
+};
+
+struct tcp_bulk;
+
+struct tcp_chan {
+	struct tcp_bulk *owner;
+	int fd;
+	pthread_t thread; /* destination: the lander */
+	bool thread_started;
+	uint64_t pages;   /* pages sent or landed; guarded by tcp_bulk.lock on the destination */
+	bool ended;       /* end record seen */
+	int error;        /* negative errno that stopped the lander */
+	char reason[256];
+};
+
+struct tcp_bulk {
+	struct tp_bulk base;
+	struct hm_ram *ram;
+	pthread_mutex_t lock; /* guards the chans' pages/ended/error on the destination */
+	pthread_cond_t changed;
+	struct tcp_chan ch[WIRE_MAX_CHANNELS];
+};
+
+/* A dead or silent peer is noticed within this long by default. */
+#define TCP_DEAD_PEER_MS 5000
+
+void tcp_set_opts(int fd, bool bulk);
+int tcp_read_full(int fd, void *buf, size_t n, int timeout_ms);
+int tcp_write_full(int fd, const void *buf, size_t n);
+int tcp_connect_fd(const struct tp_addr *a, int timeout_ms, int *out, char *err, size_t errlen);
+int tcp_accept_fd(int lfd, int timeout_ms, int *out, char *err, size_t errlen);
+
+int tcp_bulk_connect(const struct tp_addr *a, const struct tp_bulk_cfg *cfg, struct tp_bulk **out,
+		     char *err, size_t errlen);
+int tcp_bulk_accept(struct tp_listener *l, const struct tp_bulk_cfg *cfg, struct tp_bulk **out,
+		    char *err, size_t errlen);
+int tcp_push(struct tp_bulk *b, unsigned ch, const struct tp_run *runs, unsigned n);
+int tcp_push_end(struct tp_bulk *b, unsigned ch);
+int tcp_land_wait(struct tp_bulk *b, int timeout_ms, uint64_t *pages, char *err, size_t errlen);
+void tcp_bulk_shutdown(struct tp_bulk *b);
+void tcp_bulk_close(struct tp_bulk *b);
+
+#endif

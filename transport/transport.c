@@ -1,0 +1,76 @@
+#include "transport_ops.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Every built-in transport, guarded by the build's HAVE_* defines. */
+static const struct tp_ops *const transports[] = {
+	&tcp_ops,
+};
+
+const char *tp_built_in(void)
+{
+	static char names[128];
+
+	if (!names[0])
+		for (size_t i = 0; i < sizeof(transports) / sizeof(transports[0]); i++) {
+			if (i)
+				strcat(names, ",");
+			strcat(names, transports[i]->name);
+		}
+	return names;
+}
+
+int tp_parse_uri(const char *uri, struct tp_addr *out, char *err, size_t errlen)
+{
+	const char *sep = strstr(uri, "://");
+	const char *hp, *colon;
+	size_t slen, hlen;
+
+	memset(out, 0, sizeof(*out));
+	if (!sep) {
+		snprintf(err, errlen, "'%s' is not a URI (expected SCHEME://HOST:PORT)", uri);
+		return -EINVAL;
+	}
+	slen = (size_t)(sep - uri);
+	for (size_t i = 0; i < sizeof(transports) / sizeof(transports[0]); i++)
+		if (strlen(transports[i]->scheme) == slen &&
+		    !strncmp(uri, transports[i]->scheme, slen))
+			out->ops = transports[i];
+	if (!out->ops) {
+		snprintf(err, errlen, "unknown transport '%.*s' in '%s' (built in: %s)", (int)slen,
+			 uri, uri, tp_built_in());
+		return -EINVAL;
+	}
+	hp = sep + 3;
+	if (*hp == '[') {
+		const char *close = strchr(hp, ']');
+		if (!close || close[1] != ':')
+			goto bad;
+		hlen = (size_t)(close - hp - 1);
+		hp++;
+		colon = close + 1;
+	} else {
+		colon = strrchr(hp, ':');
+		if (!colon)
+			goto bad;
+		hlen = (size_t)(colon - hp);
+	}
+	if (!hlen || hlen >= sizeof(out->host) || !colon[1] ||
+	    strlen(colon + 1) >= sizeof(out->port) ||
+	    strspn(colon + 1, "0123456789") != strlen(colon + 1))
+		goto bad;
+	memcpy(out->host, hp, hlen);
+	strcpy(out->port, colon + 1);
+	return 0;
+bad:
+	snprintf(err, errlen, "'%s': expected %s://HOST:PORT", uri, out->ops->scheme);
+	out->ops = NULL;
+	return -EINVAL;
+}
+
+int tp_enotsup_fetch(struct tp_bulk *b, const struct tp_run *runs, unsigned n)
+{
+	return -ENOTSUP;
+}

@@ -1,0 +1,68 @@
+/* The transport API the engine uses. A transport moves two things: framed control
+ * messages on one connection, and page data on bulk channels that land pages at the
+ * same guest-physical address in the peer's RAM. The engine picks its strategy from
+ * the capability flags, never from the transport's name. Implementers see
+ * transport_ops.h. */
+#ifndef HYMIG_TRANSPORT_H
+#define HYMIG_TRANSPORT_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../core/ram.h"
+#include "../core/wire.h"
+
+enum tp_caps {
+	TP_CAP_ONE_SIDED_WRITE = 1 << 0, /* pages land without the receiver's CPU */
+	TP_CAP_ONE_SIDED_READ = 1 << 1,  /* the destination can pull pages by itself */
+	TP_CAP_ZERO_COPY = 1 << 2,       /* no user-space copy on either side */
+	TP_CAP_NEEDS_REG = 1 << 3,       /* RAM must be registered before use */
+};
+
+struct tp_ops;
+
+struct tp_addr {
+	const struct tp_ops *ops;
+	char host[256];
+	char port[16];
+};
+
+/* Base structs; each transport embeds them as its first member. */
+struct tp_conn {
+	const struct tp_ops *ops;
+};
+
+struct tp_listener {
+	const struct tp_ops *ops;
+};
+
+struct tp_bulk {
+	const struct tp_ops *ops;
+	unsigned channels;
+	atomic_uint_fast64_t wire_bytes; /* everything sent or received on bulk channels */
+};
+
+/* A contiguous run of pages inside one region. */
+struct tp_run {
+	uint64_t first_page;
+	uint32_t npages;
+	bool zero; /* the pages are zero: send the fact, not the bytes */
+};
+
+struct tp_bulk_cfg {
+	unsigned channels;
+	struct hm_ram *ram;
+	uint8_t sid[WIRE_SID_LEN]; /* session id from the handshake */
+	const uint8_t *psk;        /* NULL: no authentication */
+	size_t psk_len;
+	int timeout_ms;            /* a silent peer is dead after this long */
+};
+
+/* Parses "tcp://HOST:PORT" (HOST may be [v6]). Names the problem in err on failure. */
+int tp_parse_uri(const char *uri, struct tp_addr *out, char *err, size_t errlen);
+/* Comma-separated names of the transports built in. */
+const char *tp_built_in(void);
+
+#endif

@@ -1,0 +1,61 @@
+/* The ops table a transport implements. An operation a transport lacks points to a
+ * tp_enotsup_* stub, never NULL; the capability flags match the wired ops. Every call
+ * returns 0 (or a count) or a negative errno, and writes a readable reason into err
+ * where it has one. */
+#ifndef HYMIG_TRANSPORT_OPS_H
+#define HYMIG_TRANSPORT_OPS_H
+
+#include "transport.h"
+
+struct tp_ops {
+	const char *name;   /* "tcp" */
+	const char *scheme; /* URI scheme */
+	unsigned caps;      /* enum tp_caps */
+
+	/* Control connection. */
+	int (*listen)(const struct tp_addr *a, struct tp_listener **out, char *err, size_t errlen);
+	/* Waits up to timeout_ms (-1 forever) for a control connection. -ETIMEDOUT if none. */
+	int (*accept)(struct tp_listener *l, int timeout_ms, struct tp_conn **out, char *err,
+		      size_t errlen);
+	void (*listener_close)(struct tp_listener *l);
+	int (*connect)(const struct tp_addr *a, int timeout_ms, struct tp_conn **out, char *err,
+		       size_t errlen);
+	/* Sends one encoded message (header included). */
+	int (*send_msg)(struct tp_conn *c, const void *buf, size_t len);
+	/* Receives one message into buf (header first); validates the header. -ETIMEDOUT when
+	 * nothing arrived within timeout_ms; -ECONNRESET when the peer closed. */
+	int (*recv_msg)(struct tp_conn *c, uint8_t *buf, size_t cap, int timeout_ms,
+			struct wire_hdr *hdr, char *err, size_t errlen);
+	/* Makes blocked calls on the connection return (from another thread). */
+	void (*conn_shutdown)(struct tp_conn *c);
+	void (*conn_close)(struct tp_conn *c);
+
+	/* Bulk channels. Source: opens cfg->channels channels to a. */
+	int (*bulk_connect)(const struct tp_addr *a, const struct tp_bulk_cfg *cfg,
+			    struct tp_bulk **out, char *err, size_t errlen);
+	/* Destination: accepts the channels of the session cfg->sid on l and starts landing
+	 * pages into cfg->ram. */
+	int (*bulk_accept)(struct tp_listener *l, const struct tp_bulk_cfg *cfg,
+			   struct tp_bulk **out, char *err, size_t errlen);
+	/* Source: sends runs on channel ch; one caller per channel at a time. A page must
+	 * always travel on the same channel so a newer copy never overtakes an older one. */
+	int (*push)(struct tp_bulk *b, unsigned ch, const struct tp_run *runs, unsigned n);
+	/* Source: closes channel ch's stream of records. */
+	int (*push_end)(struct tp_bulk *b, unsigned ch);
+	/* Destination: waits until every channel delivered its end; pages[] gets the pages
+	 * landed per channel. -ETIMEDOUT, or the error that stopped a channel. */
+	int (*land_wait)(struct tp_bulk *b, int timeout_ms, uint64_t *pages, char *err,
+			 size_t errlen);
+	/* Destination: pulls pages from the source (post-copy). */
+	int (*fetch)(struct tp_bulk *b, const struct tp_run *runs, unsigned n);
+	/* Makes blocked bulk calls return (cancel, peer death). */
+	void (*bulk_shutdown)(struct tp_bulk *b);
+	void (*bulk_close)(struct tp_bulk *b);
+};
+
+int tp_enotsup_fetch(struct tp_bulk *b, const struct tp_run *runs, unsigned n);
+
+/* The transports built in, in one table (transport.c). */
+extern const struct tp_ops tcp_ops;
+
+#endif
