@@ -85,7 +85,8 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: hymig-bench-dirty [--mem SIZE] [--method auto|wp-async|uffd-wp-sync]\n"
-		"                         [--reps N] [--backing auto|off|thp|hugetlb]\n");
+		"                         [--reps N] [--backing auto|off|thp|hugetlb]\n"
+		"                         [--single-thread]\n");
 }
 
 /* Writes one byte to each of the first k pages of a fresh random permutation. */
@@ -108,8 +109,8 @@ struct vcpu {
 	struct hm_ram *ram;
 	uint32_t *perm;
 	uint64_t seed;
-	uint64_t k;       /* pages to write at random; FIRST_WRITE: the strided probe */
-	int job;          /* 0 spin, 1 write, 2 exit; written by main */
+	uint64_t k; /* pages to write at random; FIRST_WRITE: the strided probe */
+	int job;    /* 0 spin, 1 write, 2 exit; written by main */
 	sem_t done;
 	double took_ms;
 };
@@ -165,17 +166,23 @@ static double run_writes(struct vcpu *v, bool threaded, uint64_t k)
 
 int main(int argc, char **argv)
 {
-	static const struct option opts[] = {
-	    {"mem", required_argument, NULL, 'm'},  {"method", required_argument, NULL, 'M'},
-	    {"reps", required_argument, NULL, 'r'}, {"backing", required_argument, NULL, 'b'},
-	    {"help", no_argument, NULL, 'h'},	    {NULL, 0, NULL, 0}};
+	static const struct option opts[] = {{"mem", required_argument, NULL, 'm'},
+					     {"method", required_argument, NULL, 'M'},
+					     {"reps", required_argument, NULL, 'r'},
+					     {"backing", required_argument, NULL, 'b'},
+					     {"single-thread", no_argument, NULL, 's'},
+					     {"help", no_argument, NULL, 'h'},
+					     {NULL, 0, NULL, 0}};
 	struct ram_cfg cfg;
 	struct hm_ram *ram;
 	struct dirty_tracker *t;
 	struct bitmap out;
 	enum dirty_method want = DIRTY_AUTO;
 	unsigned reps = 5;
-	uint64_t seed = 0x2545f4914f6cdd1dULL, n, fw_pages;
+	struct vcpu v = {.seed = 0x2545f4914f6cdd1dULL};
+	bool threaded = true;
+	pthread_t vt;
+	uint64_t n, fw_pages;
 	double rearm_ms[NPCT], final_ms[NPCT], v_rearm[MAX_REPS], v_final[MAX_REPS];
 	double t0, create_ms, start_ms, fw_us;
 	uint32_t *perm;
@@ -212,6 +219,9 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			break;
+		case 's':
+			threaded = false;
+			break;
 		case 'b':
 			if (ram_backing_parse(optarg, &cfg.backing) < 0) {
 				usage();
@@ -238,6 +248,13 @@ int main(int argc, char **argv)
 	}
 	for (uint64_t i = 0; i < ram->npages; i++)
 		perm[i] = (uint32_t)i;
+	v.ram = ram;
+	v.perm = perm;
+	sem_init(&v.done, 0, 0);
+	if (threaded && pthread_create(&vt, NULL, vcpu_main, &v) != 0) {
+		fprintf(stderr, "vCPU thread: %s\n", strerror(errno));
+		return 1;
+	}
 
 	t0 = now_ms();
 	rc = dirty_create(ram, want, &t);
@@ -254,10 +271,7 @@ int main(int argc, char **argv)
 
 	/* First write to protected pages, spread over all of RAM. */
 	fw_pages = ram->npages < 65536 ? ram->npages : 65536;
-	t0 = now_ms();
-	for (uint64_t i = 0; i < fw_pages; i++)
-		ram_guest_page(ram, i * (ram->npages / fw_pages))[8]++;
-	fw_us = (now_ms() - t0) * 1e3 / (double)fw_pages;
+	fw_us = run_writes(&v, threaded, FIRST_WRITE) * 1e3 / (double)fw_pages;
 	if (dirty_collect(t, &out, true, NULL) < 0)
 		return 1;
 
@@ -265,7 +279,7 @@ int main(int argc, char **argv)
 		uint64_t k = ram->npages * pcts[p] / 100;
 
 		for (unsigned r = 0; r < reps; r++) {
-			write_random(ram, perm, k, &seed);
+			run_writes(&v, threaded, k);
 			/* The final scan first: it leaves the set for the re-arming one. */
 			bitmap_clear_all(&out);
 			t0 = now_ms();
@@ -287,9 +301,12 @@ int main(int argc, char **argv)
 		final_ms[p] = median(v_final, reps);
 	}
 
-	fprintf(stderr, "dirty tracking: %s, %llu MiB guest RAM (%s pages), %u reps, medians\n",
+	fprintf(stderr,
+		"dirty tracking: %s, %llu MiB guest RAM (%s pages), writes from %s, %u reps, "
+		"medians\n",
 		dirty_method_name(dirty_method_of(t)), (unsigned long long)(ram->size >> 20),
-		ram_backing_name(ram->backing), reps);
+		ram_backing_name(ram->backing),
+		threaded ? "a spinning vCPU thread" : "the scanning thread", reps);
 	fprintf(stderr, "  create %.2f ms, start (protect all) %.2f ms\n", create_ms, start_ms);
 	fprintf(stderr, "  first write to a protected page: %.2f us (%llu pages)\n", fw_us,
 		(unsigned long long)fw_pages);
@@ -300,18 +317,23 @@ int main(int argc, char **argv)
 			(unsigned long long)(ram->npages * pcts[p] / 100), rearm_ms[p],
 			final_ms[p]);
 
-	printf("{\"method\":\"%s\",\"mem_bytes\":%llu,\"backing\":\"%s\",\"reps\":%u,"
-	       "\"create_ms\":%.3f,\"start_ms\":%.3f,\"first_write_us\":%.3f,"
+	printf("{\"method\":\"%s\",\"mem_bytes\":%llu,\"backing\":\"%s\",\"vcpu_thread\":%s,"
+	       "\"reps\":%u,\"create_ms\":%.3f,\"start_ms\":%.3f,\"first_write_us\":%.3f,"
 	       "\"first_write_pages\":%llu,\"collect\":[",
 	       dirty_method_name(dirty_method_of(t)), (unsigned long long)ram->size,
-	       ram_backing_name(ram->backing), reps, create_ms, start_ms, fw_us,
-	       (unsigned long long)fw_pages);
+	       ram_backing_name(ram->backing), threaded ? "true" : "false", reps, create_ms,
+	       start_ms, fw_us, (unsigned long long)fw_pages);
 	for (unsigned p = 0; p < NPCT; p++)
 		printf("%s{\"written_pct\":%u,\"pages\":%llu,\"rearm_ms\":%.3f,\"final_ms\":%.3f}",
 		       p ? "," : "", pcts[p], (unsigned long long)(ram->npages * pcts[p] / 100),
 		       rearm_ms[p], final_ms[p]);
 	printf("]}\n");
 
+	if (threaded) {
+		__atomic_store_n(&v.job, 2, __ATOMIC_RELEASE);
+		pthread_join(vt, NULL);
+	}
+	sem_destroy(&v.done);
 	dirty_destroy(t);
 	bitmap_fini(&out);
 	free(perm);

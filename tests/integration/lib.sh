@@ -1,0 +1,138 @@
+# Shared by the integration tests: two hosts in network namespaces, guests in them,
+# and checks. Each test sources this, then calls hosts_up with its own name.
+set -euo pipefail
+
+HYMIG=${HYMIG:?set HYMIG to the hymig binary}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HOSTS=$ROOT/scripts/hosts.sh
+WORK=$(mktemp -d /tmp/hymig-test.XXXXXX)
+PIDS=()
+NAME=
+
+if [ "$(id -u)" != 0 ]; then
+	if [ "${CI:-}" = true ]; then
+		echo "FAIL: integration tests need root (network namespaces) and CI runs as root" >&2
+		exit 1
+	fi
+	echo "SKIP: integration tests need root for network namespaces" >&2
+	exit 77
+fi
+
+cleanup() {
+	local rc=$?
+	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+	[ -n "$NAME" ] && "$HOSTS" down "$NAME"
+	if [ $rc != 0 ]; then
+		echo "--- guest logs ---" >&2
+		tail -n 30 "$WORK"/*.log >&2 2>/dev/null || true
+	fi
+	rm -rf "$WORK"
+	exit $rc
+}
+trap cleanup EXIT
+
+fail() {
+	echo "FAIL: $*" >&2
+	exit 1
+}
+
+step() {
+	echo "== $*" >&2
+}
+
+# hosts_up NAME: makes NAME-a and NAME-b; sets ADDR_A and ADDR_B.
+hosts_up() {
+	NAME=$1
+	read -r ADDR_A ADDR_B < <("$HOSTS" up "$NAME")
+}
+
+# guest HOST NAME ARGS...: starts `hymig guest` in host a or b with ctl $WORK/NAME.sock.
+guest() {
+	local host=$1 name=$2
+	shift 2
+	ip netns exec "$NAME-$host" "$HYMIG" guest --ctl "$WORK/$name.sock" "$@" \
+		2>"$WORK/$name.log" &
+	PIDS+=($!)
+	eval "PID_$name=$!"
+	wait_for "$name" 'ready' 60 || true
+}
+
+# wait_for NAME FIELD TIMEOUT: waits until the control socket answers (and for FIELD
+# "ready", until the workload is ready or the guest waits for an incoming migration).
+wait_for() {
+	local name=$1 t=$((${3} * 10))
+	while [ $t -gt 0 ]; do
+		if [ -S "$WORK/$name.sock" ]; then
+			local s
+			s=$("$HYMIG" status --ctl "$WORK/$name.sock" --json 2>/dev/null) || s=
+			case $s in
+			*'"ready":true'* | *'"state":"incoming"'*) return 0 ;;
+			esac
+		fi
+		sleep 0.1
+		t=$((t - 1))
+	done
+	fail "guest $name did not become ready"
+}
+
+ctl() { echo "$WORK/$1.sock"; }
+
+status_field() { # status_field NAME FIELD
+	"$HYMIG" status --ctl "$(ctl "$1")" --json | json_field "$2"
+}
+
+json_field() { # json_field FIELD < json
+	python3 -c 'import json,sys; v=json.load(sys.stdin)
+for k in sys.argv[1].split("."): v=v[k]
+print(v if not isinstance(v,bool) else str(v).lower())' "$1"
+}
+
+# ram_fds PID: the fds of the guest's hymig-ram memfds, in region order.
+ram_fds() {
+	local pid=$1
+	for fd in /proc/"$pid"/fd/*; do
+		local l
+		l=$(readlink "$fd" 2>/dev/null) || continue
+		case $l in
+		/memfd:hymig-ram:*)
+			l=${l#/memfd:hymig-ram:}
+			echo "${l%% *} ${fd##*/}"
+			;;
+		esac
+	done | sort -n -k1,1
+}
+
+# compare_ram PID_A PID_B: byte-for-byte comparison of every region.
+compare_ram() {
+	local a b
+	a=$(ram_fds "$1")
+	b=$(ram_fds "$2")
+	[ -n "$a" ] || fail "no hymig-ram memfds in pid $1"
+	[ "$(echo "$a" | wc -l)" = "$(echo "$b" | wc -l)" ] || fail "region count differs: $a / $b"
+	paste <(echo "$a") <(echo "$b") | while read -r ra fa rb fb; do
+		[ "$ra" = "$rb" ] || fail "region order differs"
+		cmp "/proc/$1/fd/$fa" "/proc/$2/fd/$fb" || fail "region $ra differs"
+		echo "region $ra: identical ($(stat -L -c %s "/proc/$1/fd/$fa") bytes)" >&2
+	done
+}
+
+verify_ok() { # verify_ok NAME
+	local out
+	out=$("$HYMIG" verify --ctl "$(ctl "$1")" --json) || fail "verify of $1 failed: $out"
+	echo "verify $1: $out" >&2
+	[ "$(echo "$out" | json_field pages_bad)" = 0 ] || fail "verify of $1: bad pages"
+	[ "$(echo "$out" | json_field pages_checked)" -gt 0 ] || fail "verify of $1 checked nothing"
+}
+
+# migrate NAME ARGS...: runs hymig migrate with --json; sets RESULT and MIGRATE_RC.
+migrate() {
+	local name=$1
+	shift
+	MIGRATE_RC=0
+	RESULT=$("$HYMIG" migrate --ctl "$(ctl "$name")" --json "$@" 2>"$WORK/migrate.err") ||
+		MIGRATE_RC=$?
+	echo "migrate ($MIGRATE_RC): $RESULT" >&2
+	cat "$WORK/migrate.err" >&2
+}
+
+result_field() { echo "$RESULT" | json_field "$1"; }
