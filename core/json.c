@@ -1,6 +1,8 @@
 #include "json.h"
 
+#include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,7 +89,8 @@ void jw_f64(struct jw *w, const char *k, double val)
 {
 	char s[48];
 	key(w, k);
-	snprintf(s, sizeof(s), "%.3f", val);
+	/* JSON has no NaN or infinity; an undefined figure reads as 0. */
+	snprintf(s, sizeof(s), "%.3f", isfinite(val) ? val : 0.0);
 	puts_(w, s);
 }
 
@@ -147,9 +150,12 @@ static const char *parse_string(const char *p, char *out, size_t cap)
 			case 'b': c = '\b'; break;
 			case 'f': c = '\f'; break;
 			case 'u': {
-				unsigned v;
-				if (sscanf(p, "%4x", &v) != 1)
-					return NULL;
+				char hex[5] = "";
+				unsigned long v;
+				for (int i = 0; i < 4; i++) /* stops at the terminator */
+					if (!isxdigit((unsigned char)(hex[i] = p[i])))
+						return NULL;
+				v = strtoul(hex, NULL, 16);
 				p += 4;
 				c = v < 0x80 ? (char)v : '?';
 				break;
@@ -223,7 +229,8 @@ int json_parse(const char *p, struct jobj *o)
 			if (*p == '{' || *p == '[')
 				p = skip_nested(p);
 			else
-				while (*p && *p != ',' && *p != '}' && *p != ' ')
+				while (*p && *p != ',' && *p != '}' && *p != ' ' && *p != '\t' &&
+				       *p != '\r' && *p != '\n')
 					p++;
 			if (!p || p == start || (size_t)(p - start) >= sizeof(f->val))
 				return -EINVAL;
@@ -260,9 +267,11 @@ int json_get_u64(const struct jobj *o, const char *k, uint64_t *out)
 
 	if (!v)
 		return -ENOENT;
+	if (!isdigit((unsigned char)v[0])) /* no sign, space or empty string */
+		return -EINVAL;
 	errno = 0;
 	x = strtoull(v, &end, 10);
-	if (errno || *end || v[0] == '-')
+	if (errno || *end)
 		return -EINVAL;
 	*out = x;
 	return 0;
@@ -277,7 +286,7 @@ int json_get_f64(const struct jobj *o, const char *k, double *out)
 	if (!v)
 		return -ENOENT;
 	x = strtod(v, &end);
-	if (*end)
+	if (end == v || *end)
 		return -EINVAL;
 	*out = x;
 	return 0;

@@ -32,7 +32,7 @@ const char *jw_finish(struct jw *w);
 
 struct jfield {
 	char key[48];
-	char val[512]; /* decoded string, number text, "true"/"false"/"null", or raw */
+	char val[2048]; /* decoded string, number text, "true"/"false"/"null", or raw */
 	bool is_string;
 };
 

@@ -157,8 +157,10 @@ int wire_encode_state(const void *vcpu, uint32_t vcpu_len, const void *dev, uint
 	put_hdr(buf, WIRE_STATE, (uint32_t)len);
 	put32(buf + 16, vcpu_len);
 	put32(buf + 20, dev_len);
-	memcpy(buf + 24, vcpu, vcpu_len);
-	memcpy(buf + 24 + vcpu_len, dev, dev_len);
+	if (vcpu_len) /* an empty blob may be NULL */
+		memcpy(buf + 24, vcpu, vcpu_len);
+	if (dev_len)
+		memcpy(buf + 24 + vcpu_len, dev, dev_len);
 	return (int)(sizeof(struct wire_hdr) + len);
 }
 

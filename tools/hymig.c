@@ -264,7 +264,7 @@ static void print_human(const char *line)
 		return;
 	}
 	for (unsigned i = 0; i < o.n; i++)
-		if (strcmp(o.f[i].key, "ok"))
+		if (strcmp(o.f[i].key, "ok") && strcmp(o.f[i].key, "event"))
 			printf("%-28s %s\n", o.f[i].key, o.f[i].val);
 }
 

@@ -86,10 +86,12 @@ grep -q '"status":"cancelled"' "$WORK/cancel.json" || fail "no cancelled status"
 verify_ok src2
 
 step "pre-copy that cannot converge is cancelled cleanly"
-migrate src2 --to "tcp://$ADDR_B:7025" --downtime-limit 1 --max-rounds 3 --bandwidth-limit 5M
-expect_failure() { :; }
+guest a src3 --mem 64M --workload dirtier:rate=30M,pattern=uniform
+guest b dst6 --mem 64M --incoming "tcp://$ADDR_B:7026"
+migrate src3 --to "tcp://$ADDR_B:7026" --downtime-limit 1 --max-rounds 3 --bandwidth-limit 20M
 [ $MIGRATE_RC != 0 ] || fail "non-converging migration succeeded"
 result_field error | grep -q "did not converge\|cannot converge" || fail "unclear convergence error"
-[ "$(status_field src2 state)" = running ] || fail "source guest is not running"
-verify_ok src2
+[ "$(status_field src3 state)" = running ] || fail "source guest is not running"
+verify_ok src3
+[ "$(status_field dst6 incoming)" = listening ] || fail "destination did not return to listening"
 echo PASS
