@@ -62,20 +62,19 @@ one_migration() {
 	guest_start "$HOST_NAME-a" src --mem "$MEM" --workload "$wl"
 	guest_wait_ready dst
 	guest_wait_ready src
-	sleep 1
-	if [ "$kind" = dirtier ]; then
-		# The stall baseline before any migration: pause, verify, resume (an operator
-		# resume restarts the heartbeat baseline, so this pause is not counted later;
-		# the longest gap seen so far is kept, hence this baseline).
-		"$HYMIG" pause --ctl "$(ctl src)" >/dev/null
-		hymig_verify src
-		ver_before=$VER_JSON
-		"$HYMIG" resume --ctl "$(ctl src)" >/dev/null
-		say "$kind rep $rep: source before migrating: $ver_before"
-	fi
+	# The stall baseline: the guest keeps the longest heartbeat gap it has seen since it
+	# started, so after 5 s of running, pause, verify (reads that gap) and resume (an
+	# operator resume restarts the heartbeat, so this pause is not counted later).
+	sleep 5
+	"$HYMIG" pause --ctl "$(ctl src)" >/dev/null
+	hymig_verify src
+	ver_before=$VER_JSON
+	"$HYMIG" resume --ctl "$(ctl src)" >/dev/null
+	say "$kind rep $rep: source after 5 s of running: $ver_before"
 	sleep 1
 	mem_src=$(mem_json "$(gpid src)")
-	# The dirtier's rate before the migration is taken over the last ~5 s.
+	# The dirtier's rate before the migration is taken over the last ~5 s: keep the
+	# pause above out of it.
 	[ "$kind" != dirtier ] || sleep 5
 
 	hymig_migrate src --to "tcp://$ADDR_B:$mport" --downtime-limit "$LIMIT"
@@ -190,6 +189,7 @@ if idle:
     out["idle_migration"] = {k: m.get(k) for k in ("status", "error", "total_time_ms", "downtime_ms",
                              "rounds", "scan_ms", "tracking", "throughput_mb_per_s", "bytes_sent")}
     out["idle_migration"]["max_stall_ms"] = v.get("max_stall_ms")
+    out["idle_migration"]["max_stall_before_migration_ms"] = idle[0]["verify_source_before"].get("max_stall_ms")
     out["idle_migration"]["pages_bad"] = v.get("pages_bad")
 
 # (b) memory
@@ -235,6 +235,8 @@ def f(v, fmt="%.3f"):
     return "-" if v is None else fmt % v
 
 print(f"\n(a) {workload}, {mem} guest over veth, --downtime-limit {limit}", file=err)
+print("(stall<mig: the longest stall the source guest saw in 5 s of running before the\n"
+      " migration; the guest keeps its maximum, so maxstall is never below it)", file=err)
 print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %7s" % ("rep", "conv", "rounds", "downtime",
       "maxstall", "stall-down", "stall<mig", "wr before", "wr during", "during/"), file=err)
 print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %7s" % ("", "", "", "ms", "ms", "ms", "ms",
@@ -250,7 +252,8 @@ if "idle_migration" in out:
     i = out["idle_migration"]
     print(f"\nidle {mem} migration: {i['status']}, total {f(i['total_time_ms'], '%.1f')} ms, downtime "
           f"{f(i['downtime_ms'])} ms, last scan {f(i['scan_ms'])} ms ({i['tracking']}), "
-          f"max stall {f(i['max_stall_ms'])} ms", file=err)
+          f"max stall {f(i['max_stall_ms'])} ms (before migrating: {f(i['max_stall_before_migration_ms'])} ms)",
+          file=err)
 print(f"\n(b) hymig's own memory (Pss minus hymig-ram Pss), {mem} RAM", file=err)
 print("%-8s %-18s %10s %10s %10s %9s" % ("guest", "when", "Pss MiB", "ram MiB", "own MiB", "of RAM"), file=err)
 for kind, v in memo.items():

@@ -216,6 +216,23 @@ int ram_create(const struct ram_cfg *cfg, bool populate_now, struct hm_ram **out
 		return -ENOMEM;
 	}
 	ram->backing = ram_choose_backing(cfg);
+	/* An explicit request the host cannot honour is an error, not a silent fallback. */
+	if (ram->backing == RAM_BACKING_THP && !shmem_thp_allowed()) {
+		snprintf(err, errlen,
+			 "--hugepages thp: shmem THP is disabled on this host (set "
+			 "/sys/kernel/mm/transparent_hugepage/shmem_enabled to advise)");
+		free(ram);
+		return -ENOTSUP;
+	}
+	if (ram->backing == RAM_BACKING_HUGETLB && hugetlb_free_pages() < cfg->size / HUGE_2M) {
+		snprintf(err, errlen,
+			 "--hugepages hugetlb: %llu MiB needed, %llu MiB free in the 2 MiB pool "
+			 "(raise vm.nr_hugepages)",
+			 (unsigned long long)(cfg->size >> 20),
+			 (unsigned long long)hugetlb_free_pages() * 2);
+		free(ram);
+		return -ENOMEM;
+	}
 	ram->numa_node = cfg->numa_node;
 	for (unsigned i = 0; i < HM_MAX_REGIONS; i++)
 		ram->r[i].fd = -1;

@@ -187,6 +187,33 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 	atomic_fetch_sub(&streaming, 1);
 }
 
+/* Why an operator's resume must not run the guest here, or NULL. */
+static const char *resume_refusal(struct guest *g)
+{
+	const char *why = NULL;
+
+	pthread_mutex_lock(&g->lock);
+	if (g->migrated)
+		why = "the guest migrated away; it runs on the destination";
+	else if (g->in && !g->arrived) {
+		char err[256];
+		/* Link lost while awaiting the commit: the operator decides that the guest
+		 * lives here (the source stays paused in that case). */
+		if (hm_incoming_state(g->in, err, sizeof(err)) == HM_IN_COMPLETE && err[0])
+			g->adopt = true;
+		else
+			why = "the guest has not arrived yet";
+	}
+	else if (g->mig) {
+		struct hm_stats st;
+		hm_migration_stats(g->mig, &st);
+		if (st.state == HM_MIG_STOPCOPY || st.state == HM_MIG_COMMIT)
+			why = "a migration is in stop-and-copy; cancel it first";
+	}
+	pthread_mutex_unlock(&g->lock);
+	return why;
+}
+
 static void handle(struct conn *c, const char *line)
 {
 	struct guest *g = c->g;
@@ -207,15 +234,13 @@ static void handle(struct conn *c, const char *line)
 		guest_pause(g, NULL);
 		reply_ok(c->fd);
 	} else if (!strcmp(cmd, "resume")) {
-		pthread_mutex_lock(&g->lock);
-		bool refuse = g->migrated || (g->in && !g->arrived);
-		bool paused_by_mig = g->mig && !g->migrated;
-		pthread_mutex_unlock(&g->lock);
-		if (refuse) {
-			reply_error(c->fd, "the guest is not here (it migrated away or has not arrived)");
+		const char *why = resume_refusal(g);
+		if (why) {
+			reply_error(c->fd, why);
 			return;
 		}
-		(void)paused_by_mig;
+		if (g->adopt && !g->arrived)
+			guest_adopt(g);
 		/* An operator pause is not downtime: restart the stall baseline. */
 		if (!guest_running(g) && atomic_load(&g->ready))
 			wl_heartbeat_reset(g->ram);

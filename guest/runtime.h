@@ -30,6 +30,7 @@ struct guest {
 	atomic_bool ready;  /* the workload finished formatting RAM */
 	bool migrated;      /* the guest now lives elsewhere (source) */
 	bool arrived;       /* the guest came from elsewhere (destination) */
+	bool adopt;         /* an operator took a guest whose commit never came */
 
 	/* Migration; guarded by lock. */
 	struct hm_migration *mig;
@@ -46,6 +47,8 @@ struct guest {
 
 int guest_pause(struct guest *g, uint64_t *parked_ns);
 void guest_resume(struct guest *g);
+/* Makes a complete but uncommitted incoming guest this host's (operator decision). */
+void guest_adopt(struct guest *g);
 bool guest_running(struct guest *g);
 /* Fills a JSON status object (state, ready, RAM, migration progress). */
 void guest_status_json(struct guest *g, struct jw *w);
