@@ -44,11 +44,12 @@ enum conv_decision conv_decide(const struct conv *c, unsigned round, unsigned ma
 	if (expect <= downtime_limit_ms)
 		return CONV_STOP_COPY;
 	if (max_rounds && round >= max_rounds) {
-		snprintf(why, whylen,
-			 "pre-copy did not converge in %u rounds: %.1f MB still dirty, expected "
-			 "downtime %.1f ms > limit %u ms (dirty rate %.1f MB/s, bandwidth %.1f MB/s)",
-			 round, c->remaining / 1e6, expect, downtime_limit_ms, c->dirty_rate / 1e6,
-			 c->bandwidth / 1e6);
+		snprintf(
+		    why, whylen,
+		    "pre-copy did not converge in %u rounds: %.1f MB still dirty, expected "
+		    "downtime %.1f ms > limit %u ms (dirty rate %.1f MB/s, bandwidth %.1f MB/s)",
+		    round, c->remaining / 1e6, expect, downtime_limit_ms, c->dirty_rate / 1e6,
+		    c->bandwidth / 1e6);
 		return CONV_GIVE_UP;
 	}
 	if (timeout_s && elapsed_s >= timeout_s) {

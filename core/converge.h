@@ -7,17 +7,17 @@
 #include <stdint.h>
 
 struct conv {
-	double bandwidth;     /* bytes/s the link carried in recent rounds */
-	double dirty_rate;    /* bytes/s the guest dirtied in the last round */
-	double fixed_ms;      /* downtime that does not depend on the data (pause, state, RTTs) */
-	uint64_t remaining;   /* bytes dirty now */
-	unsigned growing;     /* consecutive rounds the dirty set did not shrink */
+	double bandwidth;   /* bytes/s the link carried in recent rounds */
+	double dirty_rate;  /* bytes/s the guest dirtied in the last round */
+	double fixed_ms;    /* downtime that does not depend on the data (pause, state, RTTs) */
+	uint64_t remaining; /* bytes dirty now */
+	unsigned growing;   /* consecutive rounds the dirty set did not shrink */
 };
 
 enum conv_decision {
-	CONV_CONTINUE,  /* another round */
+	CONV_CONTINUE,	/* another round */
 	CONV_STOP_COPY, /* the rest fits the downtime limit */
-	CONV_GIVE_UP,   /* pre-copy will not converge within its limits */
+	CONV_GIVE_UP,	/* pre-copy will not converge within its limits */
 };
 
 void conv_init(struct conv *c, double fixed_ms);

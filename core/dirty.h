@@ -18,7 +18,7 @@
 #include "ram.h"
 
 enum dirty_method {
-	DIRTY_AUTO = -1,   /* WP_ASYNC when the kernel has it, else sync */
+	DIRTY_AUTO = -1, /* WP_ASYNC when the kernel has it, else sync */
 	DIRTY_WP_ASYNC = 0,
 	DIRTY_UFFD_WP_SYNC = 1,
 };

@@ -38,10 +38,10 @@ struct session {
 };
 
 static const char *const in_state_names[HM_IN_STATE_MAX] = {
-	[HM_IN_LISTENING] = "listening",
-	[HM_IN_RECEIVING] = "receiving",
-	[HM_IN_COMPLETE] = "awaiting-commit",
-	[HM_IN_ARRIVED] = "arrived",
+    [HM_IN_LISTENING] = "listening",
+    [HM_IN_RECEIVING] = "receiving",
+    [HM_IN_COMPLETE] = "awaiting-commit",
+    [HM_IN_ARRIVED] = "arrived",
 };
 
 const char *hm_in_state_name(enum hm_in_state s)
@@ -75,8 +75,8 @@ static int accept_source(struct session *s)
 	struct msg_challenge ch = {.flags = psk ? WIRE_F_PSK : 0};
 	struct msg_auth auth;
 	struct msg_ready ready;
-	struct tp_bulk_cfg bc = {.psk = psk, .psk_len = in->cfg.psk_len,
-				 .timeout_ms = in->cfg.dead_peer_ms};
+	struct tp_bulk_cfg bc = {
+	    .psk = psk, .psk_len = in->cfg.psk_len, .timeout_ms = in->cfg.dead_peer_ms};
 	char why[200];
 	int rc;
 
@@ -227,7 +227,8 @@ static int receive(struct session *s)
 			buf = s->state;
 			cap = sizeof(h) + WIRE_MAX_PAYLOAD;
 		}
-		rc = s->ctl->ops->recv_msg(s->ctl, buf, cap, HEARTBEAT_MS, &h, s->err, sizeof(s->err));
+		rc = s->ctl->ops->recv_msg(s->ctl, buf, cap, HEARTBEAT_MS, &h, s->err,
+					   sizeof(s->err));
 		bool got = rc == 0;
 		if (got)
 			s->t_heard = now_ns();
@@ -269,11 +270,13 @@ static int receive(struct session *s)
 				rc = complete(s, &done);
 			if (rc < 0)
 				return rc;
+			s->t_heard = now_ns(); /* landing may take long; the source waited */
 			break;
 		}
 		case WIRE_COMMIT:
 			if (in->state != HM_IN_COMPLETE) {
-				snprintf(s->err, sizeof(s->err), "commit before the guest was complete");
+				snprintf(s->err, sizeof(s->err),
+					 "commit before the guest was complete");
 				return -EPROTO;
 			}
 			set_state(in, HM_IN_ARRIVED);
@@ -282,8 +285,10 @@ static int receive(struct session *s)
 			return 0;
 		case WIRE_ABORT: {
 			struct msg_refuse r;
-			if (wire_decode(h.type, buf + sizeof(h), h.len, &r, s->err, sizeof(s->err)) == 0)
-				snprintf(s->err, sizeof(s->err), "the source cancelled: %s", r.reason);
+			if (wire_decode(h.type, buf + sizeof(h), h.len, &r, s->err,
+					sizeof(s->err)) == 0)
+				snprintf(s->err, sizeof(s->err), "the source cancelled: %s",
+					 r.reason);
 			return -ECONNABORTED;
 		}
 		default:

@@ -144,11 +144,21 @@ static const char *parse_string(const char *p, char *out, size_t cap)
 		if (c == '\\') {
 			c = *p++;
 			switch (c) {
-			case 'n': c = '\n'; break;
-			case 't': c = '\t'; break;
-			case 'r': c = '\r'; break;
-			case 'b': c = '\b'; break;
-			case 'f': c = '\f'; break;
+			case 'n':
+				c = '\n';
+				break;
+			case 't':
+				c = '\t';
+				break;
+			case 'r':
+				c = '\r';
+				break;
+			case 'b':
+				c = '\b';
+				break;
+			case 'f':
+				c = '\f';
+				break;
 			case 'u': {
 				char hex[5] = "";
 				unsigned long v;
@@ -160,8 +170,12 @@ static const char *parse_string(const char *p, char *out, size_t cap)
 				c = v < 0x80 ? (char)v : '?';
 				break;
 			}
-			case '"': case '\\': case '/': break;
-			default: return NULL;
+			case '"':
+			case '\\':
+			case '/':
+				break;
+			default:
+				return NULL;
 			}
 		} else if ((unsigned char)c < 0x20) {
 			return NULL;

@@ -12,7 +12,7 @@ struct jw {
 	char *buf;
 	size_t cap;
 	size_t len;
-	bool first;     /* no member written yet at the current level */
+	bool first;	/* no member written yet at the current level */
 	bool truncated; /* the buffer was too small */
 };
 

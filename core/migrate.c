@@ -36,26 +36,26 @@ struct hm_migration {
 	struct tp_conn *ctl;
 	struct tp_bulk *bulk;
 	struct dirty_tracker *dirty;
-	struct bitmap send;      /* pages of the current round */
+	struct bitmap send;	 /* pages of the current round */
 	struct bitmap sent_once; /* pages sent at least once (for pages_resent) */
 	pthread_t thread;
 	atomic_bool cancel;
 	uint64_t t_request, t_parked, t_last_hb;
 	uint64_t ctl_bytes;
 	double rtt_ms;
-	bool paused;      /* we paused the guest and must resume it on failure */
+	bool paused;	  /* we paused the guest and must resume it on failure */
 	bool commit_sent; /* from here on the source never resumes by itself */
 
 	/* Sender coordination: guarded by lock. */
 	pthread_mutex_t lock;
 	pthread_cond_t cv;
-	uint64_t round_gen;    /* bumped to start a round */
-	unsigned round_busy;   /* senders still working on the round */
-	bool skip_zero;        /* round 1: zero pages are only counted */
-	bool quit;             /* senders exit */
-	int send_error;        /* first sender error */
+	uint64_t round_gen;  /* bumped to start a round */
+	unsigned round_busy; /* senders still working on the round */
+	bool skip_zero;	     /* round 1: zero pages are only counted */
+	bool quit;	     /* senders exit */
+	int send_error;	     /* first sender error */
 	bool ended;
-	struct hm_stats st;    /* guarded by lock */
+	struct hm_stats st; /* guarded by lock */
 
 	pthread_mutex_t bw_lock;
 	uint64_t bw_next_ns; /* bandwidth limiter: when the next byte may leave */
@@ -64,10 +64,10 @@ struct hm_migration {
 };
 
 static const char *const state_names[HM_MIG_STATE_MAX] = {
-	[HM_MIG_SETUP] = "setup",         [HM_MIG_PRECOPY] = "precopy",
-	[HM_MIG_STOPCOPY] = "stop-copy",  [HM_MIG_COMMIT] = "commit",
-	[HM_MIG_COMPLETED] = "completed", [HM_MIG_FAILED] = "failed",
-	[HM_MIG_CANCELLED] = "cancelled",
+    [HM_MIG_SETUP] = "setup",	      [HM_MIG_PRECOPY] = "precopy",
+    [HM_MIG_STOPCOPY] = "stop-copy",  [HM_MIG_COMMIT] = "commit",
+    [HM_MIG_COMPLETED] = "completed", [HM_MIG_FAILED] = "failed",
+    [HM_MIG_CANCELLED] = "cancelled",
 };
 
 const char *hm_mig_state_name(enum hm_mig_state s)
@@ -96,7 +96,7 @@ static void set_state(struct hm_migration *m, enum hm_mig_state s)
 }
 
 static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
 {
@@ -151,8 +151,8 @@ static int flush(struct sender *s, struct batch *b)
 	m->st.pages_zero += b->zero + b->skipped;
 	m->st.pages_resent += b->resent;
 	m->st.remaining_pages -= m->st.remaining_pages < b->data + b->zero + b->skipped
-					 ? m->st.remaining_pages
-					 : b->data + b->zero + b->skipped;
+				     ? m->st.remaining_pages
+				     : b->data + b->zero + b->skipped;
 	pthread_mutex_unlock(&m->lock);
 	memset(b, 0, sizeof(*b));
 	return rc;
@@ -346,8 +346,10 @@ static int handshake(struct hm_migration *m, char *err, size_t errlen)
 	struct msg_challenge ch;
 	struct msg_auth auth;
 	struct msg_ready ready;
-	struct tp_bulk_cfg bc = {.channels = m->cfg.channels, .ram = m->ram,
-				 .psk = m->cfg.psk_len ? m->psk : NULL, .psk_len = m->cfg.psk_len,
+	struct tp_bulk_cfg bc = {.channels = m->cfg.channels,
+				 .ram = m->ram,
+				 .psk = m->cfg.psk_len ? m->psk : NULL,
+				 .psk_len = m->cfg.psk_len,
 				 .timeout_ms = m->cfg.dead_peer_ms};
 	uint64_t t0;
 	int rc;
@@ -375,8 +377,9 @@ static int handshake(struct hm_migration *m, char *err, size_t errlen)
 	auth_mac(bc.psk, bc.psk_len, "dst", hello.nonce, WIRE_NONCE_LEN, ch.nonce, WIRE_NONCE_LEN,
 		 mac);
 	if (bc.psk && !auth_equal(mac, ch.mac, sizeof(mac))) {
-		snprintf(err, errlen, "the destination failed authentication: its pre-shared key "
-				      "differs");
+		snprintf(err, errlen,
+			 "the destination failed authentication: its pre-shared key "
+			 "differs");
 		ctl_refuse(m->ctl, WIRE_REFUSE, REFUSE_AUTH, "source: wrong pre-shared key");
 		return -EACCES;
 	}
@@ -494,8 +497,8 @@ static int precopy(struct hm_migration *m)
 		rc = dirty_collect(m->dirty, &m->send, true, &dirty_pages);
 		if (rc < 0)
 			return fail(m, rc, "dirty scan: %s", strerror(-rc));
-		conv_round(&c, m->st.bytes_sent - bytes0, ms_between(t0, t1) / 1000, dirty_pages * HM_PAGE_SIZE,
-			   ms_between(t_collect, now_ns()) / 1000);
+		conv_round(&c, m->st.bytes_sent - bytes0, ms_between(t0, t1) / 1000,
+			   dirty_pages * HM_PAGE_SIZE, ms_between(t_collect, now_ns()) / 1000);
 		t_collect = now_ns();
 		pthread_mutex_lock(&m->lock);
 		m->st.scan_ms = ms_between(t1, t_collect);
@@ -504,8 +507,9 @@ static int precopy(struct hm_migration *m)
 		m->st.dirty_rate_mb_per_s = c.dirty_rate / 1e6;
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
 		pthread_mutex_unlock(&m->lock);
-		switch (conv_decide(&c, round, m->cfg.max_rounds, ms_between(m->t_request, now_ns()) / 1000,
-				    m->cfg.timeout_s, m->cfg.downtime_limit_ms, why, sizeof(why))) {
+		switch (conv_decide(&c, round, m->cfg.max_rounds,
+				    ms_between(m->t_request, now_ns()) / 1000, m->cfg.timeout_s,
+				    m->cfg.downtime_limit_ms, why, sizeof(why))) {
 		case CONV_CONTINUE:
 			if (atomic_load(&m->cancel))
 				return fail(m, -ECANCELED, "cancelled");
@@ -532,7 +536,8 @@ static void *engine_main(void *arg)
 	}
 	for (unsigned i = 0; i < m->cfg.channels; i++) {
 		m->senders[i] = (struct sender){.m = m, .ch = i};
-		if ((rc = -pthread_create(&m->senders[i].thread, NULL, sender_main, &m->senders[i]))) {
+		if ((rc = -pthread_create(&m->senders[i].thread, NULL, sender_main,
+					  &m->senders[i]))) {
 			fail(m, rc, "cannot start sender threads");
 			goto out;
 		}
@@ -567,7 +572,7 @@ static void *engine_main(void *arg)
 	}
 	rc = finish(m);
 	m->st.throughput_mb_per_s =
-		atomic_load(&m->bulk->wire_bytes) / 1e3 / ms_between(t_xfer, now_ns());
+	    atomic_load(&m->bulk->wire_bytes) / 1e3 / ms_between(t_xfer, now_ns());
 out:
 	dirty_destroy(m->dirty);
 	m->dirty = NULL;
@@ -594,8 +599,8 @@ out:
 		m->ctl->ops->conn_close(m->ctl);
 	m->bulk = NULL;
 	m->ctl = NULL;
-	enum hm_mig_state final = rc == 0 ? HM_MIG_COMPLETED
-					  : (rc == -ECANCELED ? HM_MIG_CANCELLED : HM_MIG_FAILED);
+	enum hm_mig_state final =
+	    rc == 0 ? HM_MIG_COMPLETED : (rc == -ECANCELED ? HM_MIG_CANCELLED : HM_MIG_FAILED);
 	pthread_mutex_lock(&m->lock);
 	m->st.state = final;
 	m->ended = true;

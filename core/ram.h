@@ -9,8 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define HM_PAGE_SIZE  4096ULL
-#define HM_PAGE_SHIFT 12
+#define HM_PAGE_SIZE   4096ULL
+#define HM_PAGE_SHIFT  12
 #define HM_MAX_REGIONS 64
 /* Regions are cut at this size, the way a VMM hands RAM out as DIMMs. */
 #define HM_REGION_MAX (1ULL << 30)
@@ -23,26 +23,26 @@ enum ram_backing {
 };
 
 struct ram_cfg {
-	uint64_t size;            /* total bytes; multiple of 2 MiB */
-	unsigned nregions;        /* 0: cut at HM_REGION_MAX */
+	uint64_t size;			      /* total bytes; multiple of 2 MiB */
+	unsigned nregions;		      /* 0: cut at HM_REGION_MAX */
 	uint64_t region_size[HM_MAX_REGIONS]; /* used when nregions != 0 */
-	enum ram_backing backing; /* RAM_BACKING_AUTO picks per ram_choose_backing() */
-	bool dirtying;            /* the workload writes continuously (auto avoids hugetlb) */
-	int numa_node;            /* -1: no placement */
+	enum ram_backing backing;	      /* RAM_BACKING_AUTO picks per ram_choose_backing() */
+	bool dirtying; /* the workload writes continuously (auto avoids hugetlb) */
+	int numa_node; /* -1: no placement */
 };
 
 struct ram_region {
-	int fd;             /* memfd "hymig-ram:<index>" */
-	uint64_t size;      /* bytes */
-	uint64_t first_page;/* global page index of its first page */
-	size_t backing_page;/* 4 KiB or 2 MiB: granularity of dirty tracking and faults */
-	uint8_t *guest;     /* guest view: what vCPUs touch; write-protected while tracking */
-	uint8_t *mig;       /* migrator view: what transports read and write */
+	int fd;		     /* memfd "hymig-ram:<index>" */
+	uint64_t size;	     /* bytes */
+	uint64_t first_page; /* global page index of its first page */
+	size_t backing_page; /* 4 KiB or 2 MiB: granularity of dirty tracking and faults */
+	uint8_t *guest;	     /* guest view: what vCPUs touch; write-protected while tracking */
+	uint8_t *mig;	     /* migrator view: what transports read and write */
 };
 
 struct hm_ram {
 	unsigned nregions;
-	uint64_t size;   /* bytes */
+	uint64_t size;	 /* bytes */
 	uint64_t npages; /* size / HM_PAGE_SIZE */
 	enum ram_backing backing;
 	int numa_node;

@@ -7,19 +7,21 @@
 #include <string.h>
 
 static const char *const type_names[WIRE_TYPE_MAX] = {
-	[WIRE_HELLO] = "hello",       [WIRE_CHALLENGE] = "challenge", [WIRE_AUTH] = "auth",
-	[WIRE_READY] = "ready",       [WIRE_REFUSE] = "refuse",       [WIRE_CHAN_HELLO] = "chan-hello",
-	[WIRE_HEARTBEAT] = "heartbeat", [WIRE_STATE] = "state",       [WIRE_DONE] = "done",
-	[WIRE_COMPLETE] = "complete", [WIRE_COMMIT] = "commit",       [WIRE_RESUMED] = "resumed",
-	[WIRE_ABORT] = "abort",
+    [WIRE_HELLO] = "hello",	    [WIRE_CHALLENGE] = "challenge",
+    [WIRE_AUTH] = "auth",	    [WIRE_READY] = "ready",
+    [WIRE_REFUSE] = "refuse",	    [WIRE_CHAN_HELLO] = "chan-hello",
+    [WIRE_HEARTBEAT] = "heartbeat", [WIRE_STATE] = "state",
+    [WIRE_DONE] = "done",	    [WIRE_COMPLETE] = "complete",
+    [WIRE_COMMIT] = "commit",	    [WIRE_RESUMED] = "resumed",
+    [WIRE_ABORT] = "abort",
 };
 
 /* Fixed payload sizes; STATE is variable (at least its two lengths). */
 static const uint32_t payload_len[WIRE_TYPE_MAX] = {
-	[WIRE_HELLO] = 584,  [WIRE_CHALLENGE] = 88, [WIRE_AUTH] = 32,  [WIRE_READY] = 16,
-	[WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
-	[WIRE_DONE] = 136,   [WIRE_COMPLETE] = 16,  [WIRE_COMMIT] = 0, [WIRE_RESUMED] = 0,
-	[WIRE_ABORT] = 200,
+    [WIRE_HELLO] = 584,	 [WIRE_CHALLENGE] = 88,	 [WIRE_AUTH] = 32,     [WIRE_READY] = 16,
+    [WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
+    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 16,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
+    [WIRE_ABORT] = 200,
 };
 
 const char *wire_type_name(uint16_t type)
@@ -201,8 +203,7 @@ static int decode_reason(const uint8_t *p, struct msg_refuse *m, char *err, size
 	return 0;
 }
 
-int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *err,
-		size_t errlen)
+int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *err, size_t errlen)
 {
 	if (!type || type >= WIRE_TYPE_MAX || type == WIRE_STATE || len != payload_len[type])
 		return fail(err, errlen, "%s message with payload length %u", wire_type_name(type),
@@ -229,9 +230,10 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 		for (unsigned i = 0; i < HM_MAX_REGIONS; i++) {
 			uint64_t sz = get64(p + 56 + 8 * i);
 			if (i < m.nregions && (!sz || sz % HM_PAGE_SIZE))
-				return fail(err, errlen, "region %u size %llu is not a positive "
-						    "multiple of the page size", i,
-					    (unsigned long long)sz);
+				return fail(err, errlen,
+					    "region %u size %llu is not a positive "
+					    "multiple of the page size",
+					    i, (unsigned long long)sz);
 			if (i >= m.nregions && sz)
 				return fail(err, errlen, "region %u set beyond the region count %u",
 					    i, m.nregions);
@@ -323,12 +325,12 @@ int wire_rec_decode(const struct wire_rec *in, uint64_t npages, struct wire_rec 
 		    size_t errlen)
 {
 	struct wire_rec r = {
-		.magic = le32toh(in->magic),
-		.type = le16toh(in->type),
-		.flags = le16toh(in->flags),
-		.npages = le32toh(in->npages),
-		.reserved = le32toh(in->reserved),
-		.first_page = le64toh(in->first_page),
+	    .magic = le32toh(in->magic),
+	    .type = le16toh(in->type),
+	    .flags = le16toh(in->flags),
+	    .npages = le32toh(in->npages),
+	    .reserved = le32toh(in->reserved),
+	    .first_page = le64toh(in->first_page),
 	};
 
 	if (r.magic != WIRE_REC_MAGIC)

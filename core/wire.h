@@ -13,31 +13,31 @@
 
 #include "ram.h"
 
-#define WIRE_MAGIC     0x474d5948u /* "HYMG" */
-#define WIRE_REC_MAGIC 0x50474d48u /* "HMGP" */
-#define WIRE_VERSION   1
-#define WIRE_NONCE_LEN 32
-#define WIRE_MAC_LEN   32
-#define WIRE_SID_LEN   16
-#define WIRE_REASON_LEN 192
-#define WIRE_MAX_PAYLOAD (1u << 20) /* state blobs included */
-#define WIRE_MAX_RUN   256           /* pages in one record (1 MiB) */
+#define WIRE_MAGIC	  0x474d5948u /* "HYMG" */
+#define WIRE_REC_MAGIC	  0x50474d48u /* "HMGP" */
+#define WIRE_VERSION	  1
+#define WIRE_NONCE_LEN	  32
+#define WIRE_MAC_LEN	  32
+#define WIRE_SID_LEN	  16
+#define WIRE_REASON_LEN	  192
+#define WIRE_MAX_PAYLOAD  (1u << 20) /* state blobs included */
+#define WIRE_MAX_RUN	  256	     /* pages in one record (1 MiB) */
 #define WIRE_MAX_CHANNELS 16
 
 enum wire_type {
-	WIRE_HELLO = 1,   /* src→dst: layout, mode, channels, nonce */
-	WIRE_CHALLENGE,   /* dst→src: nonce, session id, dst's proof of the key */
-	WIRE_AUTH,        /* src→dst: src's proof of the key */
-	WIRE_READY,       /* dst→src: RAM reserved, channels may connect */
-	WIRE_REFUSE,      /* either way: a reason, then the connection closes */
-	WIRE_CHAN_HELLO,  /* first message of a bulk channel: session id, index, proof */
-	WIRE_HEARTBEAT,   /* either way, every second while idle */
-	WIRE_STATE,       /* src→dst: vCPU and device state blobs */
-	WIRE_DONE,        /* src→dst: all pages sent; per-channel page counts */
-	WIRE_COMPLETE,    /* dst→src: I hold a complete guest */
-	WIRE_COMMIT,      /* src→dst: the guest is yours; run it */
-	WIRE_RESUMED,     /* dst→src: the guest is ready to run here */
-	WIRE_ABORT,       /* src→dst: migration cancelled; a reason */
+	WIRE_HELLO = 1,	 /* src→dst: layout, mode, channels, nonce */
+	WIRE_CHALLENGE,	 /* dst→src: nonce, session id, dst's proof of the key */
+	WIRE_AUTH,	 /* src→dst: src's proof of the key */
+	WIRE_READY,	 /* dst→src: RAM reserved, channels may connect */
+	WIRE_REFUSE,	 /* either way: a reason, then the connection closes */
+	WIRE_CHAN_HELLO, /* first message of a bulk channel: session id, index, proof */
+	WIRE_HEARTBEAT,	 /* either way, every second while idle */
+	WIRE_STATE,	 /* src→dst: vCPU and device state blobs */
+	WIRE_DONE,	 /* src→dst: all pages sent; per-channel page counts */
+	WIRE_COMPLETE,	 /* dst→src: I hold a complete guest */
+	WIRE_COMMIT,	 /* src→dst: the guest is yours; run it */
+	WIRE_RESUMED,	 /* dst→src: the guest is ready to run here */
+	WIRE_ABORT,	 /* src→dst: migration cancelled; a reason */
 	WIRE_TYPE_MAX,
 };
 

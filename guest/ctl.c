@@ -170,8 +170,10 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 				send_event(c, "result", &st);
 			break;
 		}
-		if (client && (events != seen || st.round != round || now_ns() - last > 250000000)) {
-			send_event(c, events != seen || st.round != round ? "state" : "progress", &st);
+		if (client &&
+		    (events != seen || st.round != round || now_ns() - last > 250000000)) {
+			send_event(c, events != seen || st.round != round ? "state" : "progress",
+				   &st);
 			seen = events;
 			round = st.round;
 			last = now_ns();
@@ -203,8 +205,7 @@ static const char *resume_refusal(struct guest *g)
 			g->adopt = true;
 		else
 			why = "the guest has not arrived yet";
-	}
-	else if (g->mig) {
+	} else if (g->mig) {
 		struct hm_stats st;
 		hm_migration_stats(g->mig, &st);
 		if (st.state == HM_MIG_STOPCOPY || st.state == HM_MIG_COMMIT)

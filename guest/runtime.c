@@ -185,8 +185,8 @@ static int vm_load_state(void *opaque, const void *vcpu, uint32_t vcpu_len, cons
 	return 0;
 }
 
-static int vm_reserve(void *opaque, unsigned nregions, const uint64_t *sizes,
-		      struct hm_ram **out, char *err, size_t errlen)
+static int vm_reserve(void *opaque, unsigned nregions, const uint64_t *sizes, struct hm_ram **out,
+		      char *err, size_t errlen)
 {
 	struct guest *g = opaque;
 	struct ram_cfg rc;
@@ -255,14 +255,14 @@ static void vm_event(void *opaque, const char *state)
 }
 
 static const struct hm_vm_ops guest_vm_ops = {
-	.pause = vm_pause,
-	.resume = vm_resume,
-	.running = vm_running,
-	.save_state = vm_save_state,
-	.load_state = vm_load_state,
-	.reserve = vm_reserve,
-	.arrived = vm_arrived,
-	.event = vm_event,
+    .pause = vm_pause,
+    .resume = vm_resume,
+    .running = vm_running,
+    .save_state = vm_save_state,
+    .load_state = vm_load_state,
+    .reserve = vm_reserve,
+    .arrived = vm_arrived,
+    .event = vm_event,
 };
 
 void guest_rate_sample(struct guest *g)
@@ -353,7 +353,8 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 	}
 	pthread_mutex_lock(&g->lock);
 	if (!atomic_load(&g->ready)) {
-		snprintf(err, errlen, "the guest is not ready (its workload is still formatting RAM)");
+		snprintf(err, errlen,
+			 "the guest is not ready (its workload is still formatting RAM)");
 		rc = -EAGAIN;
 	} else if (g->arrived == false && g->cfg.incoming) {
 		snprintf(err, errlen, "this guest is waiting for an incoming migration");
@@ -403,10 +404,10 @@ static const char *guest_state(struct guest *g)
 void stats_json(const struct hm_stats *st, struct jw *w)
 {
 	static const char *const status[HM_MIG_STATE_MAX] = {
-		[HM_MIG_SETUP] = "active",        [HM_MIG_PRECOPY] = "active",
-		[HM_MIG_STOPCOPY] = "active",     [HM_MIG_COMMIT] = "active",
-		[HM_MIG_COMPLETED] = "completed", [HM_MIG_FAILED] = "failed",
-		[HM_MIG_CANCELLED] = "cancelled",
+	    [HM_MIG_SETUP] = "active",	      [HM_MIG_PRECOPY] = "active",
+	    [HM_MIG_STOPCOPY] = "active",     [HM_MIG_COMMIT] = "active",
+	    [HM_MIG_COMPLETED] = "completed", [HM_MIG_FAILED] = "failed",
+	    [HM_MIG_CANCELLED] = "cancelled",
 	};
 
 	jw_str(w, "status", status[st->state]);

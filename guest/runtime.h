@@ -23,19 +23,19 @@ struct guest {
 	pthread_t vcpu_thread[WL_MAX_VCPUS];
 	struct wl_vcpu vcpu[WL_MAX_VCPUS];
 	bool vcpus_started;
-	bool run;           /* vCPUs may run (false: parked) */
-	bool quit;          /* process is ending */
+	bool run;  /* vCPUs may run (false: parked) */
+	bool quit; /* process is ending */
 	unsigned parked;
 	uint64_t parked_ns; /* when the last vCPU parked */
 	atomic_bool ready;  /* the workload finished formatting RAM */
-	bool migrated;      /* the guest now lives elsewhere (source) */
-	bool arrived;       /* the guest came from elsewhere (destination) */
-	bool adopt;         /* an operator took a guest whose commit never came */
+	bool migrated;	    /* the guest now lives elsewhere (source) */
+	bool arrived;	    /* the guest came from elsewhere (destination) */
+	bool adopt;	    /* an operator took a guest whose commit never came */
 
 	/* Migration; guarded by lock. */
 	struct hm_migration *mig;
 	struct hm_incoming *in;
-	unsigned events;    /* bumped on every engine state change */
+	unsigned events; /* bumped on every engine state change */
 	bool keep_source;
 
 	/* The dirtier's rate, sampled by the control thread. */

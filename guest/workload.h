@@ -24,10 +24,10 @@ enum wl_pattern { WL_UNIFORM, WL_HOTSPOT, WL_SEQUENTIAL };
 
 struct wl_spec {
 	enum wl_kind kind;
-	uint64_t rate;           /* dirtier: bytes/s of pages written, all vCPUs together */
+	uint64_t rate; /* dirtier: bytes/s of pages written, all vCPUs together */
 	enum wl_pattern pattern;
-	double hot;              /* hotspot: fraction of data pages that are hot (default 0.05) */
-	uint64_t seed;           /* generator seed (default 1) */
+	double hot;    /* hotspot: fraction of data pages that are hot (default 0.05) */
+	uint64_t seed; /* generator seed (default 1) */
 };
 
 /* Parses "idle" or "dirtier:rate=RATE,pattern=P[,hot=F][,seed=S]"; RATE takes decimal
@@ -42,10 +42,10 @@ void wl_format(const struct wl_spec *s, char *buf, size_t len);
 struct wl_vcpu {
 	uint32_t index;
 	uint32_t nvcpus;
-	uint64_t rng;        /* xorshift state */
-	uint64_t cursor;     /* sequential pattern position */
-	uint64_t t_last_ns;  /* pacing: time of the last step (CLOCK_MONOTONIC, not migrated) */
-	double credit;       /* pacing: pages owed */
+	uint64_t rng;	    /* xorshift state */
+	uint64_t cursor;    /* sequential pattern position */
+	uint64_t t_last_ns; /* pacing: time of the last step (CLOCK_MONOTONIC, not migrated) */
+	double credit;	    /* pacing: pages owed */
 };
 
 /* Formats guest RAM for the spec: meta page, generation table, and every data page
@@ -55,8 +55,7 @@ int wl_init_ram(struct hm_ram *ram, const struct wl_spec *spec);
 uint64_t wl_data_first(uint64_t npages);
 /* index < nvcpus <= WL_MAX_VCPUS (a vCPU beyond that has no counter and writes
  * nothing). vCPU i owns the data pages whose (page - data_first) % nvcpus == i. */
-void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index,
-		  uint32_t nvcpus);
+void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index, uint32_t nvcpus);
 /* One slice of vCPU work (at most ~100 us): writes the pages the rate owes since the
  * previous step, and vCPU 0 stamps the heartbeat (CLOCK_REALTIME) and updates the
  * longest gap. Returns the number of nanoseconds the vCPU may sleep before the next
@@ -70,8 +69,8 @@ struct wl_verify {
 	uint64_t pages_checked;
 	uint64_t pages_bad;
 	uint64_t first_bad_page; /* valid when pages_bad > 0 */
-	double max_stall_ms;     /* longest heartbeat gap the guest saw */
-	uint64_t pages_written;  /* total pages the dirtier wrote since formatting */
+	double max_stall_ms;	 /* longest heartbeat gap the guest saw */
+	uint64_t pages_written;	 /* total pages the dirtier wrote since formatting */
 };
 
 /* Checks every data page against the generation table. The guest must be paused.

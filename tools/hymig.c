@@ -18,34 +18,34 @@
 #include "../transport/transport.h"
 
 /* Exit codes (documented in --help and the README). */
-#define EXIT_OK        0
+#define EXIT_OK	       0
 #define EXIT_FAILED    1
 #define EXIT_USAGE     2
 #define EXIT_CANCELLED 3
 
 static const char usage[] =
-	"usage:\n"
-	"  hymig guest   --mem SIZE --ctl PATH [--vcpus N] [--workload SPEC]\n"
-	"                [--incoming tcp://ADDR:PORT] [--no-autostart] [--numa-node N]\n"
-	"                [--hugepages auto|thp|hugetlb|off] [--psk-file F] [--verbose]\n"
-	"  hymig migrate --ctl PATH --to tcp://HOST:PORT [--mode precopy|cold]\n"
-	"                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
-	"                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
-	"                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
-	"  hymig status  --ctl PATH [--json]\n"
-	"  hymig verify  --ctl PATH [--json]\n"
-	"  hymig pause|resume|quit --ctl PATH\n"
-	"\n"
-	"SIZE takes binary suffixes (256M = 256 x 2^20 bytes); RATE decimal bytes per\n"
-	"second (50M = 50 x 10^6 B/s). Workloads: idle, or\n"
-	"dirtier:rate=RATE,pattern=uniform|hotspot|sequential[,hot=F][,seed=S].\n"
-	"Defaults: --vcpus 2, --workload idle, --hugepages auto, --mode precopy,\n"
-	"--downtime-limit 50, --max-rounds 30, --channels 2, no bandwidth limit, no timeout.\n"
-	"Transports built in: %s.\n"
-	"\n"
-	"migrate exits 0 when the migration completed, 1 when it failed, 3 when it was\n"
-	"cancelled (Ctrl-C or SIGTERM cancel it; the source guest keeps running), 2 on a\n"
-	"usage error. verify exits 0 exactly when no page is bad.\n";
+    "usage:\n"
+    "  hymig guest   --mem SIZE --ctl PATH [--vcpus N] [--workload SPEC]\n"
+    "                [--incoming tcp://ADDR:PORT] [--no-autostart] [--numa-node N]\n"
+    "                [--hugepages auto|thp|hugetlb|off] [--psk-file F] [--verbose]\n"
+    "  hymig migrate --ctl PATH --to tcp://HOST:PORT [--mode precopy|cold]\n"
+    "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
+    "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
+    "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
+    "  hymig status  --ctl PATH [--json]\n"
+    "  hymig verify  --ctl PATH [--json]\n"
+    "  hymig pause|resume|quit --ctl PATH\n"
+    "\n"
+    "SIZE takes binary suffixes (256M = 256 x 2^20 bytes); RATE decimal bytes per\n"
+    "second (50M = 50 x 10^6 B/s). Workloads: idle, or\n"
+    "dirtier:rate=RATE,pattern=uniform|hotspot|sequential[,hot=F][,seed=S].\n"
+    "Defaults: --vcpus 2, --workload idle, --hugepages auto, --mode precopy,\n"
+    "--downtime-limit 50, --max-rounds 30, --channels 2, no bandwidth limit, no timeout.\n"
+    "Transports built in: %s.\n"
+    "\n"
+    "migrate exits 0 when the migration completed, 1 when it failed, 3 when it was\n"
+    "cancelled (Ctrl-C or SIGTERM cancel it; the source guest keeps running), 2 on a\n"
+    "usage error. verify exits 0 exactly when no page is bad.\n";
 
 static void print_usage(FILE *f)
 {
@@ -72,12 +72,30 @@ static int parse_scaled(const char *s, bool binary, uint64_t *out)
 	if (errno || end == s || v < 0)
 		return -EINVAL;
 	switch (*end) {
-	case 0: break;
-	case 'k': case 'K': mult = k; end++; break;
-	case 'm': case 'M': mult = k * k; end++; break;
-	case 'g': case 'G': mult = k * k * k; end++; break;
-	case 't': case 'T': mult = k * k * k * k; end++; break;
-	default: return -EINVAL;
+	case 0:
+		break;
+	case 'k':
+	case 'K':
+		mult = k;
+		end++;
+		break;
+	case 'm':
+	case 'M':
+		mult = k * k;
+		end++;
+		break;
+	case 'g':
+	case 'G':
+		mult = k * k * k;
+		end++;
+		break;
+	case 't':
+	case 'T':
+		mult = k * k * k * k;
+		end++;
+		break;
+	default:
+		return -EINVAL;
 	}
 	if (binary && (*end == 'i' || *end == 'B'))
 		end += *end == 'i' ? (end[1] == 'B' ? 2 : 1) : 1;
@@ -103,12 +121,18 @@ static int parse_uint(const char *s, unsigned max, unsigned *out)
 static int cmd_guest(int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{"mem", required_argument, 0, 'm'},       {"ctl", required_argument, 0, 'c'},
-		{"vcpus", required_argument, 0, 'v'},     {"workload", required_argument, 0, 'w'},
-		{"incoming", required_argument, 0, 'i'},  {"no-autostart", no_argument, 0, 'S'},
-		{"numa-node", required_argument, 0, 'n'}, {"hugepages", required_argument, 0, 'H'},
-		{"psk-file", required_argument, 0, 'k'},  {"verbose", no_argument, 0, 'V'},
-		{"help", no_argument, 0, 'h'},            {0, 0, 0, 0},
+	    {"mem", required_argument, 0, 'm'},
+	    {"ctl", required_argument, 0, 'c'},
+	    {"vcpus", required_argument, 0, 'v'},
+	    {"workload", required_argument, 0, 'w'},
+	    {"incoming", required_argument, 0, 'i'},
+	    {"no-autostart", no_argument, 0, 'S'},
+	    {"numa-node", required_argument, 0, 'n'},
+	    {"hugepages", required_argument, 0, 'H'},
+	    {"psk-file", required_argument, 0, 'k'},
+	    {"verbose", no_argument, 0, 'V'},
+	    {"help", no_argument, 0, 'h'},
+	    {0, 0, 0, 0},
 	};
 	struct guest_cfg cfg;
 	char err[256];
@@ -121,11 +145,14 @@ static int cmd_guest(int argc, char **argv)
 		case 'm':
 			if (parse_scaled(optarg, true, &cfg.mem) < 0 || cfg.mem < (2 << 20) ||
 			    cfg.mem % (2 << 20))
-				return usage_error("--mem '%s': expected a size that is a multiple of "
-						   "2M, e.g. 256M or 2G",
-						   optarg);
+				return usage_error(
+				    "--mem '%s': expected a size that is a multiple of "
+				    "2M, e.g. 256M or 2G",
+				    optarg);
 			break;
-		case 'c': cfg.ctl_path = optarg; break;
+		case 'c':
+			cfg.ctl_path = optarg;
+			break;
 		case 'v':
 			if (parse_uint(optarg, WL_MAX_VCPUS, &cfg.vcpus) < 0 || !cfg.vcpus)
 				return usage_error("--vcpus '%s': expected 1..64", optarg);
@@ -145,17 +172,21 @@ static int cmd_guest(int argc, char **argv)
 			cfg.incoming = optarg;
 			break;
 		}
-		case 'S': cfg.autostart = false; break;
+		case 'S':
+			cfg.autostart = false;
+			break;
 		case 'n':
 			if (parse_uint(optarg, 1023, &u) < 0)
-				return usage_error("--numa-node '%s': expected a node number", optarg);
+				return usage_error("--numa-node '%s': expected a node number",
+						   optarg);
 			cfg.numa_node = (int)u;
 			break;
 		case 'H':
 			if (ram_backing_parse(optarg, &cfg.backing) < 0)
-				return usage_error("--hugepages '%s': expected auto, thp, hugetlb or "
-						   "off",
-						   optarg);
+				return usage_error(
+				    "--hugepages '%s': expected auto, thp, hugetlb or "
+				    "off",
+				    optarg);
 			break;
 		case 'k':
 			if (auth_load_key(optarg, cfg.psk, &cfg.psk_len, err, sizeof(err)) < 0) {
@@ -163,9 +194,14 @@ static int cmd_guest(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
-		case 'V': hm_log_level = 2; break;
-		case 'h': print_usage(stdout); return EXIT_OK;
-		default: return EXIT_USAGE;
+		case 'V':
+			hm_log_level = 2;
+			break;
+		case 'h':
+			print_usage(stdout);
+			return EXIT_OK;
+		default:
+			return EXIT_USAGE;
 		}
 	}
 	if (!cfg.mem || !cfg.ctl_path)
@@ -230,10 +266,10 @@ static int next_line(struct reader *r, char *line, size_t cap, int timeout_ms)
 static const char *get_ctl(int argc, char **argv, bool *json)
 {
 	static const struct option opts[] = {
-		{"ctl", required_argument, 0, 'c'},
-		{"json", no_argument, 0, 'j'},
-		{"help", no_argument, 0, 'h'},
-		{0, 0, 0, 0},
+	    {"ctl", required_argument, 0, 'c'},
+	    {"json", no_argument, 0, 'j'},
+	    {"help", no_argument, 0, 'h'},
+	    {0, 0, 0, 0},
 	};
 	const char *ctl = NULL;
 	int o;
@@ -337,20 +373,20 @@ static void progress_line(const struct jobj *o)
 static int cmd_migrate(int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{"ctl", required_argument, 0, 'c'},
-		{"to", required_argument, 0, 't'},
-		{"mode", required_argument, 0, 'm'},
-		{"downtime-limit", required_argument, 0, 'd'},
-		{"max-rounds", required_argument, 0, 'r'},
-		{"bandwidth-limit", required_argument, 0, 'b'},
-		{"channels", required_argument, 0, 'n'},
-		{"timeout", required_argument, 0, 'T'},
-		{"keep-source", no_argument, 0, 'K'},
-		{"psk-file", required_argument, 0, 'k'},
-		{"tracking", required_argument, 0, 'x'},
-		{"json", no_argument, 0, 'j'},
-		{"help", no_argument, 0, 'h'},
-		{0, 0, 0, 0},
+	    {"ctl", required_argument, 0, 'c'},
+	    {"to", required_argument, 0, 't'},
+	    {"mode", required_argument, 0, 'm'},
+	    {"downtime-limit", required_argument, 0, 'd'},
+	    {"max-rounds", required_argument, 0, 'r'},
+	    {"bandwidth-limit", required_argument, 0, 'b'},
+	    {"channels", required_argument, 0, 'n'},
+	    {"timeout", required_argument, 0, 'T'},
+	    {"keep-source", no_argument, 0, 'K'},
+	    {"psk-file", required_argument, 0, 'k'},
+	    {"tracking", required_argument, 0, 'x'},
+	    {"json", no_argument, 0, 'j'},
+	    {"help", no_argument, 0, 'h'},
+	    {0, 0, 0, 0},
 	};
 	char req[2048], line[16384], err[256], abspath[PATH_MAX];
 	const char *ctl = NULL;
@@ -365,7 +401,9 @@ static int cmd_migrate(int argc, char **argv)
 	jw_str(&w, "cmd", "migrate");
 	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (o) {
-		case 'c': ctl = optarg; break;
+		case 'c':
+			ctl = optarg;
+			break;
 		case 't': {
 			struct tp_addr a;
 			if (tp_parse_uri(optarg, &a, err, sizeof(err)) < 0) {
@@ -382,18 +420,20 @@ static int cmd_migrate(int argc, char **argv)
 			break;
 		case 'd':
 			if (parse_uint(optarg, 3600000, &u) < 0)
-				return usage_error("--downtime-limit '%s': expected milliseconds", optarg);
+				return usage_error("--downtime-limit '%s': expected milliseconds",
+						   optarg);
 			jw_u64(&w, "downtime_limit_ms", u);
 			break;
 		case 'r':
 			if (parse_uint(optarg, 100000, &u) < 0 || !u)
-				return usage_error("--max-rounds '%s': expected a positive count", optarg);
+				return usage_error("--max-rounds '%s': expected a positive count",
+						   optarg);
 			jw_u64(&w, "max_rounds", u);
 			break;
 		case 'b':
 			if (parse_scaled(optarg, false, &x) < 0 || !x)
-				return usage_error("--bandwidth-limit '%s': expected a rate like 100M",
-						   optarg);
+				return usage_error(
+				    "--bandwidth-limit '%s': expected a rate like 100M", optarg);
 			jw_u64(&w, "bandwidth_limit", x);
 			break;
 		case 'n':
@@ -406,7 +446,9 @@ static int cmd_migrate(int argc, char **argv)
 				return usage_error("--timeout '%s': expected seconds", optarg);
 			jw_u64(&w, "timeout_s", u);
 			break;
-		case 'K': jw_bool(&w, "keep_source", true); break;
+		case 'K':
+			jw_bool(&w, "keep_source", true);
+			break;
 		case 'k':
 			/* The guest process reads the key: pass an absolute path, not the key. */
 			if (!realpath(optarg, abspath))
@@ -421,9 +463,14 @@ static int cmd_migrate(int argc, char **argv)
 						   optarg);
 			jw_str(&w, "tracking", optarg);
 			break;
-		case 'j': json = true; break;
-		case 'h': print_usage(stdout); return EXIT_OK;
-		default: return EXIT_USAGE;
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			print_usage(stdout);
+			return EXIT_OK;
+		default:
+			return EXIT_USAGE;
 		}
 	}
 	if (!ctl || !strstr(req, "\"to\""))

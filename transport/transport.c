@@ -6,7 +6,7 @@
 
 /* Every built-in transport, guarded by the build's HAVE_* defines. */
 static const struct tp_ops *const transports[] = {
-	&tcp_ops,
+    &tcp_ops,
 };
 
 const char *tp_built_in(void)

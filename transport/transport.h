@@ -16,9 +16,9 @@
 
 enum tp_caps {
 	TP_CAP_ONE_SIDED_WRITE = 1 << 0, /* pages land without the receiver's CPU */
-	TP_CAP_ONE_SIDED_READ = 1 << 1,  /* the destination can pull pages by itself */
-	TP_CAP_ZERO_COPY = 1 << 2,       /* no user-space copy on either side */
-	TP_CAP_NEEDS_REG = 1 << 3,       /* RAM must be registered before use */
+	TP_CAP_ONE_SIDED_READ = 1 << 1,	 /* the destination can pull pages by itself */
+	TP_CAP_ZERO_COPY = 1 << 2,	 /* no user-space copy on either side */
+	TP_CAP_NEEDS_REG = 1 << 3,	 /* RAM must be registered before use */
 };
 
 struct tp_ops;
@@ -55,9 +55,9 @@ struct tp_bulk_cfg {
 	unsigned channels;
 	struct hm_ram *ram;
 	uint8_t sid[WIRE_SID_LEN]; /* session id from the handshake */
-	const uint8_t *psk;        /* NULL: no authentication */
+	const uint8_t *psk;	   /* NULL: no authentication */
 	size_t psk_len;
-	int timeout_ms;            /* a silent peer is dead after this long */
+	int timeout_ms; /* a silent peer is dead after this long */
 };
 
 /* Parses "tcp://HOST:PORT" (HOST may be [v6]). Names the problem in err on failure. */

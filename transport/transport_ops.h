@@ -10,7 +10,7 @@
 struct tp_ops {
 	const char *name;   /* "tcp" */
 	const char *scheme; /* URI scheme */
-	unsigned caps;      /* enum tp_caps */
+	unsigned caps;	    /* enum tp_caps */
 
 	/* Control connection. */
 	int (*listen)(const struct tp_addr *a, struct tp_listener **out, char *err, size_t errlen);

@@ -56,30 +56,30 @@ struct hm_vm_ops {
 };
 
 struct hm_migrate_cfg {
-	const char *uri;            /* "tcp://HOST:PORT" */
-	enum hm_mode mode;          /* default HM_MODE_PRECOPY */
+	const char *uri;	    /* "tcp://HOST:PORT" */
+	enum hm_mode mode;	    /* default HM_MODE_PRECOPY */
 	unsigned downtime_limit_ms; /* default 50 */
-	unsigned max_rounds;        /* pre-copy rounds before giving up; default 30 */
+	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
-	unsigned channels;          /* bulk channels; default 2 (1..16) */
-	unsigned timeout_s;         /* whole migration; 0 = none */
-	bool keep_source;           /* leave the source paused and alive after commitment */
-	const uint8_t *psk;         /* pre-shared key, or NULL */
+	unsigned channels;	    /* bulk channels; default 2 (1..16) */
+	unsigned timeout_s;	    /* whole migration; 0 = none */
+	bool keep_source;	    /* leave the source paused and alive after commitment */
+	const uint8_t *psk;	    /* pre-shared key, or NULL */
 	size_t psk_len;
-	int dead_peer_ms;           /* a silent peer is dead after this; default 5000 */
-	int tracking;               /* enum dirty_method: -1 auto */
+	int dead_peer_ms; /* a silent peer is dead after this; default 5000 */
+	int tracking;	  /* enum dirty_method: -1 auto */
 };
 
 void hm_migrate_cfg_init(struct hm_migrate_cfg *cfg);
 
 /* States of an outgoing migration, in order. */
 enum hm_mig_state {
-	HM_MIG_SETUP,     /* connecting, handshake, reservation */
-	HM_MIG_PRECOPY,   /* iterative rounds while the guest runs */
+	HM_MIG_SETUP,	  /* connecting, handshake, reservation */
+	HM_MIG_PRECOPY,	  /* iterative rounds while the guest runs */
 	HM_MIG_STOPCOPY,  /* guest paused: last dirty pages, then vCPU/device state */
-	HM_MIG_COMMIT,    /* waiting for the destination to confirm it holds the guest */
+	HM_MIG_COMMIT,	  /* waiting for the destination to confirm it holds the guest */
 	HM_MIG_COMPLETED, /* the destination owns the guest */
-	HM_MIG_FAILED,    /* stopped by an error; the source guest runs as before */
+	HM_MIG_FAILED,	  /* stopped by an error; the source guest runs as before */
 	HM_MIG_CANCELLED, /* stopped on request; the source guest runs as before */
 	HM_MIG_STATE_MAX,
 };
@@ -89,26 +89,26 @@ const char *hm_mig_state_name(enum hm_mig_state s);
 struct hm_stats {
 	enum hm_mig_state state;
 	enum hm_mode mode;
-	char error[256];         /* why it failed or was cancelled */
-	bool source_paused;      /* failure after commit was sent: the source stays paused */
+	char error[256];    /* why it failed or was cancelled */
+	bool source_paused; /* failure after commit was sent: the source stays paused */
 	uint64_t ram_bytes;
 	unsigned round;
 	unsigned channels;
-	const char *tracking;    /* "wp-async", "uffd-wp-sync" or "none" (cold) */
+	const char *tracking; /* "wp-async", "uffd-wp-sync" or "none" (cold) */
 	const char *transport;
-	double total_time_ms;    /* request → commitment */
-	double setup_time_ms;    /* request → channels open and tracking armed */
-	double downtime_ms;      /* last source vCPU parked → destination ready to run */
+	double total_time_ms; /* request → commitment */
+	double setup_time_ms; /* request → channels open and tracking armed */
+	double downtime_ms;   /* last source vCPU parked → destination ready to run */
 	double expected_downtime_ms;
-	uint64_t bytes_sent;     /* everything on the wire, all channels and phases */
-	uint64_t pages_sent;     /* data pages sent */
-	uint64_t pages_zero;     /* zero pages found (marked, not sent) */
-	uint64_t pages_resent;   /* data pages sent more than once */
-	uint64_t remaining_pages;/* dirty pages still to send */
+	uint64_t bytes_sent;	    /* everything on the wire, all channels and phases */
+	uint64_t pages_sent;	    /* data pages sent */
+	uint64_t pages_zero;	    /* zero pages found (marked, not sent) */
+	uint64_t pages_resent;	    /* data pages sent more than once */
+	uint64_t remaining_pages;   /* dirty pages still to send */
 	double throughput_mb_per_s; /* 10^6 B/s, bulk bytes over transfer time */
-	double rate_mb_per_s;    /* last round's rate */
+	double rate_mb_per_s;	    /* last round's rate */
 	double dirty_rate_mb_per_s;
-	double scan_ms;          /* last dirty collect */
+	double scan_ms; /* last dirty collect */
 };
 
 /* Starts migrating the running guest. ram and the callbacks must outlive the migration.
@@ -130,8 +130,8 @@ struct hm_incoming_cfg {
 	const char *uri;    /* "tcp://ADDR:PORT" to listen on */
 	const uint8_t *psk; /* required proof from the source, or NULL */
 	size_t psk_len;
-	bool autostart;     /* run the guest once it arrived (default true) */
-	int dead_peer_ms;   /* default 5000 */
+	bool autostart;	  /* run the guest once it arrived (default true) */
+	int dead_peer_ms; /* default 5000 */
 };
 
 void hm_incoming_cfg_init(struct hm_incoming_cfg *cfg);
@@ -140,8 +140,8 @@ void hm_incoming_cfg_init(struct hm_incoming_cfg *cfg);
 enum hm_in_state {
 	HM_IN_LISTENING, /* waiting for a source */
 	HM_IN_RECEIVING, /* a migration is arriving */
-	HM_IN_COMPLETE,  /* a complete guest is here; waiting for the source's commit */
-	HM_IN_ARRIVED,   /* committed: the guest belongs here */
+	HM_IN_COMPLETE,	 /* a complete guest is here; waiting for the source's commit */
+	HM_IN_ARRIVED,	 /* committed: the guest belongs here */
 	HM_IN_STATE_MAX,
 };
 

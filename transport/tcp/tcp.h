@@ -25,9 +25,9 @@ struct tcp_chan {
 	int fd;
 	pthread_t thread; /* destination: the lander */
 	bool thread_started;
-	uint64_t pages;   /* pages sent or landed; guarded by tcp_bulk.lock on the destination */
-	bool ended;       /* end record seen */
-	int error;        /* negative errno that stopped the lander */
+	uint64_t pages; /* pages sent or landed; guarded by tcp_bulk.lock on the destination */
+	bool ended;	/* end record seen */
+	int error;	/* negative errno that stopped the lander */
 	char reason[256];
 };
 

@@ -59,7 +59,8 @@ int tcp_read_full(int fd, void *buf, size_t n, int timeout_ms)
 			if (pr == 0)
 				return -ETIMEDOUT;
 		}
-		r = recv(fd, (char *)buf + got, n - got, deadline >= 0 ? MSG_DONTWAIT : MSG_WAITALL);
+		r = recv(fd, (char *)buf + got, n - got,
+			 deadline >= 0 ? MSG_DONTWAIT : MSG_WAITALL);
 		if (r == 0)
 			return -ECONNRESET;
 		if (r < 0) {
@@ -128,7 +129,7 @@ int tcp_connect_fd(const struct tp_addr *a, int timeout_ms, int *out, char *err,
 		freeaddrinfo(res);
 		*out = fd;
 		return 0;
-next:
+	next:
 		close(fd);
 		fd = -1;
 	}
@@ -295,25 +296,25 @@ static void tcp_conn_close(struct tp_conn *cb)
 }
 
 const struct tp_ops tcp_ops = {
-	.name = "tcp",
-	.scheme = "tcp",
-	/* Pages are sent from guest RAM and received into place, but the kernel copies
-	 * them through socket buffers: not one-sided, not zero-copy. */
-	.caps = 0,
-	.listen = tcp_listen,
-	.accept = tcp_accept,
-	.listener_close = tcp_listener_close,
-	.connect = tcp_connect,
-	.send_msg = tcp_send_msg,
-	.recv_msg = tcp_recv_msg,
-	.conn_shutdown = tcp_conn_shutdown,
-	.conn_close = tcp_conn_close,
-	.bulk_connect = tcp_bulk_connect,
-	.bulk_accept = tcp_bulk_accept,
-	.push = tcp_push,
-	.push_end = tcp_push_end,
-	.land_wait = tcp_land_wait,
-	.fetch = tp_enotsup_fetch,
-	.bulk_shutdown = tcp_bulk_shutdown,
-	.bulk_close = tcp_bulk_close,
+    .name = "tcp",
+    .scheme = "tcp",
+    /* Pages are sent from guest RAM and received into place, but the kernel copies
+     * them through socket buffers: not one-sided, not zero-copy. */
+    .caps = 0,
+    .listen = tcp_listen,
+    .accept = tcp_accept,
+    .listener_close = tcp_listener_close,
+    .connect = tcp_connect,
+    .send_msg = tcp_send_msg,
+    .recv_msg = tcp_recv_msg,
+    .conn_shutdown = tcp_conn_shutdown,
+    .conn_close = tcp_conn_close,
+    .bulk_connect = tcp_bulk_connect,
+    .bulk_accept = tcp_bulk_accept,
+    .push = tcp_push,
+    .push_end = tcp_push_end,
+    .land_wait = tcp_land_wait,
+    .fetch = tp_enotsup_fetch,
+    .bulk_shutdown = tcp_bulk_shutdown,
+    .bulk_close = tcp_bulk_close,
 };

@@ -93,12 +93,13 @@ static void *lander(void *arg)
 		int rc = tcp_read_full(c->fd, &raw, sizeof(raw), -1);
 
 		if (rc < 0)
-			return (void *)(intptr_t)chan_fail(b, c, rc, "bulk channel %u: %s",
-							    rc == -ECONNRESET ? "the source closed it"
-									       : strerror(-rc));
+			return (void *)(intptr_t)chan_fail(
+			    b, c, rc, "bulk channel %u: %s",
+			    rc == -ECONNRESET ? "the source closed it" : strerror(-rc));
 		b->base.wire_bytes += sizeof(raw);
 		if (wire_rec_decode(&raw, ram->npages, &r, why, sizeof(why)) < 0)
-			return (void *)(intptr_t)chan_fail(b, c, -EPROTO, "bulk channel %u: %s", why);
+			return (void *)(intptr_t)chan_fail(b, c, -EPROTO, "bulk channel %u: %s",
+							   why);
 		if (r.type == REC_END) {
 			pthread_mutex_lock(&b->lock);
 			if (r.first_page != c->pages) {
@@ -115,8 +116,9 @@ static void *lander(void *arg)
 		}
 		reg = ram_region_of(ram, r.first_page);
 		if (reg != ram_region_of(ram, r.first_page + r.npages - 1))
-			return (void *)(intptr_t)chan_fail(b, c, -EPROTO, "bulk channel %u: %s",
-							    "a record crosses a RAM region boundary");
+			return (void *)(intptr_t)chan_fail(
+			    b, c, -EPROTO, "bulk channel %u: %s",
+			    "a record crosses a RAM region boundary");
 		if (r.type == REC_ZERO) {
 			memset(ram_mig_page(ram, r.first_page), 0, (size_t)r.npages * HM_PAGE_SIZE);
 		} else {
@@ -124,9 +126,9 @@ static void *lander(void *arg)
 					   (size_t)r.npages * HM_PAGE_SIZE, -1);
 			if (rc < 0)
 				return (void *)(intptr_t)chan_fail(b, c, rc,
-								    "bulk channel %u: lost inside a "
-								    "record: %s",
-								    strerror(-rc));
+								   "bulk channel %u: lost inside a "
+								   "record: %s",
+								   strerror(-rc));
 			b->base.wire_bytes += (size_t)r.npages * HM_PAGE_SIZE;
 		}
 		pthread_mutex_lock(&b->lock);
@@ -155,8 +157,8 @@ int tcp_bulk_accept(struct tp_listener *lb, const struct tp_bulk_cfg *cfg, struc
 		int fd, left;
 
 		clock_gettime(CLOCK_MONOTONIC, &t);
-		left = cfg->timeout_ms - (int)((t.tv_sec - t0.tv_sec) * 1000 +
-					       (t.tv_nsec - t0.tv_nsec) / 1000000);
+		left = cfg->timeout_ms -
+		       (int)((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000);
 		if (left <= 0) {
 			snprintf(err, errlen, "only %u of %u bulk channels connected within %d ms",
 				 have, cfg->channels, cfg->timeout_ms);
@@ -180,7 +182,7 @@ int tcp_bulk_accept(struct tp_listener *lb, const struct tp_bulk_cfg *cfg, struc
 		b->ch[m.index].fd = fd;
 		have++;
 		continue;
-drop:
+	drop:
 		close(fd);
 	}
 	for (unsigned i = 0; i < cfg->channels; i++) {
@@ -216,8 +218,8 @@ int tcp_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigne
 			total += sizeof(hdr[i]);
 			if (!runs[i].zero) {
 				size_t len = (size_t)runs[i].npages * HM_PAGE_SIZE;
-				iov[niov++] = (struct iovec){ram_mig_page(b->ram, runs[i].first_page),
-							     len};
+				iov[niov++] =
+				    (struct iovec){ram_mig_page(b->ram, runs[i].first_page), len};
 				total += len;
 			}
 			b->ch[ch].pages += runs[i].npages;

@@ -88,10 +88,10 @@ static void test_or(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_set_test_clear),
-		cmocka_unit_test(test_ranges),
-		cmocka_unit_test(test_next),
-		cmocka_unit_test(test_or),
+	    cmocka_unit_test(test_set_test_clear),
+	    cmocka_unit_test(test_ranges),
+	    cmocka_unit_test(test_next),
+	    cmocka_unit_test(test_or),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
