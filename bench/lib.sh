@@ -237,3 +237,31 @@ print(json.dumps({"nproc": os.cpu_count(), "kernel": os.uname().release,
                   "other_hymig_or_iperf3_processes": len(others)}))
 EOF2
 }
+
+# ram0_path PID: /proc/PID/fd/N of the guest's first hymig-ram memfd (region 0, which
+# holds guest page 0).
+ram0_path() {
+	local fd l
+	for fd in /proc/"$1"/fd/*; do
+		l=$(readlink "$fd" 2>/dev/null) || continue
+		case $l in
+		/memfd:hymig-ram:0 | /memfd:hymig-ram:0\ *) echo "$fd"; return 0 ;;
+		esac
+	done
+	return 1
+}
+
+# meta_json FD: the workload's page 0 (struct wl_meta in guest/workload.c) read through
+# an open descriptor of region 0's memfd, without pausing or touching the guest:
+# the last heartbeat (CLOCK_REALTIME ns) and the longest heartbeat gap so far.
+meta_json() {
+	python3 - "$1" <<'EOF2'
+import json, os, struct, sys
+b = os.pread(int(sys.argv[1]), 64, 0)
+magic, = struct.unpack_from("<Q", b, 0)
+last, maxgap = struct.unpack_from("<QQ", b, 40)
+ok = magic == 0x314b4c5747494d48
+print(json.dumps({"ok": ok, "hb_last_ns": last if ok else None,
+                  "max_stall_ms": maxgap / 1e6 if ok else None}))
+EOF2
+}

@@ -55,27 +55,23 @@ say "hosts $HOST_NAME-a ($ADDR_A) and $HOST_NAME-b ($ADDR_B)"
 # host b with --downtime-limit LIMIT; appends a record to $RUNS.
 one_migration() {
 	local kind=$1 rep=$2 wl=$3 mport t0 src_exit_ms=null
-	local ver_before='{}' mem_src mem_dst='{}' ver_after='{}'
+	local meta_before meta_pause mem_src mem_dst='{}' ver_after='{}'
 	next_port
 	mport=$PORT
 	guest_start "$HOST_NAME-b" dst --mem "$MEM" --incoming "tcp://$ADDR_B:$mport"
 	guest_start "$HOST_NAME-a" src --mem "$MEM" --workload "$wl"
 	guest_wait_ready dst
 	guest_wait_ready src
-	# The stall baseline: the guest keeps the longest heartbeat gap it has seen since it
-	# started, so after 5 s of running, pause, verify (reads that gap) and resume (an
-	# operator resume restarts the heartbeat, so this pause is not counted later).
-	sleep 5
-	"$HYMIG" pause --ctl "$(ctl src)" >/dev/null
-	hymig_verify src
-	ver_before=$VER_JSON
-	"$HYMIG" resume --ctl "$(ctl src)" >/dev/null
-	say "$kind rep $rep: source after 5 s of running: $ver_before"
-	sleep 1
+	# Let the workload settle; the dirtier's rate before the migration is taken over the
+	# last ~5 s.
+	sleep 6
 	mem_src=$(mem_json "$(gpid src)")
-	# The dirtier's rate before the migration is taken over the last ~5 s: keep the
-	# pause above out of it.
-	[ "$kind" != dirtier ] || sleep 5
+	# The guest keeps its last heartbeat and its longest heartbeat gap in page 0. Hold
+	# the source's RAM memfd open: it can be read without pausing the guest, before the
+	# migration and after the source has exited (its final state, as of the pause).
+	local ramfd
+	exec {ramfd}<"$(ram0_path "$(gpid src)")" || die "cannot open the source's RAM memfd"
+	meta_before=$(meta_json "$ramfd")
 
 	hymig_migrate src --to "tcp://$ADDR_B:$mport" --downtime-limit "$LIMIT"
 	say "$kind rep $rep: migrate rc=$MIG_RC: $MIG_JSON"
@@ -86,6 +82,9 @@ one_migration() {
 		echo "warning: the source guest did not exit within 60 s after the migration" >&2
 		pid_kill "$(gpid src)"
 	fi
+	meta_pause=$(meta_json "$ramfd")
+	exec {ramfd}<&-
+	say "$kind rep $rep: source heartbeat before migrating: $meta_before, at the end: $meta_pause"
 	if [ "$MIG_RC" = 0 ]; then
 		hymig_verify dst
 		ver_after=$VER_JSON
@@ -96,14 +95,15 @@ one_migration() {
 	guest_quit dst
 	python3 -c '
 import json, sys
-(kind, rep, wl, limit, rc, mig, vb, va, ms, md, exit_ms, ram, hb) = sys.argv[1:14]
+(kind, rep, wl, limit, rc, mig, mb, mp, va, ms, md, exit_ms, ram, hb) = sys.argv[1:15]
 print(json.dumps({"kind": kind, "rep": int(rep), "workload": wl,
     "downtime_limit_ms": int(limit), "migrate_rc": int(rc), "result": json.loads(mig),
-    "verify_source_before": json.loads(vb), "verify_destination": json.loads(va),
+    "source_meta_before": json.loads(mb), "source_meta_final": json.loads(mp),
+    "verify_destination": json.loads(va),
     "mem_source_before": json.loads(ms), "mem_destination_after": json.loads(md),
     "source_exit_after_ms": None if exit_ms == "null" else int(exit_ms),
     "ram_bytes": int(ram), "heartbeat_ms": float(hb)}))' \
-		"$kind" "$rep" "$wl" "$LIMIT" "$MIG_RC" "$MIG_JSON" "$ver_before" "$ver_after" \
+		"$kind" "$rep" "$wl" "$LIMIT" "$MIG_RC" "$MIG_JSON" "$meta_before" "$meta_pause" "$ver_after" \
 		"$mem_src" "$mem_dst" "$src_exit_ms" "$BYTES" "$HEARTBEAT_MS" >>"$RUNS"
 }
 

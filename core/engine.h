@@ -8,24 +8,13 @@
 #include "../include/hymig/hymig.h"
 #include "../transport/transport_ops.h"
 #include "auth.h"
+#include "clock.h"
 #include "wire.h"
 
 /* Idle control connections carry a heartbeat this often. */
 #define HEARTBEAT_MS 1000
 /* Pages per block; a block always travels on channel (block % channels). */
 #define BLOCK_PAGES WIRE_MAX_RUN
-
-static inline uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static inline double ms_between(uint64_t a, uint64_t b)
-{
-	return (double)(b - a) / 1e6;
-}
 
 /* Control-message helpers: encode + send, and receive one message of an expected type
  * (a REFUSE or ABORT is turned into an error carrying the peer's reason). */

@@ -304,13 +304,7 @@ static int run_round(struct hm_migration *m, bool skip_zero)
 	m->round_gen++;
 	pthread_cond_broadcast(&m->cv);
 	while (m->round_busy) {
-		struct timespec dl;
-		clock_gettime(CLOCK_REALTIME, &dl);
-		dl.tv_nsec += 200000000;
-		if (dl.tv_nsec >= 1000000000) {
-			dl.tv_sec++;
-			dl.tv_nsec -= 1000000000;
-		}
+		struct timespec dl = deadline_after_ms(200);
 		pthread_cond_timedwait(&m->cv, &m->lock, &dl);
 		if (!m->round_busy)
 			break;
@@ -695,16 +689,9 @@ void hm_migration_stats(struct hm_migration *m, struct hm_stats *out)
 
 int hm_migration_wait(struct hm_migration *m, int timeout_ms)
 {
-	struct timespec dl;
+	struct timespec dl = deadline_after_ms(timeout_ms);
 	int rc = 0;
 
-	clock_gettime(CLOCK_REALTIME, &dl);
-	dl.tv_sec += timeout_ms / 1000;
-	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-	if (dl.tv_nsec >= 1000000000) {
-		dl.tv_sec++;
-		dl.tv_nsec -= 1000000000;
-	}
 	pthread_mutex_lock(&m->lock);
 	while (!m->ended && rc == 0)
 		rc = timeout_ms < 0 ? pthread_cond_wait(&m->cv, &m->lock)

@@ -198,25 +198,29 @@ fail:
 	return rc;
 }
 
-static int tcp_accept(struct tp_listener *lb, int timeout_ms, struct tp_conn **out, char *err,
-		      size_t errlen)
+/* Makes a control connection of a connected socket; closes it on failure. */
+static int conn_wrap(int fd, struct tp_conn **out)
 {
-	struct tcp_listener *l = (struct tcp_listener *)lb;
-	struct tcp_conn *c;
-	int fd, rc = tcp_accept_fd(l->fd, timeout_ms, &fd, err, errlen);
+	struct tcp_conn *c = calloc(1, sizeof(*c));
 
-	if (rc < 0)
-		return rc;
-	tcp_set_opts(fd, false);
-	c = calloc(1, sizeof(*c));
 	if (!c) {
 		close(fd);
 		return -ENOMEM;
 	}
+	tcp_set_opts(fd, false);
 	c->base.ops = &tcp_ops;
 	c->fd = fd;
 	*out = &c->base;
 	return 0;
+}
+
+static int tcp_accept(struct tp_listener *lb, int timeout_ms, struct tp_conn **out, char *err,
+		      size_t errlen)
+{
+	struct tcp_listener *l = (struct tcp_listener *)lb;
+	int fd, rc = tcp_accept_fd(l->fd, timeout_ms, &fd, err, errlen);
+
+	return rc < 0 ? rc : conn_wrap(fd, out);
 }
 
 static void tcp_listener_close(struct tp_listener *lb)
@@ -232,21 +236,9 @@ static void tcp_listener_close(struct tp_listener *lb)
 static int tcp_connect(const struct tp_addr *a, int timeout_ms, struct tp_conn **out, char *err,
 		       size_t errlen)
 {
-	struct tcp_conn *c;
 	int fd, rc = tcp_connect_fd(a, timeout_ms, &fd, err, errlen);
 
-	if (rc < 0)
-		return rc;
-	tcp_set_opts(fd, false);
-	c = calloc(1, sizeof(*c));
-	if (!c) {
-		close(fd);
-		return -ENOMEM;
-	}
-	c->base.ops = &tcp_ops;
-	c->fd = fd;
-	*out = &c->base;
-	return 0;
+	return rc < 0 ? rc : conn_wrap(fd, out);
 }
 
 static int tcp_send_msg(struct tp_conn *cb, const void *buf, size_t len)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "../../core/auth.h"
+#include "../../core/clock.h"
 #include "../../core/log.h"
 
 #define IOV_RUNS 32 /* runs gathered into one sendmsg */
@@ -269,16 +270,9 @@ int tcp_push_end(struct tp_bulk *bb, unsigned ch)
 int tcp_land_wait(struct tp_bulk *bb, int timeout_ms, uint64_t *pages, char *err, size_t errlen)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
-	struct timespec dl;
+	struct timespec dl = deadline_after_ms(timeout_ms);
 	int rc = 0;
 
-	clock_gettime(CLOCK_REALTIME, &dl);
-	dl.tv_sec += timeout_ms / 1000;
-	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-	if (dl.tv_nsec >= 1000000000) {
-		dl.tv_sec++;
-		dl.tv_nsec -= 1000000000;
-	}
 	pthread_mutex_lock(&b->lock);
 	for (;;) {
 		unsigned ended = 0;
