@@ -12,6 +12,7 @@
 #include "runtime.h"
 
 #define DEV_MAGIC 0x76656479u /* "ydev" */
+#define IDLE_SLEEP_NS 50000000ULL
 
 /* Device state: what the workload needs besides RAM and vCPU registers. */
 struct dev_state {
@@ -55,9 +56,22 @@ static void *vcpu_main(void *arg)
 		if (g->quit)
 			return NULL;
 		ns = wl_vcpu_step(g->ram, &g->cfg.wl, v);
+		/* Idle vCPUs other than the heartbeat's have nothing to do: let them sleep
+		 * long, since a pause wakes them at once. */
+		if (g->cfg.wl.kind == WL_IDLE && v->index)
+			ns = IDLE_SLEEP_NS;
 		if (ns) {
-			struct timespec ts = {.tv_nsec = (long)ns};
-			nanosleep(&ts, NULL);
+			struct timespec dl;
+			clock_gettime(CLOCK_REALTIME, &dl);
+			dl.tv_nsec += (long)ns;
+			while (dl.tv_nsec >= 1000000000) {
+				dl.tv_sec++;
+				dl.tv_nsec -= 1000000000;
+			}
+			pthread_mutex_lock(&g->lock);
+			if (g->run && !g->quit)
+				pthread_cond_timedwait(&g->cv, &g->lock, &dl);
+			pthread_mutex_unlock(&g->lock);
 		}
 	}
 }
@@ -82,6 +96,7 @@ int guest_pause(struct guest *g, uint64_t *parked_ns)
 {
 	pthread_mutex_lock(&g->lock);
 	g->run = false;
+	pthread_cond_broadcast(&g->cv); /* wakes sleeping vCPUs so they park now */
 	while (g->parked < g->nvcpus)
 		pthread_cond_wait(&g->cv, &g->lock);
 	if (parked_ns)
