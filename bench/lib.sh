@@ -2,6 +2,8 @@
 # scripts/hosts.sh), guests started inside them, hymig's JSON, and cleanup.
 # A script sources this file; everything it starts is stopped and every namespace it
 # made is removed on exit, whatever the exit status.
+# Sets variables its callers read (HOST_NAME, PORT, MIG_RC, VER_RC...).
+# shellcheck disable=SC2034
 set -euo pipefail
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,7 +88,7 @@ guest_start() {
 	shift 2
 	rm -f "$(ctl "$name")"
 	ip netns exec "$ns" "$HYMIG" guest --ctl "$(ctl "$name")" "$@" 2>"$WORK/$name.log" &
-	BG_PIDS+=($!)
+	BG_PIDS+=("$!")
 	eval "GPID_$name=$!"
 }
 gpid() { eval "echo \$GPID_$1"; }

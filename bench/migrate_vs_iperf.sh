@@ -67,7 +67,7 @@ iperf_run() {
 	next_port
 	ip netns exec "$NS_DST" iperf3 -s -1 -B "$DST_IP" -p "$PORT" >"$WORK/iperf-server.log" 2>&1 &
 	spid=$!
-	BG_PIDS+=($spid)
+	BG_PIDS+=("$spid")
 	until [ -n "$(ip netns exec "$NS_DST" ss -Hltn "sport = :$PORT" 2>/dev/null)" ]; do
 		kill -0 "$spid" 2>/dev/null || die "iperf3 server exited: $(cat "$WORK/iperf-server.log")"
 		[ $t -gt 0 ] || die "iperf3 server did not listen on $DST_IP:$PORT"

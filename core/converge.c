@@ -16,9 +16,9 @@ void conv_round(struct conv *c, uint64_t bytes, double round_s, uint64_t dirty_b
 		double window_s)
 {
 	if (round_s > 0 && (bytes >= CONV_MIN_SAMPLE || c->bandwidth == 0) && bytes) {
-		double bw = (double)bytes / round_s;
-		/* Weigh the newest round most; links on shared machines are noisy. */
-		c->bandwidth = c->bandwidth ? 0.5 * c->bandwidth + 0.5 * bw : bw;
+		/* The newest round predicts the next best: after round 1 the pages go as
+		 * scattered runs, slower than round 1's long ones. */
+		c->bandwidth = (double)bytes / round_s;
 	}
 	if (window_s > 0)
 		c->dirty_rate = (double)dirty_bytes / window_s;

@@ -17,6 +17,8 @@
 #include "ram.h"
 
 #define RUNS_BATCH 32
+/* Dirty pages after round 1 that may go straight to stop-and-copy (1 MiB). */
+#define ROUND1_STOP_PAGES 256
 
 struct sender {
 	struct hm_migration *m;
@@ -501,6 +503,15 @@ static int precopy(struct hm_migration *m)
 		m->st.dirty_rate_mb_per_s = c.dirty_rate / 1e6;
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
 		pthread_mutex_unlock(&m->lock);
+		/* The final scan and the switch cost what the last scan did, plus RTTs. */
+		c.fixed_ms = 3 * m->rtt_ms + 1.0 + m->st.scan_ms;
+		pthread_mutex_lock(&m->lock);
+		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
+		pthread_mutex_unlock(&m->lock);
+		/* Round 1 measured long runs; what is dirty now goes scattered and slower, so
+		 * stop after it only when almost nothing is left. */
+		if (round == 1 && dirty_pages > ROUND1_STOP_PAGES && !atomic_load(&m->cancel))
+			continue;
 		switch (conv_decide(&c, round, m->cfg.max_rounds,
 				    ms_between(m->t_request, now_ns()) / 1000, m->cfg.timeout_s,
 				    m->cfg.downtime_limit_ms, why, sizeof(why))) {

@@ -41,12 +41,12 @@ static void test_bandwidth(void **state)
 	assert_near(c.bandwidth, 50e6);
 	assert_near(c.dirty_rate, 5e6);
 	assert_int_equal(c.remaining, 10 * MB);
-	/* the next large round is averaged with the previous estimate */
+	/* the next large round replaces the estimate: it is what the next round meets */
 	conv_round(&c, 150 * MB, 1.0, 10 * MB, 1.0);
-	assert_near(c.bandwidth, 0.5 * 50e6 + 0.5 * 150e6);
+	assert_near(c.bandwidth, 150e6);
 	/* exactly the minimum sample counts */
 	conv_round(&c, 4 * MiB, 4 * MiB / 100e6, 10 * MB, 1.0);
-	assert_near(c.bandwidth, 0.5 * 100e6 + 0.5 * 100e6);
+	assert_near(c.bandwidth, 100e6);
 }
 
 static void test_small_rounds_keep_bandwidth(void **state)
