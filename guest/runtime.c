@@ -11,7 +11,7 @@
 #include "../core/log.h"
 #include "runtime.h"
 
-#define DEV_MAGIC 0x76656479u /* "ydev" */
+#define DEV_MAGIC     0x76656479u /* "ydev" */
 #define IDLE_SLEEP_NS 50000000ULL
 
 /* Device state: what the workload needs besides RAM and vCPU registers. */
