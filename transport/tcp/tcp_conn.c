@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../core/clock.h"
 #include "../../core/log.h"
 
 void tcp_set_opts(int fd, bool bulk)
@@ -32,25 +33,18 @@ void tcp_set_opts(int fd, bool bulk)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Reads exactly n bytes. timeout_ms < 0 waits forever; -ETIMEDOUT only when nothing of
  * the message arrived in time (a started message is read to its end). */
 int tcp_read_full(int fd, void *buf, size_t n, int timeout_ms)
 {
 	size_t got = 0;
-	int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : -1;
+	int64_t deadline = timeout_ms >= 0 ? (int64_t)(now_ns() / 1000000) + timeout_ms : -1;
 
 	while (got < n) {
 		ssize_t r;
 		if (deadline >= 0) {
 			struct pollfd p = {.fd = fd, .events = POLLIN};
-			int64_t left = deadline - now_ms();
+			int64_t left = deadline - (int64_t)(now_ns() / 1000000);
 			if (got)
 				left = TCP_DEAD_PEER_MS; /* the rest of a message is due at once */
 			int pr = poll(&p, 1, left < 0 ? 0 : (int)left);
