@@ -40,6 +40,10 @@ struct tp_ops {
 	/* Source: sends runs on channel ch; one caller per channel at a time. A page must
 	 * always travel on the same channel so a newer copy never overtakes an older one. */
 	int (*push)(struct tp_bulk *b, unsigned ch, const struct tp_run *runs, unsigned n);
+	/* Source: waits until what was pushed on ch has reached the destination, so a
+	 * round's time is its real transfer time and no queued data delays the switch.
+	 * -ECANCELED after bulk_shutdown. */
+	int (*drain)(struct tp_bulk *b, unsigned ch);
 	/* Source: closes channel ch's stream of records. */
 	int (*push_end)(struct tp_bulk *b, unsigned ch);
 	/* Destination: waits until every channel delivered its end; pages[] gets the pages

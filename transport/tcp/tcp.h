@@ -5,6 +5,7 @@
 #define HYMIG_TRANSPORT_TCP_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "../transport_ops.h"
 
@@ -37,10 +38,13 @@ struct tcp_bulk {
 	pthread_mutex_t lock; /* guards the chans' pages/ended/error on the destination */
 	pthread_cond_t changed;
 	struct tcp_chan ch[WIRE_MAX_CHANNELS];
+	atomic_bool shut; /* tcp_bulk_shutdown ran */
 };
 
 /* A dead or silent peer is noticed within this long by default. */
 #define TCP_DEAD_PEER_MS 5000
+/* Send and receive buffer of a bulk channel. */
+#define TCP_BULK_BUF_BYTES (32 << 20)
 
 void tcp_set_opts(int fd, bool bulk);
 int tcp_read_full(int fd, void *buf, size_t n, int timeout_ms);
@@ -53,6 +57,7 @@ int tcp_bulk_connect(const struct tp_addr *a, const struct tp_bulk_cfg *cfg, str
 int tcp_bulk_accept(struct tp_listener *l, const struct tp_bulk_cfg *cfg, struct tp_bulk **out,
 		    char *err, size_t errlen);
 int tcp_push(struct tp_bulk *b, unsigned ch, const struct tp_run *runs, unsigned n);
+int tcp_drain(struct tp_bulk *b, unsigned ch);
 int tcp_push_end(struct tp_bulk *b, unsigned ch);
 int tcp_land_wait(struct tp_bulk *b, int timeout_ms, uint64_t *pages, char *err, size_t errlen);
 void tcp_bulk_shutdown(struct tp_bulk *b);

@@ -7,6 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -16,7 +19,16 @@
 #include "../../core/clock.h"
 #include "../../core/log.h"
 
-#define IOV_RUNS 32 /* runs gathered into one sendmsg */
+/* One sendmsg carries about 1 MiB. Measured over veth: 1 MiB sends ran at ~1.85 GB/s,
+ * 4 MiB at ~1.5 and 32 MiB at ~1.3, because ACKs that arrive while a long send holds the
+ * socket lock wait in its backlog and the window stalls. */
+#define SEND_BATCH_BYTES (1u << 20)
+#define IOV_RUNS	 256 /* runs gathered into one sendmsg at most */
+/* Runs this long go by sendfile (no copy on the source); shorter ones are gathered,
+ * since a syscall per 4 KiB page would cost more than the copy it saves. */
+#define SENDFILE_MIN_PAGES 16
+/* How often tcp_drain looks at a channel's unacknowledged bytes. */
+#define DRAIN_POLL_NS 100000
 
 static struct tcp_bulk *bulk_new(const struct tp_bulk_cfg *cfg)
 {
@@ -201,57 +213,122 @@ close:
 	return rc;
 }
 
+/* Writes the whole iovec array, advancing past what each sendmsg took. */
+static int send_iov(struct tcp_bulk *b, int fd, struct iovec *iov, unsigned niov, size_t total,
+		    int flags)
+{
+	struct msghdr mh = {.msg_iov = iov, .msg_iovlen = niov};
+
+	while (total) {
+		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL | flags);
+
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		b->base.wire_bytes += (uint64_t)w;
+		total -= (size_t)w;
+		while (w > 0 && mh.msg_iovlen) {
+			if ((size_t)w >= mh.msg_iov->iov_len) {
+				w -= (ssize_t)mh.msg_iov->iov_len;
+				mh.msg_iov++;
+				mh.msg_iovlen--;
+			} else {
+				mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + w;
+				mh.msg_iov->iov_len -= (size_t)w;
+				w = 0;
+			}
+		}
+	}
+	return 0;
+}
+
+/* Sends a run's pages from the memfd's page cache: the socket references the pages, so
+ * the source makes no copy at all. A page the guest writes while it is in flight may
+ * arrive newer than when it was scanned; it is dirty again and its next copy follows
+ * on this same channel, so the destination still ends with the right bytes. */
+static int send_file_run(struct tcp_bulk *b, int fd, const struct tp_run *run)
+{
+	const struct ram_region *reg = ram_region_of(b->ram, run->first_page);
+	off_t off = (off_t)((run->first_page - reg->first_page) << HM_PAGE_SHIFT);
+	size_t left = (size_t)run->npages * HM_PAGE_SIZE;
+
+	while (left) {
+		ssize_t w = sendfile(fd, reg->fd, &off, left);
+
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		b->base.wire_bytes += (uint64_t)w;
+		left -= (size_t)w;
+	}
+	return 0;
+}
+
 int tcp_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigned n)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
+	int fd = b->ch[ch].fd;
 	struct wire_rec hdr[IOV_RUNS];
 	struct iovec iov[2 * IOV_RUNS];
 
 	while (n) {
-		unsigned k = n < IOV_RUNS ? n : IOV_RUNS, niov = 0;
-		struct msghdr mh = {.msg_iov = iov};
+		unsigned k = 0, niov = 0;
 		size_t total = 0;
+		bool by_file = false;
+		int rc;
 
-		for (unsigned i = 0; i < k; i++) {
-			wire_rec_encode(&hdr[i], runs[i].zero ? REC_ZERO : REC_PAGES,
-					runs[i].first_page, runs[i].npages);
-			iov[niov++] = (struct iovec){&hdr[i], sizeof(hdr[i])};
-			total += sizeof(hdr[i]);
-			if (!runs[i].zero) {
-				size_t len = (size_t)runs[i].npages * HM_PAGE_SIZE;
-				iov[niov++] =
-				    (struct iovec){ram_mig_page(b->ram, runs[i].first_page), len};
-				total += len;
+		/* Gather headers and short runs; a long run ends the batch and its payload
+		 * goes by sendfile right after its header. */
+		while (k < n && k < IOV_RUNS && total < SEND_BATCH_BYTES && !by_file) {
+			const struct tp_run *r = &runs[k++];
+
+			wire_rec_encode(&hdr[k - 1], r->zero ? REC_ZERO : REC_PAGES, r->first_page,
+					r->npages);
+			iov[niov++] = (struct iovec){&hdr[k - 1], sizeof(hdr[0])};
+			total += sizeof(hdr[0]);
+			b->ch[ch].pages += r->npages;
+			if (r->zero)
+				continue;
+			if (r->npages >= SENDFILE_MIN_PAGES) {
+				by_file = true;
+				continue;
 			}
-			b->ch[ch].pages += runs[i].npages;
+			iov[niov] = (struct iovec){ram_mig_page(b->ram, r->first_page),
+						   (size_t)r->npages * HM_PAGE_SIZE};
+			total += iov[niov++].iov_len;
 		}
-		mh.msg_iovlen = niov;
-		while (total) {
-			ssize_t w = sendmsg(b->ch[ch].fd, &mh, MSG_NOSIGNAL);
-			if (w < 0) {
-				if (errno == EINTR)
-					continue;
-				return -errno;
-			}
-			b->base.wire_bytes += (uint64_t)w;
-			total -= (size_t)w;
-			/* Advance past what the kernel took. */
-			while (w > 0 && mh.msg_iovlen) {
-				if ((size_t)w >= mh.msg_iov->iov_len) {
-					w -= (ssize_t)mh.msg_iov->iov_len;
-					mh.msg_iov++;
-					mh.msg_iovlen--;
-				} else {
-					mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + w;
-					mh.msg_iov->iov_len -= (size_t)w;
-					w = 0;
-				}
-			}
-		}
+		rc = send_iov(b, fd, iov, niov, total, by_file ? MSG_MORE : 0);
+		if (rc == 0 && by_file)
+			rc = send_file_run(b, fd, &runs[k - 1]);
+		if (rc < 0)
+			return rc;
 		runs += k;
 		n -= k;
 	}
 	return 0;
+}
+
+int tcp_drain(struct tp_bulk *bb, unsigned ch)
+{
+	struct tcp_bulk *b = (struct tcp_bulk *)bb;
+
+	/* SIOCOUTQ counts bytes not yet acknowledged by the peer. A dead peer ends this
+	 * too: TCP_USER_TIMEOUT errors the socket and purges its queue. */
+	for (;;) {
+		int queued = 0;
+
+		if (atomic_load(&b->shut))
+			return -ECANCELED;
+		if (ioctl(b->ch[ch].fd, SIOCOUTQ, &queued) < 0)
+			return -errno;
+		if (queued == 0)
+			return 0;
+		nanosleep(&(struct timespec){.tv_nsec = DRAIN_POLL_NS}, NULL);
+	}
 }
 
 int tcp_push_end(struct tp_bulk *bb, unsigned ch)
@@ -304,6 +381,7 @@ void tcp_bulk_shutdown(struct tp_bulk *bb)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
 
+	atomic_store(&b->shut, true);
 	for (unsigned i = 0; i < WIRE_MAX_CHANNELS; i++)
 		if (b->ch[i].fd >= 0)
 			shutdown(b->ch[i].fd, SHUT_RDWR);
