@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "bitmap.h"
@@ -21,6 +22,8 @@
 #define ROUND1_STOP_PAGES 256
 /* How far ahead the zero-page check prefetches. */
 #define ZERO_PREFETCH_PAGES 8
+/* Nice value of the sender threads. */
+#define SENDER_NICE 10
 
 struct sender {
 	struct hm_migration *m;
@@ -242,6 +245,10 @@ static void *sender_main(void *arg)
 	struct sender *s = arg;
 	struct hm_migration *m = s->m;
 	uint64_t seen = 0;
+
+	/* The guest comes first: a sender (and the network work done in its context)
+	 * yields the CPU to a vCPU that wakes up, so pre-copy does not stall the guest. */
+	setpriority(PRIO_PROCESS, (id_t)gettid(), SENDER_NICE);
 
 	pthread_mutex_lock(&m->lock);
 	for (;;) {

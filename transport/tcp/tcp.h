@@ -43,8 +43,9 @@ struct tcp_bulk {
 
 /* A dead or silent peer is noticed within this long by default. */
 #define TCP_DEAD_PEER_MS 5000
-/* Send and receive buffer of a bulk channel. */
-#define TCP_BULK_BUF_BYTES (32 << 20)
+/* Send and receive buffers of a bulk channel. */
+#define TCP_BULK_SNDBUF_BYTES (32 << 20)
+#define TCP_BULK_RCVBUF_BYTES (4 << 20)
 
 void tcp_set_opts(int fd, bool bulk);
 int tcp_read_full(int fd, void *buf, size_t n, int timeout_ms);

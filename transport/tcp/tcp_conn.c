@@ -31,17 +31,18 @@ void tcp_set_opts(int fd, bool bulk)
 	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
 	if (!bulk)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	/* Socket buffers sized for bulk data: the default cap (tcp_wmem, 4 MiB) left a
-	 * veth channel at ~1.2 s per 2 GiB, 32 MiB at ~0.9 s. Privileged processes go past
-	 * net.core.[rw]mem_max; others get what those allow. tcp_drain keeps the deeper
-	 * queue from delaying the switch. */
+	/* Socket buffers sized for bulk data: the default send cap (tcp_wmem, 4 MiB) left
+	 * a veth channel at ~1.2 s per 2 GiB, 32 MiB at ~0.9 s. The receive side stays at
+	 * 4 MiB: what waits there for the lander is on the downtime's path (32 MiB made
+	 * it 10 ms instead of 4). Privileged processes go past net.core.[rw]mem_max;
+	 * others get what those allow. tcp_drain keeps the send queue off the switch. */
 	if (bulk) {
-		int sz = TCP_BULK_BUF_BYTES;
+		int snd = TCP_BULK_SNDBUF_BYTES, rcv = TCP_BULK_RCVBUF_BYTES;
 
-		if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sz, sizeof(sz)) < 0)
-			setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
-		if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &sz, sizeof(sz)) < 0)
-			setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof(sz));
+		if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &snd, sizeof(snd)) < 0)
+			setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &snd, sizeof(snd));
+		if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof(rcv)) < 0)
+			setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
 	}
 }
 
