@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "uffd.h"
 
 /* The system headers are 6.1; the kernel we run on may be newer. */
 #ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
@@ -77,42 +78,6 @@ const char *dirty_method_name(enum dirty_method m)
 enum dirty_method dirty_method_of(const struct dirty_tracker *t)
 {
 	return t->method;
-}
-
-static int uffd_open(void)
-{
-	int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-	int err, dev;
-
-	if (fd >= 0)
-		return fd;
-	/* vm.unprivileged_userfaultfd=0 refuses the syscall; the device node may not. */
-	err = errno;
-	dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-	if (dev < 0)
-		return -err;
-	fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-	err = errno;
-	close(dev);
-	return fd >= 0 ? fd : -err;
-}
-
-/* A uffd accepts a single UFFDIO_API call, so every attempt takes a new fd. */
-static int uffd_new(uint64_t features, uint64_t *supported)
-{
-	struct uffdio_api api = {.api = UFFD_API, .features = features};
-	int fd = uffd_open(), rc;
-
-	if (fd < 0)
-		return fd;
-	if (ioctl(fd, UFFDIO_API, &api) < 0) {
-		rc = -errno;
-		close(fd);
-		return rc;
-	}
-	if (supported)
-		*supported = api.features;
-	return fd;
 }
 
 static int uffd_wp(int uffd, uint64_t addr, uint64_t len, bool protect)

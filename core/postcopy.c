@@ -1,0 +1,440 @@
+/* Destination post-copy with MINOR faults: see postcopy.h. */
+#include "postcopy.h"
+
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "log.h"
+#include "uffd.h"
+
+/* A fault on a clean page maps the clean pages of its aligned 64 KiB chunk. */
+#define FAULT_CHUNK_PAGES 16
+/* The mapper maps at most this many pages per UFFDIO_CONTINUE (2 MiB). */
+#define MAP_CHUNK_PAGES 512
+/* Faults that can wait at once (vCPU threads x pages); more are not timed. */
+#define MAX_PENDING 1024
+/* Fault latencies kept for percentiles. */
+#define MAX_SAMPLES 65536
+
+struct pending {
+	uint64_t page;
+	uint32_t tid;
+	uint64_t t_ns;
+	bool used;
+};
+
+struct postcopy {
+	struct hm_ram *ram;
+	int uffd;
+	int stopfd;
+	_Atomic uint8_t *state;
+	atomic_uint_fast64_t stale_left;
+	pc_fetch_fn fetch;
+	void *fetch_arg;
+	pthread_t handler, mapper;
+	bool started;
+
+	pthread_mutex_t lock; /* guards state changes to clean, pending and the stats */
+	pthread_cond_t clean; /* broadcast when stale_left reaches 0 */
+	struct pending pend[MAX_PENDING];
+	unsigned npend;
+	struct pc_stats st;
+	uint32_t *samples;
+	unsigned nsamples;
+};
+
+static const struct ram_region *region_of_addr(const struct hm_ram *ram, uint64_t addr,
+					       uint64_t *pg)
+{
+	for (unsigned i = 0; i < ram->nregions; i++) {
+		const struct ram_region *r = &ram->r[i];
+		uint64_t base = (uint64_t)(uintptr_t)r->guest;
+		if (addr >= base && addr < base + r->size) {
+			*pg = r->first_page + ((addr - base) >> HM_PAGE_SHIFT);
+			return r;
+		}
+	}
+	return NULL;
+}
+
+int pc_create(struct hm_ram *ram, struct postcopy **out, char *err, size_t errlen)
+{
+	struct postcopy *pc = calloc(1, sizeof(*pc));
+	uint64_t have = 0;
+
+	if (!pc)
+		return -ENOMEM;
+	pc->ram = ram;
+	pc->stopfd = -1;
+	pc->state = calloc(ram->npages, 1);
+	pc->samples = calloc(MAX_SAMPLES, sizeof(*pc->samples));
+	pthread_mutex_init(&pc->lock, NULL);
+	pthread_cond_init(&pc->clean, NULL);
+	pc->uffd = uffd_new(UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_THREAD_ID, &have);
+	if (!pc->state || !pc->samples) {
+		snprintf(err, errlen, "out of memory for post-copy page states");
+		goto fail;
+	}
+	if (pc->uffd < 0) {
+		snprintf(err, errlen, "userfaultfd with minor faults on shared memory: %s",
+			 strerror(-pc->uffd));
+		goto fail;
+	}
+	pc->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	for (unsigned i = 0; i < ram->nregions; i++) {
+		struct uffdio_register reg = {
+		    .range = {.start = (uint64_t)(uintptr_t)ram->r[i].guest, .len = ram->r[i].size},
+		    .mode = UFFDIO_REGISTER_MODE_MINOR,
+		};
+		if (ioctl(pc->uffd, UFFDIO_REGISTER, &reg) < 0) {
+			snprintf(err, errlen, "registering region %u for minor faults: %s", i,
+				 strerror(errno));
+			goto fail;
+		}
+		if (!(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
+			snprintf(err, errlen, "this kernel cannot UFFDIO_CONTINUE region %u", i);
+			goto fail;
+		}
+	}
+	*out = pc;
+	return 0;
+fail:
+	pc_destroy(pc);
+	return -ENOTSUP;
+}
+
+void pc_mark_stale(struct postcopy *pc, const uint64_t *words)
+{
+	uint64_t n = 0;
+
+	for (uint64_t p = 0; p < pc->ram->npages; p++) {
+		bool stale = words[p / 64] >> (p % 64) & 1;
+		atomic_store_explicit(&pc->state[p], stale ? PC_STALE : PC_CLEAN,
+				      memory_order_relaxed);
+		n += stale;
+	}
+	atomic_store(&pc->stale_left, n);
+	pthread_mutex_lock(&pc->lock);
+	pc->st.pages_stale_left = n;
+	pthread_mutex_unlock(&pc->lock);
+}
+
+/* Maps [first, first + n) into the guest view; pages mapped meanwhile (EEXIST) are
+ * skipped and their waiters woken. Every page of the range must be clean. */
+static void map_pages(struct postcopy *pc, uint64_t first, uint64_t n)
+{
+	const struct ram_region *r = ram_region_of(pc->ram, first);
+	uint64_t base = (uint64_t)(uintptr_t)r->guest + ((first - r->first_page) << HM_PAGE_SHIFT);
+	uint64_t len = n << HM_PAGE_SHIFT, done = 0;
+
+	while (done < len) {
+		struct uffdio_continue c = {.range = {.start = base + done, .len = len - done}};
+
+		if (ioctl(pc->uffd, UFFDIO_CONTINUE, &c) == 0)
+			return;
+		if (errno == EAGAIN) {
+			done += c.mapped > 0 ? (uint64_t)c.mapped : 0;
+			continue;
+		}
+		if (errno != EEXIST) {
+			log_err("post-copy: mapping page %llu: %s",
+				(unsigned long long)(first + (done >> HM_PAGE_SHIFT)),
+				strerror(errno));
+			return;
+		}
+		done += c.mapped > 0 ? (uint64_t)c.mapped : 0;
+		/* The page at done is mapped already: wake whoever faulted on it. */
+		struct uffdio_range w = {.start = base + done, .len = HM_PAGE_SIZE};
+		ioctl(pc->uffd, UFFDIO_WAKE, &w);
+		done += HM_PAGE_SIZE;
+	}
+}
+
+static unsigned lat_bucket(uint64_t us)
+{
+	unsigned b = 0;
+
+	while (us > 1 && b < PC_LAT_BUCKETS - 1) {
+		us >>= 1;
+		b++;
+	}
+	return b;
+}
+
+/* Called with lock held: the faults waiting for [first, first + n) are over. */
+static void resolve_pending(struct postcopy *pc, uint64_t first, uint64_t n, uint64_t now)
+{
+	for (unsigned i = 0; pc->npend && i < MAX_PENDING; i++) {
+		struct pending *e = &pc->pend[i];
+		uint64_t us;
+
+		if (!e->used || e->page < first || e->page >= first + n)
+			continue;
+		us = (now - e->t_ns) / 1000;
+		pc->st.blocked_us += us;
+		pc->st.hist[lat_bucket(us)]++;
+		if (us > pc->st.lat_us[3])
+			pc->st.lat_us[3] = us;
+		if (pc->nsamples < MAX_SAMPLES)
+			pc->samples[pc->nsamples++] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+		e->used = false;
+		pc->npend--;
+	}
+}
+
+unsigned pc_claim(struct postcopy *pc, uint64_t first, uint32_t n, bool *claimed)
+{
+	unsigned got = 0;
+
+	for (uint32_t i = 0; i < n; i++) {
+		uint8_t s = atomic_load(&pc->state[first + i]);
+
+		claimed[i] = false;
+		while ((s == PC_STALE || s == PC_REQUESTED) &&
+		       !atomic_compare_exchange_weak(&pc->state[first + i], &s, PC_LANDING))
+			;
+		if (s == PC_STALE || s == PC_REQUESTED) {
+			claimed[i] = true;
+			got++;
+		}
+	}
+	return got;
+}
+
+void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *claimed)
+{
+	uint64_t cleaned = 0;
+
+	for (uint32_t i = 0; i < n;) {
+		uint32_t j = i;
+
+		if (!claimed[i]) {
+			i++;
+			continue;
+		}
+		while (j < n && claimed[j])
+			j++;
+		pthread_mutex_lock(&pc->lock);
+		for (uint32_t k = i; k < j; k++)
+			atomic_store(&pc->state[first + k], PC_CLEAN);
+		pthread_mutex_unlock(&pc->lock);
+		map_pages(pc, first + i, j - i);
+		pthread_mutex_lock(&pc->lock);
+		resolve_pending(pc, first + i, j - i, now_ns());
+		pthread_mutex_unlock(&pc->lock);
+		cleaned += j - i;
+		i = j;
+	}
+	if (cleaned && atomic_fetch_sub(&pc->stale_left, cleaned) == cleaned) {
+		pthread_mutex_lock(&pc->lock);
+		pthread_cond_broadcast(&pc->clean);
+		pthread_mutex_unlock(&pc->lock);
+	}
+}
+
+/* A fault on a clean page: map the clean pages of its chunk. */
+static void map_clean_chunk(struct postcopy *pc, uint64_t pg)
+{
+	const struct ram_region *r = ram_region_of(pc->ram, pg);
+	uint64_t lo = pg & ~(uint64_t)(FAULT_CHUNK_PAGES - 1), hi = lo + FAULT_CHUNK_PAGES;
+	uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE, a = pg, b = pg + 1;
+
+	if (lo < r->first_page)
+		lo = r->first_page;
+	if (hi > rend)
+		hi = rend;
+	while (a > lo && atomic_load(&pc->state[a - 1]) == PC_CLEAN)
+		a--;
+	while (b < hi && atomic_load(&pc->state[b]) == PC_CLEAN)
+		b++;
+	map_pages(pc, a, b - a);
+}
+
+static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
+{
+	bool fetch = false, clean = false;
+	uint64_t now = now_ns();
+
+	pthread_mutex_lock(&pc->lock);
+	uint8_t s = atomic_load(&pc->state[pg]);
+	if (s == PC_CLEAN) {
+		clean = true;
+		pc->st.faults_clean++;
+	} else {
+		bool known = false;
+		for (unsigned i = 0; pc->npend && i < MAX_PENDING; i++)
+			if (pc->pend[i].used && pc->pend[i].page == pg && pc->pend[i].tid == tid)
+				known = true; /* the kernel repeats a fault it woke early */
+		for (unsigned i = 0; !known && i < MAX_PENDING; i++)
+			if (!pc->pend[i].used) {
+				pc->pend[i] = (struct pending){pg, tid, now, true};
+				pc->npend++;
+				pc->st.faults_stale++;
+				break;
+			}
+		if (s == PC_STALE) {
+			uint8_t want = PC_STALE;
+			fetch = atomic_compare_exchange_strong(&pc->state[pg], &want, PC_REQUESTED);
+			pc->st.requests += fetch;
+		}
+	}
+	pthread_mutex_unlock(&pc->lock);
+	if (clean)
+		map_clean_chunk(pc, pg);
+	else if (fetch && pc->fetch(pc->fetch_arg, pg, 1) < 0)
+		log_err("post-copy: requesting page %llu failed; the vCPU waits for the link",
+			(unsigned long long)pg);
+}
+
+static void *handler_main(void *arg)
+{
+	struct postcopy *pc = arg;
+	struct uffd_msg msgs[64];
+
+	for (;;) {
+		struct pollfd p[2] = {{.fd = pc->uffd, .events = POLLIN},
+				      {.fd = pc->stopfd, .events = POLLIN}};
+		ssize_t n;
+
+		if (poll(p, 2, -1) < 0 && errno != EINTR)
+			break;
+		if (p[1].revents)
+			break;
+		n = read(pc->uffd, msgs, sizeof(msgs));
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			log_err("post-copy: reading faults: %s", strerror(errno));
+			break;
+		}
+		for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++) {
+			uint64_t pg;
+			if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+				continue;
+			if (!region_of_addr(pc->ram, msgs[i].arg.pagefault.address, &pg))
+				continue;
+			on_fault(pc, pg, msgs[i].arg.pagefault.feat.ptid);
+		}
+	}
+	return NULL;
+}
+
+/* Maps every clean run right after resume, so only stale pages cost the guest a fault. */
+static void *mapper_main(void *arg)
+{
+	struct postcopy *pc = arg;
+	uint64_t p = 0, npages = pc->ram->npages;
+
+	while (p < npages) {
+		const struct ram_region *r = ram_region_of(pc->ram, p);
+		uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE, q = p;
+		uint64_t v;
+
+		if (eventfd_read(pc->stopfd, &v) == 0) {
+			eventfd_write(pc->stopfd, v); /* leave it set for the handler */
+			break;
+		}
+		while (q < rend && q - p < MAP_CHUNK_PAGES &&
+		       atomic_load(&pc->state[q]) == PC_CLEAN)
+			q++;
+		if (q > p)
+			map_pages(pc, p, q - p);
+		p = q > p ? q : p + 1;
+	}
+	return NULL;
+}
+
+int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg)
+{
+	int rc;
+
+	pc->fetch = fetch;
+	pc->fetch_arg = arg;
+	rc = -pthread_create(&pc->handler, NULL, handler_main, pc);
+	if (rc == 0 && (rc = -pthread_create(&pc->mapper, NULL, mapper_main, pc)) < 0) {
+		eventfd_write(pc->stopfd, 1);
+		pthread_join(pc->handler, NULL);
+	}
+	pc->started = rc == 0;
+	return rc;
+}
+
+bool pc_complete(struct postcopy *pc)
+{
+	return atomic_load(&pc->stale_left) == 0;
+}
+
+int pc_wait_complete(struct postcopy *pc, int timeout_ms)
+{
+	struct timespec dl = deadline_after_ms(timeout_ms);
+	int rc = 0;
+
+	pthread_mutex_lock(&pc->lock);
+	while (!pc_complete(pc) && rc == 0)
+		rc = pthread_cond_timedwait(&pc->clean, &pc->lock, &dl);
+	pthread_mutex_unlock(&pc->lock);
+	return pc_complete(pc) ? 0 : -ETIMEDOUT;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+void pc_get_stats(struct postcopy *pc, struct pc_stats *out)
+{
+	pthread_mutex_lock(&pc->lock);
+	*out = pc->st;
+	out->pages_stale_left = atomic_load(&pc->stale_left);
+	if (pc->nsamples) {
+		static const unsigned pct[3] = {50, 90, 99};
+		uint32_t *s = malloc(pc->nsamples * sizeof(*s));
+		if (s) {
+			memcpy(s, pc->samples, pc->nsamples * sizeof(*s));
+			qsort(s, pc->nsamples, sizeof(*s), cmp_u32);
+			for (unsigned i = 0; i < 3; i++)
+				out->lat_us[i] = s[(pc->nsamples - 1) * pct[i] / 100];
+			free(s);
+		}
+	}
+	pthread_mutex_unlock(&pc->lock);
+}
+
+void pc_destroy(struct postcopy *pc)
+{
+	if (!pc)
+		return;
+	if (pc->started) {
+		eventfd_write(pc->stopfd, 1);
+		pthread_join(pc->handler, NULL);
+		pthread_join(pc->mapper, NULL);
+	}
+	if (pc->uffd >= 0) {
+		if (pc->started && !pc_complete(pc)) {
+			/* Stale pages remain: keep them guarded so no vCPU reads old data. */
+			log_err("post-copy: %llu pages never arrived; the guest view stays "
+				"guarded and touching them waits",
+				(unsigned long long)atomic_load(&pc->stale_left));
+		} else {
+			close(pc->uffd);
+		}
+	}
+	if (pc->stopfd >= 0)
+		close(pc->stopfd);
+	pthread_mutex_destroy(&pc->lock);
+	pthread_cond_destroy(&pc->clean);
+	free(pc->state);
+	free(pc->samples);
+	free(pc);
+}

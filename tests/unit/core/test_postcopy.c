@@ -1,0 +1,243 @@
+/* Destination post-copy (MINOR + CONTINUE) on real guest RAM and a real userfaultfd:
+ * vCPU threads read and write while pages are stale; a "source" thread answers the
+ * urgent requests and a background stream lands the rest. Every page must end with the
+ * source's bytes or what a vCPU wrote after it was clean, never an older copy. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/postcopy.h"
+
+#define R0_SIZE (4ULL << 20)
+#define R1_SIZE (6ULL << 20)
+#define NPAGES	((R0_SIZE + R1_SIZE) / HM_PAGE_SIZE)
+#define OLD	0xee /* what a stale page holds on the destination */
+
+/* The source's copy of page p: its first word is p + 1, the rest a fill byte. */
+static void fill_new(uint8_t *dst, uint64_t p)
+{
+	uint64_t tag = p + 1;
+	memset(dst, (int)(p % 251), HM_PAGE_SIZE);
+	memcpy(dst, &tag, sizeof(tag));
+}
+
+static bool is_stale(uint64_t p)
+{
+	return p % 3 == 0 || (p >= 600 && p < 700); /* scattered pages and one long run */
+}
+
+struct fx {
+	struct hm_ram *ram;
+	struct postcopy *pc;
+	pthread_mutex_t lock;
+	pthread_cond_t cv;
+	uint64_t queue[4096];
+	unsigned head, tail;
+	bool stop;
+	atomic_uint requests;
+};
+
+static int fetch(void *arg, uint64_t first, uint32_t n)
+{
+	struct fx *f = arg;
+
+	assert_int_equal(n, 1);
+	pthread_mutex_lock(&f->lock);
+	f->queue[f->tail++ % 4096] = first;
+	pthread_cond_signal(&f->cv);
+	pthread_mutex_unlock(&f->lock);
+	atomic_fetch_add(&f->requests, 1);
+	return 0;
+}
+
+/* Lands pages [first, first + n) the way a transport does. */
+static void land(struct fx *f, uint64_t first, uint32_t n)
+{
+	bool claimed[256];
+
+	assert_true(n <= 256);
+	pc_claim(f->pc, first, n, claimed);
+	for (uint32_t i = 0; i < n; i++)
+		if (claimed[i])
+			fill_new(ram_mig_page(f->ram, first + i), first + i);
+	pc_landed(f->pc, first, n, claimed);
+}
+
+static void *server_main(void *arg)
+{
+	struct fx *f = arg;
+
+	pthread_mutex_lock(&f->lock);
+	for (;;) {
+		while (!f->stop && f->head == f->tail)
+			pthread_cond_wait(&f->cv, &f->lock);
+		if (f->head == f->tail)
+			break;
+		uint64_t p = f->queue[f->head++ % 4096];
+		pthread_mutex_unlock(&f->lock);
+		usleep(200); /* a network round trip */
+		land(f, p, 1);
+		pthread_mutex_lock(&f->lock);
+	}
+	pthread_mutex_unlock(&f->lock);
+	return NULL;
+}
+
+static int setup(void **state)
+{
+	struct fx *f = calloc(1, sizeof(*f));
+	struct ram_cfg cfg;
+	char err[256];
+	uint64_t *words = calloc((NPAGES + 63) / 64, 8);
+
+	assert_non_null(f);
+	ram_cfg_init(&cfg);
+	cfg.size = R0_SIZE + R1_SIZE;
+	cfg.nregions = 2;
+	cfg.region_size[0] = R0_SIZE;
+	cfg.region_size[1] = R1_SIZE;
+	cfg.backing = RAM_BACKING_SMALL;
+	if (ram_create(&cfg, true, &f->ram, err, sizeof(err)) < 0)
+		fail_msg("ram_create: %s", err);
+	for (uint64_t p = 0; p < NPAGES; p++) {
+		if (is_stale(p)) {
+			memset(ram_mig_page(f->ram, p), OLD, HM_PAGE_SIZE);
+			words[p / 64] |= 1ULL << (p % 64);
+		} else {
+			fill_new(ram_mig_page(f->ram, p), p);
+		}
+	}
+	if (pc_create(f->ram, &f->pc, err, sizeof(err)) < 0)
+		fail_msg("pc_create: %s", err);
+	pc_mark_stale(f->pc, words);
+	free(words);
+	pthread_mutex_init(&f->lock, NULL);
+	pthread_cond_init(&f->cv, NULL);
+	*state = f;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct fx *f = *state;
+
+	pc_destroy(f->pc);
+	ram_destroy(f->ram);
+	free(f);
+	return 0;
+}
+
+struct vcpu {
+	struct fx *f;
+	unsigned index, count;
+	unsigned bad;
+};
+
+/* Reads every page of its share through the guest view, then writes one word into it. */
+static void *vcpu_main(void *arg)
+{
+	struct vcpu *v = arg;
+
+	for (uint64_t p = v->index; p < NPAGES; p += v->count) {
+		uint8_t *g = ram_guest_page(v->f->ram, p), want[HM_PAGE_SIZE];
+		fill_new(want, p);
+		if (memcmp(g, want, HM_PAGE_SIZE))
+			v->bad++;
+		((volatile uint64_t *)g)[1] = 0xabcdef00 + p; /* the guest's own write */
+	}
+	return NULL;
+}
+
+static void test_faults_and_background(void **state)
+{
+	struct fx *f = *state;
+	pthread_t server, vcpus[2];
+	struct vcpu v[2] = {{f, 0, 2, 0}, {f, 1, 2, 0}};
+	struct pc_stats st;
+	uint64_t hist = 0;
+
+	assert_false(pc_complete(f->pc));
+	assert_int_equal(pthread_create(&server, NULL, server_main, f), 0);
+	assert_int_equal(pc_start(f->pc, fetch, f), 0);
+	for (int i = 0; i < 2; i++)
+		assert_int_equal(pthread_create(&vcpus[i], NULL, vcpu_main, &v[i]), 0);
+	/* Background stream: every record from the top down, racing the faults. */
+	for (uint64_t p = NPAGES; p > 0;) {
+		uint32_t n = p >= 64 ? 64 : (uint32_t)p;
+		p -= n;
+		land(f, p, n);
+	}
+	for (int i = 0; i < 2; i++)
+		pthread_join(vcpus[i], NULL);
+	assert_int_equal(pc_wait_complete(f->pc, 5000), 0);
+	pthread_mutex_lock(&f->lock);
+	f->stop = true;
+	pthread_cond_signal(&f->cv);
+	pthread_mutex_unlock(&f->lock);
+	pthread_join(server, NULL);
+	assert_int_equal(v[0].bad + v[1].bad, 0);
+
+	/* A late copy of a clean page is dropped: the guest's write survives. */
+	land(f, 3, 1);
+	assert_int_equal(((uint64_t *)ram_guest_page(f->ram, 3))[1], 0xabcdef00 + 3);
+	for (uint64_t p = 0; p < NPAGES; p++)
+		assert_int_equal(((uint64_t *)ram_mig_page(f->ram, p))[1], 0xabcdef00 + p);
+
+	pc_get_stats(f->pc, &st);
+	assert_int_equal(st.pages_stale_left, 0);
+	assert_int_equal(st.requests, atomic_load(&f->requests));
+	assert_true(st.faults_stale >= 1);
+	for (unsigned i = 0; i < PC_LAT_BUCKETS; i++)
+		hist += st.hist[i];
+	assert_true(hist >= 1 && hist <= st.faults_stale);
+	assert_true(st.lat_us[0] <= st.lat_us[1] && st.lat_us[1] <= st.lat_us[2] &&
+		    st.lat_us[2] <= st.lat_us[3]);
+	assert_true(st.blocked_us >= st.lat_us[3]);
+}
+
+/* Requests only: no background stream, every stale page arrives because a vCPU asked. */
+static void test_requests_only(void **state)
+{
+	struct fx *f = *state;
+	pthread_t server, vcpu;
+	struct vcpu v = {f, 0, 1, 0};
+	struct pc_stats st;
+
+	assert_int_equal(pthread_create(&server, NULL, server_main, f), 0);
+	assert_int_equal(pc_start(f->pc, fetch, f), 0);
+	assert_int_equal(pthread_create(&vcpu, NULL, vcpu_main, &v), 0);
+	pthread_join(vcpu, NULL);
+	assert_int_equal(pc_wait_complete(f->pc, 5000), 0);
+	pthread_mutex_lock(&f->lock);
+	f->stop = true;
+	pthread_cond_signal(&f->cv);
+	pthread_mutex_unlock(&f->lock);
+	pthread_join(server, NULL);
+	assert_int_equal(v.bad, 0);
+	pc_get_stats(f->pc, &st);
+	uint64_t stale = 0;
+	for (uint64_t p = 0; p < NPAGES; p++)
+		stale += is_stale(p);
+	assert_int_equal(st.requests, stale);
+	/* Each request waited at least the server's 200 us round trip. */
+	assert_true(st.lat_us[0] >= 200);
+	assert_true(st.blocked_us >= 200 * stale);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test_setup_teardown(test_faults_and_background, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_requests_only, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
