@@ -40,6 +40,13 @@ static inline void bitmap_set_atomic(struct bitmap *b, uint64_t i)
 	__atomic_fetch_or(&b->words[i / 64], 1ULL << (i % 64), __ATOMIC_RELAXED);
 }
 
+/* Clears bit i; true when this call cleared it (for threads claiming bits). */
+static inline bool bitmap_test_and_clear_atomic(struct bitmap *b, uint64_t i)
+{
+	uint64_t m = 1ULL << (i % 64);
+	return __atomic_fetch_and(&b->words[i / 64], ~m, __ATOMIC_RELAXED) & m;
+}
+
 /* Sets bits [start, start + len). */
 void bitmap_set_range(struct bitmap *b, uint64_t start, uint64_t len);
 /* Clears bits [start, start + len). */
@@ -52,5 +59,12 @@ uint64_t bitmap_next_set(const struct bitmap *b, uint64_t i);
 uint64_t bitmap_next_clear(const struct bitmap *b, uint64_t i);
 /* dst |= src; both must have the same size. */
 void bitmap_or(struct bitmap *dst, const struct bitmap *src);
+/* Exchanges the contents of two maps of the same size. */
+static inline void bitmap_swap(struct bitmap *a, struct bitmap *b)
+{
+	struct bitmap t = *a;
+	*a = *b;
+	*b = t;
+}
 
 #endif

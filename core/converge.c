@@ -6,6 +6,9 @@
 #define CONV_MIN_SAMPLE (4ULL << 20)
 /* Give up early when the dirty set has not shrunk for this many rounds. */
 #define CONV_STALL_ROUNDS 5
+/* Hybrid: a guest dirtying at this fraction of the link's rate or more will not
+ * converge; switching at once saves sending RAM again. */
+#define CONV_SWITCH_DIRTY_SHARE 0.8
 
 void conv_init(struct conv *c, double fixed_ms)
 {
@@ -67,4 +70,22 @@ enum conv_decision conv_decide(const struct conv *c, unsigned round, unsigned ma
 		return CONV_GIVE_UP;
 	}
 	return CONV_CONTINUE;
+}
+
+enum conv_decision conv_decide_hybrid(const struct conv *c, unsigned round, unsigned max_rounds,
+				      double elapsed_s, unsigned timeout_s,
+				      unsigned downtime_limit_ms, char *why, size_t whylen)
+{
+	enum conv_decision d =
+	    conv_decide(c, round, max_rounds, elapsed_s, timeout_s, downtime_limit_ms, why, whylen);
+
+	if (d == CONV_CONTINUE && c->dirty_rate >= CONV_SWITCH_DIRTY_SHARE * c->bandwidth) {
+		snprintf(why, whylen,
+			 "the guest dirties %.1f MB/s and the link carries %.1f MB/s: %.1f MB "
+			 "stay dirty, expected downtime %.1f ms > limit %u ms",
+			 c->dirty_rate / 1e6, c->bandwidth / 1e6, c->remaining / 1e6,
+			 conv_expected_downtime_ms(c), downtime_limit_ms);
+		return CONV_GIVE_UP;
+	}
+	return d;
 }

@@ -34,4 +34,10 @@ enum conv_decision conv_decide(const struct conv *c, unsigned round, unsigned ma
 			       double elapsed_s, unsigned timeout_s, unsigned downtime_limit_ms,
 			       char *why, size_t whylen);
 
+/* Hybrid: as conv_decide, and also gives up (switches to post-copy) after any round
+ * where the guest dirties nearly as fast as the link carries. */
+enum conv_decision conv_decide_hybrid(const struct conv *c, unsigned round, unsigned max_rounds,
+				      double elapsed_s, unsigned timeout_s,
+				      unsigned downtime_limit_ms, char *why, size_t whylen);
+
 #endif

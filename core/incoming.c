@@ -9,6 +9,7 @@
 
 #include "engine.h"
 #include "log.h"
+#include "postcopy.h"
 #include "ram.h"
 
 struct hm_incoming {
@@ -23,6 +24,7 @@ struct hm_incoming {
 	pthread_mutex_t lock; /* guards state and last_error */
 	enum hm_in_state state;
 	char last_error[256];
+	struct postcopy *orphan; /* post-copy state of a guest whose source was lost */
 };
 
 /* One attempt's working set. */
@@ -31,17 +33,19 @@ struct session {
 	struct tp_conn *ctl;
 	struct tp_bulk *bulk;
 	struct hm_ram *ram;
-	uint8_t *state; /* the STATE message, once it arrived */
+	struct postcopy *pc; /* post-copy and hybrid: fault handling, created at reservation */
+	bool switched;	     /* the guest runs here while pages still arrive */
+	uint8_t *msg;	     /* receive buffer, large enough for any message */
+	uint8_t *state;	     /* the STATE message, once it arrived */
 	uint32_t state_len;
 	uint64_t t_heard, t_sent;
 	char err[256];
 };
 
 static const char *const in_state_names[HM_IN_STATE_MAX] = {
-    [HM_IN_LISTENING] = "listening",
-    [HM_IN_RECEIVING] = "receiving",
-    [HM_IN_COMPLETE] = "awaiting-commit",
-    [HM_IN_ARRIVED] = "arrived",
+    [HM_IN_LISTENING] = "listening",	  [HM_IN_RECEIVING] = "receiving",
+    [HM_IN_COMPLETE] = "awaiting-commit", [HM_IN_ARRIVED] = "arrived",
+    [HM_IN_POSTCOPY] = "postcopy",	  [HM_IN_POSTCOPY_PAUSED] = "postcopy-paused",
 };
 
 const char *hm_in_state_name(enum hm_in_state s)
@@ -134,6 +138,18 @@ static int accept_source(struct session *s)
 			   s->err);
 		return rc;
 	}
+	if (hello.mode == WIRE_MODE_POSTCOPY) {
+		/* Registered now, while nothing maps the guest view. */
+		rc = pc_create(s->ram, &s->pc, why, sizeof(why));
+		if (rc < 0) {
+			snprintf(s->err, sizeof(s->err), "destination cannot do post-copy: %s",
+				 why);
+			ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_RESOURCES, s->err);
+			return rc;
+		}
+		bc.urgent = true;
+		bc.pc = s->pc;
+	}
 	set_state(in, HM_IN_RECEIVING);
 	ready.channels = hello.channels;
 	if ((rc = ctl_send(s->ctl, WIRE_READY, &ready, NULL)) < 0) {
@@ -146,14 +162,48 @@ static int accept_source(struct session *s)
 	return in->addr.ops->bulk_accept(in->listener, &bc, &s->bulk, s->err, sizeof(s->err));
 }
 
+/* Waits for every channel's switch marker or end, heartbeating so the source knows we
+ * are alive. */
+static int land_wait(struct session *s, enum tp_land_until until, uint64_t *pages)
+{
+	int rc;
+
+	while ((rc = s->bulk->ops->land_wait(s->bulk, until, HEARTBEAT_MS, pages, s->err,
+					     sizeof(s->err))) == -ETIMEDOUT)
+		if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
+			snprintf(s->err, sizeof(s->err), "control connection lost");
+			return -ECONNRESET;
+		}
+	return rc;
+}
+
+static int load_state(struct session *s)
+{
+	const uint8_t *vcpu, *dev;
+	uint32_t vcpu_len, dev_len;
+	int rc;
+
+	rc = wire_decode_state(s->state + sizeof(struct wire_hdr), s->state_len, &vcpu, &vcpu_len,
+			       &dev, &dev_len, s->err, sizeof(s->err));
+	if (rc == 0)
+		rc = s->in->ops->load_state(s->in->opaque, vcpu, vcpu_len, dev, dev_len, s->err,
+					    sizeof(s->err));
+	return rc;
+}
+
+static int fetch_page(void *arg, uint64_t first_page, uint32_t npages)
+{
+	struct session *s = arg;
+
+	return s->bulk->ops->fetch(s->bulk, first_page, npages);
+}
+
 /* Lands everything the DONE message announces, loads the state, confirms. */
 static int complete(struct session *s, const struct msg_done *done)
 {
 	struct hm_incoming *in = s->in;
 	uint64_t pages[WIRE_MAX_CHANNELS], total = 0;
-	const uint8_t *vcpu, *dev;
-	uint32_t vcpu_len, dev_len;
-	struct msg_complete c;
+	struct msg_complete c = {0};
 	int rc;
 
 	if (!s->state) {
@@ -165,16 +215,7 @@ static int complete(struct session *s, const struct msg_done *done)
 			 done->channels, s->bulk->channels);
 		return -EPROTO;
 	}
-	/* Wait for the landers, heartbeating so the source knows we are alive. */
-	for (;;) {
-		rc = s->bulk->ops->land_wait(s->bulk, HEARTBEAT_MS, pages, s->err, sizeof(s->err));
-		if (rc != -ETIMEDOUT)
-			break;
-		if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
-			snprintf(s->err, sizeof(s->err), "control connection lost");
-			return -ECONNRESET;
-		}
-	}
+	rc = land_wait(s, TP_LAND_END, pages);
 	if (rc < 0)
 		return rc;
 	for (unsigned i = 0; i < done->channels; i++) {
@@ -186,46 +227,98 @@ static int complete(struct session *s, const struct msg_done *done)
 		}
 		total += pages[i];
 	}
-	rc = wire_decode_state(s->state + sizeof(struct wire_hdr), s->state_len, &vcpu, &vcpu_len,
-			       &dev, &dev_len, s->err, sizeof(s->err));
-	if (rc < 0)
-		return rc;
-	rc = in->ops->load_state(in->opaque, vcpu, vcpu_len, dev, dev_len, s->err, sizeof(s->err));
-	if (rc < 0)
-		return rc;
-	set_state(in, HM_IN_COMPLETE);
 	c.pages_received = total;
+	if (s->switched) {
+		/* Requests still in flight finish; then every page is clean. */
+		while ((rc = pc_wait_complete(s->pc, HEARTBEAT_MS)) == -ETIMEDOUT) {
+			rc = s->bulk->ops->land_wait(s->bulk, TP_LAND_END, 0, pages, s->err,
+						     sizeof(s->err));
+			if (rc < 0 && rc != -ETIMEDOUT)
+				return rc;
+			if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
+				snprintf(s->err, sizeof(s->err), "control connection lost");
+				return -ECONNRESET;
+			}
+		}
+		struct pc_stats st;
+		pc_get_stats(s->pc, &st);
+		c.postcopy_requests = st.requests;
+		c.postcopy_faults = st.faults_stale;
+		c.postcopy_blocked_us = st.blocked_us;
+		memcpy(c.lat_us, st.lat_us, sizeof(c.lat_us));
+		memcpy(c.hist, st.hist, sizeof(c.hist));
+	} else {
+		rc = load_state(s);
+		if (rc < 0)
+			return rc;
+	}
+	set_state(in, HM_IN_COMPLETE);
 	return ctl_send(s->ctl, WIRE_COMPLETE, &c, NULL);
+}
+
+/* The switch to post-copy: the pre-switch pages are in, the stale set is known; load
+ * the state, start serving faults and run the guest here. */
+static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_t len)
+{
+	struct hm_incoming *in = s->in;
+	uint64_t pages[WIRE_MAX_CHANNELS], nstale;
+	uint64_t *words;
+	int rc;
+
+	if (!s->pc || s->switched || !s->state) {
+		snprintf(s->err, sizeof(s->err), "%s",
+			 !s->pc	       ? "post-copy switch in a migration that did not announce one"
+			 : s->switched ? "post-copy switch sent twice"
+				       : "post-copy switch before the state");
+		return -EPROTO;
+	}
+	words = calloc((s->ram->npages + 63) / 64, sizeof(*words));
+	if (!words)
+		return -ENOMEM;
+	rc = wire_decode_postcopy(payload, len, s->ram->npages, words, &nstale, s->err,
+				  sizeof(s->err));
+	if (rc == 0)
+		rc = land_wait(s, TP_LAND_SWITCH, pages);
+	if (rc == 0)
+		rc = load_state(s);
+	if (rc == 0) {
+		pc_mark_stale(s->pc, words);
+		rc = pc_start(s->pc, fetch_page, s);
+		if (rc < 0)
+			snprintf(s->err, sizeof(s->err), "cannot start the fault handler: %s",
+				 strerror(-rc));
+	}
+	free(words);
+	if (rc < 0)
+		return rc;
+	s->switched = true;
+	set_state(in, HM_IN_POSTCOPY);
+	in->ops->arrived(in->opaque, in->cfg.autostart);
+	log_info("incoming: running in post-copy, %llu pages still at the source",
+		 (unsigned long long)nstale);
+	return ctl_send(s->ctl, WIRE_RUNNING, NULL, NULL);
 }
 
 /* Receives control messages until the commit. Returns 0 once the guest is ours. */
 static int receive(struct session *s)
 {
 	struct hm_incoming *in = s->in;
-	uint8_t hdrbuf[1024];
+	const size_t cap = sizeof(struct wire_hdr) + WIRE_MAX_PAYLOAD;
+	uint8_t *buf;
 	int rc;
 
+	/* STATE and POSTCOPY may be large: receive into a buffer of the maximum size. */
+	buf = s->msg = malloc(cap);
+	if (!buf)
+		return -ENOMEM;
 	s->t_heard = s->t_sent = now_ns();
 	for (;;) {
 		struct wire_hdr h;
-		uint8_t *buf = hdrbuf;
-		size_t cap = sizeof(hdrbuf);
 		uint64_t pages[WIRE_MAX_CHANNELS];
 
 		if (atomic_load(&in->stop)) {
 			snprintf(s->err, sizeof(s->err), "destination shutting down");
 			return -ECANCELED;
-		}
-		/* STATE may be large: receive into a buffer of the maximum size. */
-		if (!s->state) {
-			s->state = malloc(sizeof(h) + WIRE_MAX_PAYLOAD);
-			if (!s->state)
-				return -ENOMEM;
-			s->state_len = 0;
-		}
-		if (!s->state_len) {
-			buf = s->state;
-			cap = sizeof(h) + WIRE_MAX_PAYLOAD;
 		}
 		rc = s->ctl->ops->recv_msg(s->ctl, buf, cap, HEARTBEAT_MS, &h, s->err,
 					   sizeof(s->err));
@@ -242,7 +335,8 @@ static int receive(struct session *s)
 			}
 		}
 		/* A lander that failed (bad record, lost channel) ends the attempt. */
-		rc = s->bulk->ops->land_wait(s->bulk, 0, pages, s->err, sizeof(s->err));
+		rc =
+		    s->bulk->ops->land_wait(s->bulk, TP_LAND_END, 0, pages, s->err, sizeof(s->err));
 		if (rc < 0 && rc != -ETIMEDOUT)
 			return rc;
 		if (now_ns() - s->t_heard > (uint64_t)in->cfg.dead_peer_ms * 1000000ULL) {
@@ -256,11 +350,20 @@ static int receive(struct session *s)
 		case WIRE_HEARTBEAT:
 			break;
 		case WIRE_STATE:
-			if (buf != s->state) {
+			if (s->state) {
 				snprintf(s->err, sizeof(s->err), "state sent twice");
 				return -EPROTO;
 			}
+			s->state = malloc(sizeof(h) + h.len);
+			if (!s->state)
+				return -ENOMEM;
+			memcpy(s->state, buf, sizeof(h) + h.len);
 			s->state_len = h.len;
+			break;
+		case WIRE_POSTCOPY:
+			rc = switch_to_postcopy(s, buf + sizeof(h), h.len);
+			if (rc < 0)
+				return rc;
 			break;
 		case WIRE_DONE: {
 			struct msg_done done;
@@ -280,7 +383,12 @@ static int receive(struct session *s)
 				return -EPROTO;
 			}
 			set_state(in, HM_IN_ARRIVED);
-			in->ops->arrived(in->opaque, in->cfg.autostart);
+			/* Every page is clean: the guest view becomes plain memory again. A
+			 * post-copy guest runs already; a pre-copy one starts now. */
+			pc_destroy(s->pc);
+			s->pc = NULL;
+			if (!s->switched)
+				in->ops->arrived(in->opaque, in->cfg.autostart);
 			ctl_send(s->ctl, WIRE_RESUMED, NULL, NULL);
 			return 0;
 		case WIRE_ABORT: {
@@ -334,6 +442,21 @@ static void *incoming_main(void *arg)
 			s.bulk->ops->bulk_close(s.bulk);
 		s.ctl->ops->conn_close(s.ctl);
 		free(s.state);
+		free(s.msg);
+		if (rc < 0 && s.switched) {
+			/* The guest was handed over at the switch: it stays here. */
+			if (pc_complete(s.pc)) {
+				pc_destroy(s.pc);
+				set_state(in, HM_IN_ARRIVED);
+			} else {
+				log_err("incoming: the source was lost during post-copy; vCPUs "
+					"touching the pages still there wait (postcopy-paused)");
+				in->orphan = s.pc;
+				set_state(in, HM_IN_POSTCOPY_PAUSED);
+			}
+			break;
+		}
+		pc_destroy(s.pc); /* never started: nothing was handed over */
 		if (rc == 0 || in->state == HM_IN_COMPLETE)
 			break;
 		if (s.ram && in->state == HM_IN_RECEIVING)

@@ -22,6 +22,8 @@
 #define ROUND1_STOP_PAGES 256
 /* How far ahead the zero-page check prefetches. */
 #define ZERO_PREFETCH_PAGES 8
+/* Under a bandwidth limit a batch carries about 1 ms of data, at least this much. */
+#define PACE_MIN_BYTES (16 << 10)
 /* Nice value of the sender threads. */
 #define SENDER_NICE 10
 
@@ -52,6 +54,18 @@ struct hm_migration {
 	double rtt_ms;
 	bool paused;	  /* we paused the guest and must resume it on failure */
 	bool commit_sent; /* from here on the source never resumes by itself */
+	bool switched;	  /* post-copy: the destination was told to run the guest */
+	uint8_t *heat;	  /* post-copy and hybrid: how often each page was dirty lately */
+	double bandwidth; /* bytes/s of the latest measured round */
+	double fixed_ms;  /* downtime that does not depend on the data */
+	uint64_t pace_bytes; /* a batch is sent once it holds this much */
+
+	/* Post-copy: the page server and where the background stream should go next. */
+	pthread_t server;
+	bool server_started;
+	atomic_bool server_stop;
+	atomic_uint_fast64_t hint_page, hint_gen;
+	atomic_uint_fast64_t served, served_bytes;
 
 	/* Sender coordination: guarded by lock. */
 	pthread_mutex_t lock;
@@ -59,6 +73,7 @@ struct hm_migration {
 	uint64_t round_gen;  /* bumped to start a round */
 	unsigned round_busy; /* senders still working on the round */
 	bool skip_zero;	     /* round 1: zero pages are only counted */
+	bool postcopy;	     /* the round is post-copy's background stream */
 	bool quit;	     /* senders exit */
 	int send_error;	     /* first sender error */
 	bool ended;
@@ -71,10 +86,15 @@ struct hm_migration {
 };
 
 static const char *const state_names[HM_MIG_STATE_MAX] = {
-    [HM_MIG_SETUP] = "setup",	      [HM_MIG_PRECOPY] = "precopy",
-    [HM_MIG_STOPCOPY] = "stop-copy",  [HM_MIG_COMMIT] = "commit",
-    [HM_MIG_COMPLETED] = "completed", [HM_MIG_FAILED] = "failed",
+    [HM_MIG_SETUP] = "setup",
+    [HM_MIG_PRECOPY] = "precopy",
+    [HM_MIG_STOPCOPY] = "stop-copy",
+    [HM_MIG_COMMIT] = "commit",
+    [HM_MIG_COMPLETED] = "completed",
+    [HM_MIG_FAILED] = "failed",
     [HM_MIG_CANCELLED] = "cancelled",
+    [HM_MIG_POSTCOPY] = "postcopy",
+    [HM_MIG_POSTCOPY_PAUSED] = "postcopy-paused",
 };
 
 const char *hm_mig_state_name(enum hm_mig_state s)
@@ -85,7 +105,8 @@ const char *hm_mig_state_name(enum hm_mig_state s)
 void hm_migrate_cfg_init(struct hm_migrate_cfg *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
-	cfg->mode = HM_MODE_PRECOPY;
+	cfg->mode = HM_MODE_HYBRID;
+	cfg->precopy_rounds = 1;
 	cfg->downtime_limit_ms = 50;
 	cfg->max_rounds = 30;
 	cfg->channels = 2;
@@ -169,7 +190,17 @@ static int add_run(struct sender *s, struct batch *b, uint64_t first, uint32_t n
 		   bool skip_zero)
 {
 	struct hm_migration *m = s->m;
+	uint32_t most = m->cfg.bandwidth_limit ? (uint32_t)(m->pace_bytes / HM_PAGE_SIZE) : 0;
 
+	/* Under a bandwidth limit, runs and batches stay small so paced data leaves in
+	 * short bursts: a burst queued on a slow link delays every urgent page behind it. */
+	while (!zero && most && n > most) {
+		int rc = add_run(s, b, first, most, zero, skip_zero);
+		if (rc < 0)
+			return rc;
+		first += most;
+		n -= most;
+	}
 	if (zero && skip_zero) {
 		/* Round 1: the destination's fresh RAM is already zero. */
 		b->skipped += n;
@@ -189,7 +220,7 @@ static int add_run(struct sender *s, struct batch *b, uint64_t first, uint32_t n
 				bitmap_set(&m->sent_once, p);
 		}
 	}
-	return b->n == RUNS_BATCH ? flush(s, b) : 0;
+	return b->n == RUNS_BATCH || b->bytes >= m->pace_bytes ? flush(s, b) : 0;
 }
 
 /* Reads the page through the guest view: the guest's own page tables map it already (the
@@ -203,6 +234,84 @@ static bool zero_page(const struct hm_ram *ram, uint64_t p, uint64_t end)
 	return page_is_zero(ram_guest_page(ram, p));
 }
 
+/* Sends the pages of block blk that are set in m->send. In post-copy the page server
+ * clears bits too, so each page is claimed (cleared) before it goes. Returns the pages
+ * sent (or marked zero) or a negative errno. */
+static int64_t send_block(struct sender *s, struct batch *b, uint64_t blk, bool skip_zero,
+			  bool claim)
+{
+	struct hm_migration *m = s->m;
+	uint64_t npages = m->ram->npages, sent = 0;
+	uint64_t end = (blk + 1) * BLOCK_PAGES < npages ? (blk + 1) * BLOCK_PAGES : npages;
+	uint64_t p = bitmap_next_set(&m->send, blk * BLOCK_PAGES);
+	int rc = 0;
+
+	while (p < end && !rc) {
+		uint64_t q = bitmap_next_clear(&m->send, p);
+		if (q > end)
+			q = end;
+		if (claim) {
+			/* Only the pages this thread cleared itself are its to send. */
+			uint64_t r = p;
+			while (r < q && bitmap_test_and_clear_atomic(&m->send, r))
+				r++;
+			if (r == p) {
+				p = bitmap_next_set(&m->send, p + 1);
+				continue;
+			}
+			q = r;
+		}
+		sent += q - p;
+		/* Split the dirty run where pages turn from zero to data or back. */
+		while (p < q && !rc) {
+			bool zero = zero_page(m->ram, p, q);
+			uint64_t r = p + 1;
+			while (r < q && zero_page(m->ram, r, q) == zero)
+				r++;
+			rc = add_run(s, b, p, (uint32_t)(r - p), zero, skip_zero);
+			p = r;
+		}
+		p = bitmap_next_set(&m->send, q);
+	}
+	return rc < 0 ? rc : (int64_t)sent;
+}
+
+/* Post-copy's background stream for this channel: its blocks in order, but jumping to
+ * the block of the latest fault whenever there is a new one, until a whole pass finds
+ * nothing left. */
+static int send_postcopy(struct sender *s, struct batch *b)
+{
+	struct hm_migration *m = s->m;
+	unsigned nch = m->cfg.channels;
+	uint64_t nblocks = (m->ram->npages + BLOCK_PAGES - 1) / BLOCK_PAGES;
+	uint64_t mine = nblocks / nch + (s->ch < nblocks % nch), empty = 0, blk = s->ch;
+	uint64_t gen = atomic_load(&m->hint_gen);
+
+	while (empty < mine) {
+		int64_t n;
+
+		if (atomic_load(&m->hint_gen) != gen) {
+			gen = atomic_load(&m->hint_gen);
+			blk = atomic_load(&m->hint_page) / BLOCK_PAGES / nch * nch + s->ch;
+			if (blk >= nblocks)
+				blk = s->ch;
+		}
+		n = send_block(s, b, blk, false, true);
+		if (n < 0)
+			return (int)n;
+		empty = n ? 0 : empty + 1;
+		if (n && b->n) {
+			int rc = flush(s, b); /* so a new hint takes effect soon */
+			if (rc < 0)
+				return rc;
+		}
+		blk += nch;
+		if (blk >= nblocks)
+			blk = s->ch;
+	}
+	return 0;
+}
+
 /* Sends this channel's share of the round: every block b with b % channels == ch. */
 static int send_round(struct sender *s, bool skip_zero)
 {
@@ -211,26 +320,16 @@ static int send_round(struct sender *s, bool skip_zero)
 	struct batch b = {0};
 	int rc = 0;
 
-	for (uint64_t blk = s->ch; blk * BLOCK_PAGES < npages && !rc; blk += m->cfg.channels) {
-		uint64_t end = (blk + 1) * BLOCK_PAGES < npages ? (blk + 1) * BLOCK_PAGES : npages;
-		uint64_t p = bitmap_next_set(&m->send, blk * BLOCK_PAGES);
-
-		if (atomic_load(&m->cancel))
-			return -ECANCELED;
-		while (p < end && !rc) {
-			uint64_t q = bitmap_next_clear(&m->send, p);
-			if (q > end)
-				q = end;
-			/* Split the dirty run where pages turn from zero to data or back. */
-			while (p < q && !rc) {
-				bool zero = zero_page(m->ram, p, q);
-				uint64_t r = p + 1;
-				while (r < q && zero_page(m->ram, r, q) == zero)
-					r++;
-				rc = add_run(s, &b, p, (uint32_t)(r - p), zero, skip_zero);
-				p = r;
-			}
-			p = bitmap_next_set(&m->send, q);
+	if (m->postcopy) {
+		rc = send_postcopy(s, &b);
+	} else {
+		for (uint64_t blk = s->ch; blk * BLOCK_PAGES < npages && !rc;
+		     blk += m->cfg.channels) {
+			int64_t n;
+			if (atomic_load(&m->cancel))
+				return -ECANCELED;
+			n = send_block(s, &b, blk, skip_zero, false);
+			rc = n < 0 ? (int)n : 0;
 		}
 	}
 	if (!rc)
@@ -336,7 +435,7 @@ static int run_round(struct hm_migration *m, bool skip_zero)
 		stats_bytes(m);
 		if (!rc && (rc = service_ctl(m)) < 0)
 			m->bulk->ops->bulk_shutdown(m->bulk);
-		if (!rc && atomic_load(&m->cancel)) {
+		if (!rc && atomic_load(&m->cancel) && !m->switched) {
 			rc = fail(m, -ECANCELED, "cancelled");
 			m->bulk->ops->bulk_shutdown(m->bulk);
 		}
@@ -372,7 +471,10 @@ static int handshake(struct hm_migration *m, char *err, size_t errlen)
 	uint64_t t0;
 	int rc;
 
-	hello.mode = m->cfg.mode == HM_MODE_COLD ? WIRE_MODE_COLD : WIRE_MODE_PRECOPY;
+	hello.mode = m->cfg.mode == HM_MODE_COLD      ? WIRE_MODE_COLD
+		     : m->cfg.mode == HM_MODE_PRECOPY ? WIRE_MODE_PRECOPY
+						      : WIRE_MODE_POSTCOPY;
+	bc.urgent = hello.mode == WIRE_MODE_POSTCOPY;
 	hello.flags = m->cfg.psk_len ? WIRE_F_PSK : 0;
 	hello.nregions = m->ram->nregions;
 	for (unsigned i = 0; i < m->ram->nregions; i++)
@@ -415,37 +517,14 @@ static int handshake(struct hm_migration *m, char *err, size_t errlen)
 	return m->addr.ops->bulk_connect(&m->addr, &bc, &m->bulk, err, errlen);
 }
 
-/* Stop-and-copy and commitment. Returns 0 when the destination owns the guest. */
-static int finish(struct hm_migration *m)
+/* Sends the paused guest's vCPU and device state. */
+static int send_state(struct hm_migration *m)
 {
-	uint8_t buf[512];
-	char why[256];
 	void *vcpu = NULL, *dev = NULL;
 	uint32_t vcpu_len = 0, dev_len = 0;
-	struct msg_done done = {.channels = m->cfg.channels};
-	struct msg_complete complete;
 	uint8_t *state;
 	int rc, len;
 
-	if (m->dirty) {
-		/* The final scan adds to what the last round collected and does not re-arm:
-		 * nothing more will be written. */
-		uint64_t t0 = now_ns();
-		rc = dirty_collect(m->dirty, &m->send, false, NULL);
-		if (rc < 0)
-			return fail(m, rc, "final dirty scan: %s", strerror(-rc));
-		m->st.scan_ms = ms_between(t0, now_ns());
-	}
-	set_state(m, HM_MIG_STOPCOPY);
-	rc = run_round(m, m->cfg.mode == HM_MODE_COLD);
-	if (rc < 0)
-		return rc;
-	for (unsigned i = 0; i < m->cfg.channels; i++) {
-		rc = m->bulk->ops->push_end(m->bulk, i);
-		if (rc < 0)
-			return fail(m, rc, "ending bulk channel %u: %s", i, strerror(-rc));
-		done.pages[i] = m->senders[i].pages;
-	}
 	rc = m->ops->save_state(m->opaque, &vcpu, &vcpu_len, &dev, &dev_len);
 	if (rc < 0)
 		return fail(m, rc, "saving vCPU/device state: %s", strerror(-rc));
@@ -462,30 +541,296 @@ static int finish(struct hm_migration *m)
 	rc = m->ctl->ops->send_msg(m->ctl, state, (size_t)len);
 	free(state);
 	m->ctl_bytes += (uint64_t)len;
-	if (rc < 0 || (rc = ctl_send(m->ctl, WIRE_DONE, &done, &m->ctl_bytes)) < 0)
-		return fail(m, rc, "sending state: %s", strerror(-rc));
+	return rc < 0 ? fail(m, rc, "sending state: %s", strerror(-rc)) : 0;
+}
+
+/* Ends every bulk channel and announces how many pages each carried. */
+static int send_done(struct hm_migration *m)
+{
+	struct msg_done done = {.channels = m->cfg.channels};
+	int rc;
+
+	for (unsigned i = 0; i < m->cfg.channels; i++) {
+		rc = m->bulk->ops->push_end(m->bulk, i);
+		if (rc < 0)
+			return fail(m, rc, "ending bulk channel %u: %s", i, strerror(-rc));
+		done.pages[i] = m->senders[i].pages;
+	}
+	rc = ctl_send(m->ctl, WIRE_DONE, &done, &m->ctl_bytes);
+	return rc < 0 ? fail(m, rc, "sending done: %s", strerror(-rc)) : 0;
+}
+
+/* Waits for the destination's COMPLETE, then commits. */
+static int commit(struct hm_migration *m)
+{
+	uint8_t buf[512];
+	char why[256];
+	struct msg_complete complete;
+	int rc;
+
 	set_state(m, HM_MIG_COMMIT);
 	/* The destination drains its sockets first; its heartbeats keep arriving meanwhile. */
 	rc = ctl_expect(m->ctl, WIRE_COMPLETE, 120000, buf, sizeof(buf), &complete, why,
 			sizeof(why));
 	if (rc < 0)
 		return fail(m, rc, "destination did not confirm a complete guest: %s", why);
+	pthread_mutex_lock(&m->lock);
+	m->st.postcopy_faults = complete.postcopy_faults;
+	m->st.postcopy_blocked_ms = complete.postcopy_blocked_us / 1000.0;
+	memcpy(m->st.fault_lat_us, complete.lat_us, sizeof(m->st.fault_lat_us));
+	memcpy(m->st.fault_lat_hist, complete.hist, sizeof(m->st.fault_lat_hist));
+	pthread_mutex_unlock(&m->lock);
 	m->commit_sent = true;
 	rc = ctl_send(m->ctl, WIRE_COMMIT, NULL, &m->ctl_bytes);
 	if (rc == 0)
 		rc = ctl_expect(m->ctl, WIRE_RESUMED, m->cfg.dead_peer_ms, buf, sizeof(buf), NULL,
 				why, sizeof(why));
-	if (rc < 0) {
+	if (rc < 0 && !m->switched) {
 		m->st.source_paused = true;
 		return fail(m, rc,
 			    "link lost after the commit: the guest is probably running on the "
 			    "destination, so the source stays paused (%s)",
 			    why);
 	}
+	/* After a switch the destination held every page when it said COMPLETE: a lost
+	 * RESUMED changes nothing. */
+	return 0;
+}
+
+/* Stop-and-copy and commitment. Returns 0 when the destination owns the guest. */
+static int finish(struct hm_migration *m)
+{
+	int rc;
+
+	if (m->dirty) {
+		/* The final scan adds to what the last round collected and does not re-arm:
+		 * nothing more will be written. */
+		uint64_t t0 = now_ns();
+		rc = dirty_collect(m->dirty, &m->send, false, NULL);
+		if (rc < 0)
+			return fail(m, rc, "final dirty scan: %s", strerror(-rc));
+		m->st.scan_ms = ms_between(t0, now_ns());
+	}
+	set_state(m, HM_MIG_STOPCOPY);
+	rc = run_round(m, m->cfg.mode == HM_MODE_COLD);
+	if (rc == 0)
+		rc = send_state(m);
+	if (rc == 0)
+		rc = send_done(m);
+	if (rc == 0)
+		rc = commit(m);
+	if (rc < 0)
+		return rc;
 	pthread_mutex_lock(&m->lock);
 	m->st.downtime_ms = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
 	pthread_mutex_unlock(&m->lock);
 	return 0;
+}
+
+/* Ages every page's heat and adds to the pages dirty in this round. */
+static void heat_round(struct hm_migration *m, const struct bitmap *dirty)
+{
+	if (!m->heat)
+		return;
+	for (uint64_t p = 0; p < m->ram->npages; p++)
+		m->heat[p] = (uint8_t)(m->heat[p] / 2 + (bitmap_test(dirty, p) ? 128 : 0));
+}
+
+static int switch_because(struct hm_migration *m, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* precopy() returns this when the migration goes on in post-copy. */
+#define PRECOPY_SWITCH 1
+
+static int switch_because(struct hm_migration *m, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&m->lock);
+	va_start(ap, fmt);
+	vsnprintf(m->st.switch_reason, sizeof(m->st.switch_reason), fmt, ap);
+	va_end(ap);
+	pthread_mutex_unlock(&m->lock);
+	return PRECOPY_SWITCH;
+}
+
+/* Moves the hottest pages of stale (those dirty in the final scan first, then by heat)
+ * into hot, as many as budget_pages. */
+static void pick_hot(struct hm_migration *m, struct bitmap *stale, const struct bitmap *recent,
+		     struct bitmap *hot, uint64_t budget_pages)
+{
+	uint64_t count[257] = {0}, take = 0;
+	unsigned cut = 257;
+
+	/* Score 256 for the pages written in the last moments, else their heat. */
+	for (uint64_t p = bitmap_next_set(stale, 0); p < m->ram->npages;
+	     p = bitmap_next_set(stale, p + 1))
+		count[bitmap_test(recent, p) ? 256 : (m->heat ? m->heat[p] : 0)]++;
+	while (cut > 0 && take + count[cut - 1] <= budget_pages)
+		take += count[--cut];
+	/* Scores >= cut fit entirely; the next score in line fills what is left. */
+	uint64_t extra = cut > 0 ? budget_pages - take : 0;
+	for (uint64_t p = bitmap_next_set(stale, 0); p < m->ram->npages;
+	     p = bitmap_next_set(stale, p + 1)) {
+		unsigned score = bitmap_test(recent, p) ? 256 : (m->heat ? m->heat[p] : 0);
+		if (score >= cut || (cut > 0 && score == cut - 1 && extra && extra--)) {
+			bitmap_set(hot, p);
+			bitmap_clear(stale, p);
+		}
+	}
+}
+
+/* Serves urgent page requests until told to stop. A served page leaves the background
+ * set, and the background stream moves near it. */
+static void *server_main(void *arg)
+{
+	struct hm_migration *m = arg;
+
+	while (!atomic_load(&m->server_stop)) {
+		struct tp_run req, runs[WIRE_MAX_RUN];
+		unsigned n = 0;
+		uint64_t bytes = 0;
+		int rc = m->bulk->ops->serve_next(m->bulk, 100, &req);
+
+		if (rc == -ETIMEDOUT)
+			continue;
+		if (rc < 0) {
+			if (!atomic_load(&m->server_stop))
+				log_err("post-copy page server: %s", strerror(-rc));
+			break;
+		}
+		for (uint64_t p = req.first_page; p < req.first_page + req.npages; p++) {
+			bool zero = page_is_zero(ram_mig_page(m->ram, p));
+			bitmap_test_and_clear_atomic(&m->send, p);
+			if (n && runs[n - 1].zero == zero)
+				runs[n - 1].npages++;
+			else
+				runs[n++] =
+				    (struct tp_run){.first_page = p, .npages = 1, .zero = zero};
+			bytes += zero ? 0 : HM_PAGE_SIZE;
+		}
+		atomic_store(&m->hint_page, req.first_page);
+		atomic_fetch_add(&m->hint_gen, 1);
+		rc = m->bulk->ops->serve_reply(m->bulk, runs, n);
+		if (rc < 0) {
+			log_err("post-copy page server: replying: %s", strerror(-rc));
+			break;
+		}
+		atomic_fetch_add(&m->served, 1);
+		atomic_fetch_add(&m->served_bytes, bytes + n * sizeof(struct wire_rec));
+	}
+	return NULL;
+}
+
+/* The switch, then post-copy until the destination holds every page. The guest is
+ * paused and m->send holds what the last round found dirty. */
+static int postcopy(struct hm_migration *m)
+{
+	struct bitmap recent = {0}, hot = {0};
+	uint64_t bytes_paused, budget, nstale;
+	uint8_t *msg = NULL, buf[512];
+	char why[256];
+	int rc, len;
+
+	rc = bitmap_init(&recent, m->ram->npages);
+	if (rc == 0)
+		rc = bitmap_init(&hot, m->ram->npages);
+	if (rc < 0) {
+		rc = fail(m, rc, "out of memory for the switch");
+		goto out;
+	}
+	if (m->dirty) {
+		/* Without re-arming: nothing more will be written here. */
+		uint64_t t0 = now_ns();
+		rc = dirty_collect(m->dirty, &recent, false, NULL);
+		if (rc < 0) {
+			rc = fail(m, rc, "final dirty scan: %s", strerror(-rc));
+			goto out;
+		}
+		m->st.scan_ms = ms_between(t0, now_ns());
+		bitmap_or(&m->send, &recent);
+	}
+	set_state(m, HM_MIG_STOPCOPY);
+	stats_bytes(m);
+	bytes_paused = m->st.bytes_sent;
+	/* The hottest stale pages go now, as many as the downtime budget carries. */
+	budget = m->cfg.downtime_limit_ms > m->fixed_ms
+		     ? (uint64_t)((m->cfg.downtime_limit_ms - m->fixed_ms) / 1000 * m->bandwidth /
+				  HM_PAGE_SIZE)
+		     : 0;
+	pick_hot(m, &m->send, &recent, &hot, budget);
+	nstale = bitmap_count(&m->send);
+	bitmap_swap(&m->send, &hot); /* send = hot now, hot = the stale rest */
+	rc = run_round(m, false);
+	for (unsigned i = 0; rc == 0 && i < m->cfg.channels; i++)
+		if ((rc = m->bulk->ops->push_switch(m->bulk, i)) < 0)
+			fail(m, rc, "ending the pre-switch pages: %s", strerror(-rc));
+	if (rc == 0)
+		rc = send_state(m);
+	if (rc < 0)
+		goto out;
+	len = wire_encode_postcopy(hot.words, m->ram->npages, nstale, &msg);
+	if (len < 0) {
+		rc = fail(m, len, "encoding the stale set: %s", strerror(-len));
+		goto out;
+	}
+	/* From here the destination may run the guest: the source never resumes it. */
+	m->switched = true;
+	rc = m->ctl->ops->send_msg(m->ctl, msg, (size_t)len);
+	m->ctl_bytes += (uint64_t)len;
+	if (rc == 0)
+		rc = ctl_expect(m->ctl, WIRE_RUNNING, m->cfg.dead_peer_ms, buf, sizeof(buf), NULL,
+				why, sizeof(why));
+	if (rc < 0) {
+		rc = fail(m, rc, "the switch to post-copy was not confirmed: %s", why);
+		goto out;
+	}
+	stats_bytes(m);
+	pthread_mutex_lock(&m->lock);
+	m->st.downtime_ms = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
+	m->st.precopy_bytes = bytes_paused;
+	m->st.downtime_bytes = m->st.bytes_sent - bytes_paused;
+	m->st.remaining_pages = nstale;
+	pthread_mutex_unlock(&m->lock);
+	set_state(m, HM_MIG_POSTCOPY);
+	log_info("post-copy: the guest runs on the destination; %llu pages follow (%s)",
+		 (unsigned long long)nstale, m->st.switch_reason);
+
+	/* Background stream and page server, until every stale page went one way. */
+	bitmap_swap(&m->send, &hot);
+	rc = -pthread_create(&m->server, NULL, server_main, m);
+	if (rc < 0) {
+		rc = fail(m, rc, "cannot start the page server");
+		goto out;
+	}
+	m->server_started = true;
+	m->postcopy = true;
+	rc = run_round(m, false);
+	if (rc == 0)
+		rc = send_done(m);
+	if (rc == 0)
+		rc = commit(m);
+out:
+	if (m->server_started) {
+		atomic_store(&m->server_stop, true);
+		if (rc < 0)
+			m->bulk->ops->bulk_shutdown(m->bulk);
+		pthread_join(m->server, NULL);
+		m->server_started = false;
+	}
+	stats_bytes(m);
+	pthread_mutex_lock(&m->lock);
+	m->st.postcopy_requests = atomic_load(&m->served);
+	if (rc == 0)
+		m->st.remaining_pages = 0;
+	if (m->switched)
+		m->st.postcopy_bytes =
+		    m->st.bytes_sent - m->st.precopy_bytes - m->st.downtime_bytes;
+	pthread_mutex_unlock(&m->lock);
+	free(msg);
+	bitmap_fini(&recent);
+	bitmap_fini(&hot);
+	return rc;
 }
 
 static int precopy(struct hm_migration *m)
@@ -515,6 +860,7 @@ static int precopy(struct hm_migration *m)
 		rc = dirty_collect(m->dirty, &m->send, true, &dirty_pages);
 		if (rc < 0)
 			return fail(m, rc, "dirty scan: %s", strerror(-rc));
+		heat_round(m, &m->send);
 		conv_round(&c, m->st.bytes_sent - bytes0, ms_between(t0, t1) / 1000,
 			   dirty_pages * HM_PAGE_SIZE, ms_between(t_collect, now_ns()) / 1000);
 		t_collect = now_ns();
@@ -530,18 +876,31 @@ static int precopy(struct hm_migration *m)
 		pthread_mutex_lock(&m->lock);
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
 		pthread_mutex_unlock(&m->lock);
+		m->bandwidth = c.bandwidth;
+		m->fixed_ms = c.fixed_ms;
+		if (m->cfg.mode == HM_MODE_POSTCOPY && round >= m->cfg.precopy_rounds)
+			return switch_because(m,
+					      "post-copy mode: switching after %u pre-copy "
+					      "round(s) as asked",
+					      round);
+		enum conv_decision d =
+		    (m->cfg.mode == HM_MODE_HYBRID ? conv_decide_hybrid : conv_decide)(
+			&c, round, m->cfg.max_rounds, ms_between(m->t_request, now_ns()) / 1000,
+			m->cfg.timeout_s, m->cfg.downtime_limit_ms, why, sizeof(why));
 		/* Round 1 measured long runs; what is dirty now goes scattered and slower, so
-		 * stop after it only when almost nothing is left. */
-		if (round == 1 && dirty_pages > ROUND1_STOP_PAGES && !atomic_load(&m->cancel))
+		 * stop after it only when almost nothing is left. (Hybrid may still switch:
+		 * a guest that dirtied RAM as fast as round 1 sent it will not converge.) */
+		if (round == 1 && dirty_pages > ROUND1_STOP_PAGES && d == CONV_STOP_COPY &&
+		    !atomic_load(&m->cancel))
 			continue;
-		switch (conv_decide(&c, round, m->cfg.max_rounds,
-				    ms_between(m->t_request, now_ns()) / 1000, m->cfg.timeout_s,
-				    m->cfg.downtime_limit_ms, why, sizeof(why))) {
+		switch (d) {
 		case CONV_CONTINUE:
 			if (atomic_load(&m->cancel))
 				return fail(m, -ECANCELED, "cancelled");
 			continue;
 		case CONV_GIVE_UP:
+			if (m->cfg.mode == HM_MODE_HYBRID)
+				return switch_because(m, "%s", why);
 			return fail(m, -ETIMEDOUT, "%s", why);
 		case CONV_STOP_COPY:
 			return 0;
@@ -554,7 +913,8 @@ static void *engine_main(void *arg)
 	struct hm_migration *m = arg;
 	char err[256] = "";
 	uint64_t t_xfer;
-	int rc;
+	bool at_once = m->cfg.mode == HM_MODE_POSTCOPY && m->cfg.precopy_rounds == 0;
+	int rc, sw = 0;
 
 	rc = handshake(m, err, sizeof(err));
 	if (rc < 0) {
@@ -569,13 +929,16 @@ static void *engine_main(void *arg)
 			goto out;
 		}
 	}
-	if (m->cfg.mode == HM_MODE_COLD) {
+	if (m->cfg.mode == HM_MODE_COLD || at_once) {
 		if ((rc = m->ops->pause(m->opaque, &m->t_parked)) < 0) {
 			fail(m, rc, "cannot pause the guest");
 			goto out;
 		}
 		m->paused = true;
 		bitmap_set_all(&m->send);
+		if (at_once)
+			sw = switch_because(m, "post-copy mode with --precopy-rounds 0: "
+					       "switching at once");
 	} else {
 		rc = dirty_create(m->ram, m->cfg.tracking, &m->dirty);
 		if (rc == 0)
@@ -588,16 +951,18 @@ static void *engine_main(void *arg)
 	}
 	m->st.setup_time_ms = ms_between(m->t_request, now_ns());
 	t_xfer = now_ns();
-	if (m->cfg.mode != HM_MODE_COLD) {
-		if ((rc = precopy(m)) < 0)
+	if (m->cfg.mode != HM_MODE_COLD && !at_once) {
+		if ((sw = precopy(m)) < 0) {
+			rc = sw;
 			goto out;
+		}
 		if ((rc = m->ops->pause(m->opaque, &m->t_parked)) < 0) {
 			fail(m, rc, "cannot pause the guest");
 			goto out;
 		}
 		m->paused = true;
 	}
-	rc = finish(m);
+	rc = sw == PRECOPY_SWITCH ? postcopy(m) : finish(m);
 	m->st.throughput_mb_per_s =
 	    atomic_load(&m->bulk->wire_bytes) / 1e3 / ms_between(t_xfer, now_ns());
 out:
@@ -615,8 +980,13 @@ out:
 		if (m->senders[i].m)
 			pthread_join(m->senders[i].thread, NULL);
 	stats_bytes(m);
-	if (rc < 0 && m->paused && !m->commit_sent)
+	if (rc < 0 && m->paused && !m->commit_sent && !m->switched)
 		m->ops->resume(m->opaque); /* before the commit the source still owns the guest */
+	if (rc < 0 && m->switched) {
+		m->st.source_paused = true;
+		log_err("the destination runs the guest but not every page reached it: the "
+			"source keeps the guest's pages, paused");
+	}
 	if (rc < 0)
 		log_err("migration to %s failed: %s", m->uri, m->st.error);
 	m->st.total_time_ms = ms_between(m->t_request, now_ns());
@@ -626,8 +996,10 @@ out:
 		m->ctl->ops->conn_close(m->ctl);
 	m->bulk = NULL;
 	m->ctl = NULL;
-	enum hm_mig_state final =
-	    rc == 0 ? HM_MIG_COMPLETED : (rc == -ECANCELED ? HM_MIG_CANCELLED : HM_MIG_FAILED);
+	enum hm_mig_state final = rc == 0	     ? HM_MIG_COMPLETED
+				  : m->switched	     ? HM_MIG_POSTCOPY_PAUSED
+				  : rc == -ECANCELED ? HM_MIG_CANCELLED
+						     : HM_MIG_FAILED;
 	pthread_mutex_lock(&m->lock);
 	m->st.state = final;
 	m->ended = true;
@@ -645,9 +1017,18 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	struct hm_migration *m;
 	int rc;
 
-	if (cfg->mode != HM_MODE_PRECOPY && cfg->mode != HM_MODE_COLD) {
-		snprintf(err, errlen, "mode %d is not precopy or cold", cfg->mode);
+	if (cfg->mode < HM_MODE_PRECOPY || cfg->mode > HM_MODE_HYBRID) {
+		snprintf(err, errlen, "mode %d is not precopy, cold, postcopy or hybrid",
+			 cfg->mode);
 		return -EINVAL;
+	}
+	if ((cfg->mode == HM_MODE_POSTCOPY || cfg->mode == HM_MODE_HYBRID) &&
+	    BITMAP_WORDS(ram->npages) * 8 + 16 > WIRE_MAX_PAYLOAD) {
+		snprintf(err, errlen,
+			 "post-copy handles guests just under 32 GiB; this one has %llu MiB: "
+			 "use --mode precopy",
+			 (unsigned long long)(ram->size >> 20));
+		return -E2BIG;
 	}
 	if (!cfg->channels || cfg->channels > WIRE_MAX_CHANNELS) {
 		snprintf(err, errlen, "channels %u out of range 1..%d", cfg->channels,
@@ -676,6 +1057,9 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	rc = bitmap_init(&m->send, ram->npages);
 	if (rc == 0)
 		rc = bitmap_init(&m->sent_once, ram->npages);
+	if (rc == 0 && (cfg->mode == HM_MODE_POSTCOPY || cfg->mode == HM_MODE_HYBRID) &&
+	    !(m->heat = calloc(ram->npages, 1)))
+		rc = -ENOMEM;
 	if (rc < 0) {
 		snprintf(err, errlen, "out of memory");
 		goto free;
@@ -691,6 +1075,9 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	m->st.transport = m->addr.ops->name;
 	m->t_request = now_ns();
 	m->t_last_hb = m->t_request;
+	m->pace_bytes = cfg->bandwidth_limit ? cfg->bandwidth_limit / 1000 : UINT64_MAX;
+	if (m->pace_bytes < PACE_MIN_BYTES)
+		m->pace_bytes = PACE_MIN_BYTES;
 	rc = -pthread_create(&m->thread, NULL, engine_main, m);
 	if (rc < 0) {
 		snprintf(err, errlen, "cannot start the migration thread: %s", strerror(-rc));
@@ -701,6 +1088,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 free:
 	bitmap_fini(&m->send);
 	bitmap_fini(&m->sent_once);
+	free(m->heat);
 	free(m);
 	return rc;
 }
@@ -742,6 +1130,7 @@ void hm_migration_destroy(struct hm_migration *m)
 	pthread_join(m->thread, NULL);
 	bitmap_fini(&m->send);
 	bitmap_fini(&m->sent_once);
+	free(m->heat);
 	pthread_mutex_destroy(&m->lock);
 	pthread_cond_destroy(&m->cv);
 	pthread_mutex_destroy(&m->bw_lock);

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char *const type_names[WIRE_TYPE_MAX] = {
@@ -13,16 +14,23 @@ static const char *const type_names[WIRE_TYPE_MAX] = {
     [WIRE_HEARTBEAT] = "heartbeat", [WIRE_STATE] = "state",
     [WIRE_DONE] = "done",	    [WIRE_COMPLETE] = "complete",
     [WIRE_COMMIT] = "commit",	    [WIRE_RESUMED] = "resumed",
-    [WIRE_ABORT] = "abort",
+    [WIRE_ABORT] = "abort",	    [WIRE_POSTCOPY] = "postcopy",
+    [WIRE_RUNNING] = "running",
 };
 
-/* Fixed payload sizes; STATE is variable (at least its two lengths). */
+/* Fixed payload sizes; STATE and POSTCOPY are variable (at least their two lengths). */
 static const uint32_t payload_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	 [WIRE_CHALLENGE] = 88,	 [WIRE_AUTH] = 32,     [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
-    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 16,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
-    [WIRE_ABORT] = 200,
+    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 256,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
+    [WIRE_ABORT] = 200,	 [WIRE_POSTCOPY] = 16,	 [WIRE_RUNNING] = 0,
 };
+
+/* Types whose payload length varies; they have their own encoders and decoders. */
+static bool variable_len(uint16_t type)
+{
+	return type == WIRE_STATE || type == WIRE_POSTCOPY;
+}
 
 const char *wire_type_name(uint16_t type)
 {
@@ -83,7 +91,7 @@ int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
 	uint32_t len;
 	uint8_t *p = buf + sizeof(struct wire_hdr);
 
-	if (!type || type >= WIRE_TYPE_MAX || type == WIRE_STATE)
+	if (!type || type >= WIRE_TYPE_MAX || variable_len(type))
 		return -EINVAL;
 	len = payload_len[type];
 	if (cap < sizeof(struct wire_hdr) + len)
@@ -138,9 +146,18 @@ int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
 			put64(p + 8 + 8 * i, i < m->channels ? m->pages[i] : 0);
 		break;
 	}
-	case WIRE_COMPLETE:
-		put64(p, ((const struct msg_complete *)msg)->pages_received);
+	case WIRE_COMPLETE: {
+		const struct msg_complete *m = msg;
+		put64(p, m->pages_received);
+		put64(p + 8, m->postcopy_requests);
+		put64(p + 16, m->postcopy_faults);
+		put64(p + 24, m->postcopy_blocked_us);
+		for (unsigned i = 0; i < 4; i++)
+			put64(p + 32 + 8 * i, m->lat_us[i]);
+		for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
+			put64(p + 64 + 8 * i, m->hist[i]);
 		break;
+	}
 	default: /* empty payloads */
 		break;
 	}
@@ -180,10 +197,12 @@ int wire_decode_hdr(const uint8_t *buf, struct wire_hdr *h, char *err, size_t er
 			    WIRE_VERSION);
 	if (!type || type >= WIRE_TYPE_MAX)
 		return fail(err, errlen, "unknown message type %u", type);
-	if (type == WIRE_STATE ? (len < 8 || len > WIRE_MAX_PAYLOAD) : len != payload_len[type])
-		return fail(err, errlen, "%s message with payload length %u (expected %s%u)",
-			    type_names[type], len, type == WIRE_STATE ? "8.." : "",
-			    type == WIRE_STATE ? WIRE_MAX_PAYLOAD : payload_len[type]);
+	if (variable_len(type) && (len < payload_len[type] || len > WIRE_MAX_PAYLOAD))
+		return fail(err, errlen, "%s message with payload length %u (expected %u..%u)",
+			    type_names[type], len, payload_len[type], WIRE_MAX_PAYLOAD);
+	if (!variable_len(type) && len != payload_len[type])
+		return fail(err, errlen, "%s message with payload length %u (expected %u)",
+			    type_names[type], len, payload_len[type]);
 	if (get32(buf + 12))
 		return fail(err, errlen, "reserved header bytes are not zero");
 	h->magic = magic;
@@ -205,7 +224,7 @@ static int decode_reason(const uint8_t *p, struct msg_refuse *m, char *err, size
 
 int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *err, size_t errlen)
 {
-	if (!type || type >= WIRE_TYPE_MAX || type == WIRE_STATE || len != payload_len[type])
+	if (!type || type >= WIRE_TYPE_MAX || variable_len(type) || len != payload_len[type])
 		return fail(err, errlen, "%s message with payload length %u", wire_type_name(type),
 			    len);
 	switch (type) {
@@ -217,7 +236,8 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 		m.flags = get32(p + 12);
 		m.nregions = get32(p + 16);
 		memcpy(m.nonce, p + 24, WIRE_NONCE_LEN);
-		if (m.mode != WIRE_MODE_PRECOPY && m.mode != WIRE_MODE_COLD)
+		if (m.mode != WIRE_MODE_PRECOPY && m.mode != WIRE_MODE_COLD &&
+		    m.mode != WIRE_MODE_POSTCOPY)
 			return fail(err, errlen, "unknown migration mode %u", m.mode);
 		if (!m.channels || m.channels > WIRE_MAX_CHANNELS)
 			return fail(err, errlen, "channel count %u out of range 1..%d", m.channels,
@@ -271,8 +291,11 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 		memcpy(m->sid, p, WIRE_SID_LEN);
 		m->index = get32(p + 16);
 		memcpy(m->mac, p + 24, WIRE_MAC_LEN);
-		if (m->index >= WIRE_MAX_CHANNELS)
-			return fail(err, errlen, "channel index %u out of range", m->index);
+		if (m->index >= WIRE_MAX_CHANNELS && m->index != WIRE_URGENT_CHANNEL)
+			return fail(err, errlen,
+				    "channel index %u out of range (0..%d, or %d for the urgent "
+				    "channel)",
+				    m->index, WIRE_MAX_CHANNELS - 1, WIRE_URGENT_CHANNEL);
 		return 0;
 	}
 	case WIRE_DONE: {
@@ -284,9 +307,26 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 			m->pages[i] = get64(p + 8 + 8 * i);
 		return 0;
 	}
-	case WIRE_COMPLETE:
-		((struct msg_complete *)msg)->pages_received = get64(p);
+	case WIRE_COMPLETE: {
+		struct msg_complete m;
+		static const char *const lat_names[4] = {"p50", "p90", "p99", "max"};
+		m.pages_received = get64(p);
+		m.postcopy_requests = get64(p + 8);
+		m.postcopy_faults = get64(p + 16);
+		m.postcopy_blocked_us = get64(p + 24);
+		for (unsigned i = 0; i < 4; i++)
+			m.lat_us[i] = get64(p + 32 + 8 * i);
+		for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
+			m.hist[i] = get64(p + 64 + 8 * i);
+		for (unsigned i = 1; i < 4; i++)
+			if (m.lat_us[i] < m.lat_us[i - 1])
+				return fail(err, errlen,
+					    "fault latency %s %llu us is below %s %llu us",
+					    lat_names[i], (unsigned long long)m.lat_us[i],
+					    lat_names[i - 1], (unsigned long long)m.lat_us[i - 1]);
+		*(struct msg_complete *)msg = m;
 		return 0;
+	}
 	default:
 		return 0;
 	}
@@ -308,6 +348,64 @@ int wire_decode_state(const uint8_t *p, uint32_t len, const uint8_t **vcpu, uint
 	*vcpu_len = vl;
 	*dev = p + 8 + vl;
 	*dev_len = dl;
+	return 0;
+}
+
+/* Bitmap words covering npages pages; no overflow for any npages. */
+static uint64_t bitmap_words(uint64_t npages)
+{
+	return npages / 64 + (npages % 64 != 0);
+}
+
+int wire_encode_postcopy(const uint64_t *words, uint64_t npages, uint64_t nstale, uint8_t **out)
+{
+	uint64_t nwords = bitmap_words(npages);
+	uint32_t len;
+	uint8_t *buf;
+
+	if (nwords > (WIRE_MAX_PAYLOAD - 16) / 8)
+		return -E2BIG;
+	len = (uint32_t)(16 + 8 * nwords);
+	buf = malloc(sizeof(struct wire_hdr) + len);
+	if (!buf)
+		return -ENOMEM;
+	put_hdr(buf, WIRE_POSTCOPY, len);
+	put64(buf + 16, npages);
+	put64(buf + 24, nstale);
+	for (uint64_t i = 0; i < nwords; i++)
+		put64(buf + 32 + 8 * i, words[i]);
+	*out = buf;
+	return (int)(sizeof(struct wire_hdr) + len);
+}
+
+int wire_decode_postcopy(const uint8_t *p, uint32_t len, uint64_t npages, uint64_t *words_out,
+			 uint64_t *nstale, char *err, size_t errlen)
+{
+	uint64_t nwords = bitmap_words(npages), n, stale, count = 0;
+
+	if (len < 16)
+		return fail(err, errlen, "postcopy message of %u bytes", len);
+	n = get64(p);
+	stale = get64(p + 8);
+	if (n != npages)
+		return fail(err, errlen,
+			    "postcopy stale set covers %llu pages, this guest has %llu",
+			    (unsigned long long)n, (unsigned long long)npages);
+	if (len != 16 + 8 * nwords)
+		return fail(err, errlen,
+			    "postcopy message of %u bytes for %llu pages (expected %llu)", len,
+			    (unsigned long long)npages, (unsigned long long)(16 + 8 * nwords));
+	if (npages % 64 && get64(p + 16 + 8 * (nwords - 1)) >> (npages % 64))
+		return fail(err, errlen, "postcopy stale set marks pages beyond the %llu of RAM",
+			    (unsigned long long)npages);
+	for (uint64_t i = 0; i < nwords; i++)
+		count += (uint64_t)__builtin_popcountll(get64(p + 16 + 8 * i));
+	if (count != stale)
+		return fail(err, errlen, "postcopy stale set announces %llu pages but marks %llu",
+			    (unsigned long long)stale, (unsigned long long)count);
+	for (uint64_t i = 0; i < nwords; i++)
+		words_out[i] = get64(p + 16 + 8 * i);
+	*nstale = stale;
 	return 0;
 }
 
@@ -340,6 +438,7 @@ int wire_rec_decode(const struct wire_rec *in, uint64_t npages, struct wire_rec 
 	switch (r.type) {
 	case REC_PAGES:
 	case REC_ZERO:
+	case REC_REQ:
 		if (!r.npages || r.npages > WIRE_MAX_RUN)
 			return fail(err, errlen, "record of %u pages (1..%d)", r.npages,
 				    WIRE_MAX_RUN);
@@ -353,6 +452,11 @@ int wire_rec_decode(const struct wire_rec *in, uint64_t npages, struct wire_rec 
 	case REC_END:
 		if (r.npages)
 			return fail(err, errlen, "end record carrying %u pages", r.npages);
+		break;
+	case REC_SWITCH:
+		if (r.npages || r.first_page)
+			return fail(err, errlen, "switch record carrying pages (%u from %llu)",
+				    r.npages, (unsigned long long)r.first_page);
 		break;
 	default:
 		return fail(err, errlen, "unknown record type %u", r.type);

@@ -38,6 +38,8 @@ enum wire_type {
 	WIRE_COMMIT,	 /* src→dst: the guest is yours; run it */
 	WIRE_RESUMED,	 /* dst→src: the guest is ready to run here */
 	WIRE_ABORT,	 /* src→dst: migration cancelled; a reason */
+	WIRE_POSTCOPY,	 /* src→dst: switch: the stale pages; the guest is yours, run it */
+	WIRE_RUNNING,	 /* dst→src: the guest runs here (post-copy) */
 	WIRE_TYPE_MAX,
 };
 
@@ -52,7 +54,9 @@ struct wire_hdr {
 };
 _Static_assert(sizeof(struct wire_hdr) == 16, "wire header is 16 bytes");
 
-enum wire_mode { WIRE_MODE_PRECOPY = 1, WIRE_MODE_COLD = 2 };
+/* POSTCOPY covers postcopy and hybrid: the destination prepares for a switch (urgent
+ * channel, fault handling) that a converging hybrid migration never makes. */
+enum wire_mode { WIRE_MODE_PRECOPY = 1, WIRE_MODE_COLD = 2, WIRE_MODE_POSTCOPY = 3 };
 #define WIRE_F_PSK 1u /* the sender holds a pre-shared key */
 
 /* Decoded (host-order) messages. */
@@ -98,9 +102,12 @@ struct msg_refuse {
 	char reason[WIRE_REASON_LEN]; /* NUL-terminated */
 };
 
+/* The urgent channel (post-copy page requests and their replies) takes this index. */
+#define WIRE_URGENT_CHANNEL 255
+
 struct msg_chan_hello {
 	uint8_t sid[WIRE_SID_LEN];
-	uint32_t index;
+	uint32_t index; /* < WIRE_MAX_CHANNELS, or WIRE_URGENT_CHANNEL */
 	uint8_t mac[WIRE_MAC_LEN];
 };
 
@@ -109,9 +116,20 @@ struct msg_done {
 	uint64_t pages[WIRE_MAX_CHANNELS]; /* records' pages sent on each channel */
 };
 
+#define WIRE_LAT_BUCKETS 24 /* power-of-two fault-latency buckets, in us */
+
+/* The destination's account of the migration; the post-copy fields are 0 without one. */
 struct msg_complete {
 	uint64_t pages_received;
+	uint64_t postcopy_requests;
+	uint64_t postcopy_faults;     /* vCPU faults that waited for a stale page */
+	uint64_t postcopy_blocked_us; /* summed over faulting threads */
+	uint64_t lat_us[4];	      /* p50, p90, p99, max */
+	uint64_t hist[WIRE_LAT_BUCKETS];
 };
+
+/* POSTCOPY's payload (variable, like STATE): le64 npages, le64 nstale, then
+ * ceil(npages / 64) le64 words, bit p set when page p is stale. */
 
 /* Control messages that carry nothing (heartbeat, commit, resumed) have an empty
  * payload. STATE's payload is: le32 vcpu_len, le32 dev_len, vcpu blob, device blob. */
@@ -131,12 +149,23 @@ int wire_decode(uint16_t type, const uint8_t *payload, uint32_t len, void *msg, 
 int wire_decode_state(const uint8_t *payload, uint32_t len, const uint8_t **vcpu,
 		      uint32_t *vcpu_len, const uint8_t **dev, uint32_t *dev_len, char *err,
 		      size_t errlen);
+/* POSTCOPY: encodes the stale set (bitmap words, npages bits, nstale of them set) into a
+ * malloc'ed message; returns its length or a negative errno (-E2BIG past
+ * WIRE_MAX_PAYLOAD, which bounds post-copy RAM just under 32 GiB). */
+int wire_encode_postcopy(const uint64_t *words, uint64_t npages, uint64_t nstale, uint8_t **out);
+/* Checks npages against the receiver's RAM, the length, that no bit past npages is set and
+ * that nstale bits are set; copies the words (host order) into words_out, which holds
+ * ceil(npages / 64) words. */
+int wire_decode_postcopy(const uint8_t *payload, uint32_t len, uint64_t npages, uint64_t *words_out,
+			 uint64_t *nstale, char *err, size_t errlen);
 
 /* Bulk channel record. */
 enum wire_rec_type {
 	REC_PAGES = 1, /* npages pages of data follow */
 	REC_ZERO,      /* npages pages are now zero; no data */
 	REC_END,       /* no more records on this channel; first_page = pages sent on it */
+	REC_SWITCH,    /* post-copy: what follows was sent after the switch (no pages) */
+	REC_REQ,       /* urgent channel, dst→src: send npages pages from first_page */
 };
 
 struct wire_rec {

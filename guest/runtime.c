@@ -312,6 +312,13 @@ static double recent_rate(struct guest *g)
 	return (double)(pages - best_pages) * HM_PAGE_SIZE * 1e3 / (double)(now - best_ns);
 }
 
+static const char *const mode_names[] = {
+    [HM_MODE_PRECOPY] = "precopy",
+    [HM_MODE_COLD] = "cold",
+    [HM_MODE_POSTCOPY] = "postcopy",
+    [HM_MODE_HYBRID] = "hybrid",
+};
+
 int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t errlen)
 {
 	struct hm_migrate_cfg cfg;
@@ -326,15 +333,18 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 		return -EINVAL;
 	}
 	if ((v = json_get(req, "mode"))) {
-		if (!strcmp(v, "precopy"))
-			cfg.mode = HM_MODE_PRECOPY;
-		else if (!strcmp(v, "cold"))
-			cfg.mode = HM_MODE_COLD;
-		else {
-			snprintf(err, errlen, "unknown mode '%s' (precopy or cold)", v);
+		cfg.mode = 0;
+		for (int i = HM_MODE_PRECOPY; i <= HM_MODE_HYBRID; i++)
+			if (!strcmp(v, mode_names[i]))
+				cfg.mode = i;
+		if (!cfg.mode) {
+			snprintf(err, errlen,
+				 "unknown mode '%s' (precopy, cold, postcopy or hybrid)", v);
 			return -EINVAL;
 		}
 	}
+	if (json_get_u64(req, "precopy_rounds", &x) == 0)
+		cfg.precopy_rounds = (unsigned)x;
 	if (json_get_u64(req, "downtime_limit_ms", &x) == 0)
 		cfg.downtime_limit_ms = (unsigned)x;
 	if (json_get_u64(req, "max_rounds", &x) == 0)
@@ -419,17 +429,24 @@ static const char *guest_state(struct guest *g)
 void stats_json(const struct hm_stats *st, struct jw *w)
 {
 	static const char *const status[HM_MIG_STATE_MAX] = {
-	    [HM_MIG_SETUP] = "active",	      [HM_MIG_PRECOPY] = "active",
-	    [HM_MIG_STOPCOPY] = "active",     [HM_MIG_COMMIT] = "active",
-	    [HM_MIG_COMPLETED] = "completed", [HM_MIG_FAILED] = "failed",
+	    [HM_MIG_SETUP] = "active",
+	    [HM_MIG_PRECOPY] = "active",
+	    [HM_MIG_STOPCOPY] = "active",
+	    [HM_MIG_COMMIT] = "active",
+	    [HM_MIG_POSTCOPY] = "active",
+	    [HM_MIG_COMPLETED] = "completed",
+	    [HM_MIG_FAILED] = "failed",
 	    [HM_MIG_CANCELLED] = "cancelled",
+	    [HM_MIG_POSTCOPY_PAUSED] = "postcopy-paused",
 	};
+	static const char *const pct[4] = {"p50", "p90", "p99", "max"};
+	char key[16];
 
 	jw_str(w, "status", status[st->state]);
 	if (st->error[0])
 		jw_str(w, "error", st->error);
 	jw_str(w, "phase", hm_mig_state_name(st->state));
-	jw_str(w, "mode", st->mode == HM_MODE_COLD ? "cold" : "precopy");
+	jw_str(w, "mode", mode_names[st->mode]);
 	jw_bool(w, "source_paused", st->source_paused);
 	jw_f64(w, "total_time_ms", st->total_time_ms);
 	jw_f64(w, "setup_time_ms", st->setup_time_ms);
@@ -449,6 +466,26 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_str(w, "tracking", st->tracking);
 	jw_str(w, "transport", st->transport);
 	jw_u64(w, "channels", st->channels);
+	jw_str(w, "switch_reason", st->switch_reason);
+	jw_u64(w, "precopy_bytes", st->precopy_bytes);
+	jw_u64(w, "downtime_bytes", st->downtime_bytes);
+	jw_u64(w, "postcopy_bytes", st->postcopy_bytes);
+	jw_u64(w, "postcopy_requests", st->postcopy_requests);
+	jw_u64(w, "postcopy_faults", st->postcopy_faults);
+	jw_f64(w, "postcopy_blocked_ms", st->postcopy_blocked_ms);
+	jw_obj_begin(w, "fault_latency_us");
+	for (int i = 0; i < 4; i++)
+		jw_u64(w, pct[i], st->fault_lat_us[i]);
+	/* Power-of-two buckets: "lt_2" counts waits under 2 us, "lt_4" 2..3 us, ... */
+	jw_obj_begin(w, "histogram");
+	for (int i = 0; i < 24; i++) {
+		if (!st->fault_lat_hist[i])
+			continue;
+		snprintf(key, sizeof(key), "lt_%llu", 2ULL << i);
+		jw_u64(w, key, st->fault_lat_hist[i]);
+	}
+	jw_obj_end(w);
+	jw_obj_end(w);
 }
 
 void guest_status_json(struct guest *g, struct jw *w)

@@ -18,17 +18,19 @@
 #include "../transport/transport.h"
 
 /* Exit codes (documented in --help and the README). */
-#define EXIT_OK	       0
-#define EXIT_FAILED    1
-#define EXIT_USAGE     2
-#define EXIT_CANCELLED 3
+#define EXIT_OK		     0
+#define EXIT_FAILED	     1
+#define EXIT_USAGE	     2
+#define EXIT_CANCELLED	     3
+#define EXIT_POSTCOPY_PAUSED 4
 
 static const char usage[] =
     "usage:\n"
     "  hymig guest   --mem SIZE --ctl PATH [--vcpus N] [--workload SPEC]\n"
     "                [--incoming tcp://ADDR:PORT] [--no-autostart] [--numa-node N]\n"
     "                [--hugepages auto|thp|hugetlb|off] [--psk-file F] [--verbose]\n"
-    "  hymig migrate --ctl PATH --to tcp://HOST:PORT [--mode precopy|cold]\n"
+    "  hymig migrate --ctl PATH --to tcp://HOST:PORT\n"
+    "                [--mode hybrid|precopy|postcopy|cold] [--precopy-rounds N]\n"
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
     "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
@@ -39,13 +41,20 @@ static const char usage[] =
     "SIZE takes binary suffixes (256M = 256 x 2^20 bytes); RATE decimal bytes per\n"
     "second (50M = 50 x 10^6 B/s). Workloads: idle, or\n"
     "dirtier:rate=RATE,pattern=uniform|hotspot|sequential[,hot=F][,seed=S].\n"
-    "Defaults: --vcpus 2, --workload idle, --hugepages auto, --mode precopy,\n"
-    "--downtime-limit 50, --max-rounds 30, --channels 2, no bandwidth limit, no timeout.\n"
+    "Defaults: --vcpus 2, --workload idle, --hugepages auto, --mode hybrid,\n"
+    "--precopy-rounds 1, --downtime-limit 50, --max-rounds 30, --channels 2, no\n"
+    "bandwidth limit, no timeout.\n"
+    "Modes: precopy copies while the guest runs and cancels when it cannot converge;\n"
+    "hybrid does the same but switches to post-copy instead (the guest runs on the\n"
+    "destination and its remaining pages follow, urgent ones on request); postcopy\n"
+    "switches after --precopy-rounds rounds (0: at once); cold pauses first.\n"
     "Transports built in: %s.\n"
     "\n"
     "migrate exits 0 when the migration completed, 1 when it failed, 3 when it was\n"
-    "cancelled (Ctrl-C or SIGTERM cancel it; the source guest keeps running), 2 on a\n"
-    "usage error. verify exits 0 exactly when no page is bad.\n";
+    "cancelled (Ctrl-C or SIGTERM cancel it before a switch to post-copy; the source\n"
+    "guest keeps running), 4 when the link broke during post-copy (status\n"
+    "postcopy-paused: the guest runs on the destination, the source keeps its pages,\n"
+    "paused), 2 on a usage error. verify exits 0 exactly when no page is bad.\n";
 
 static void print_usage(FILE *f)
 {
@@ -376,6 +385,7 @@ static int cmd_migrate(int argc, char **argv)
 	    {"ctl", required_argument, 0, 'c'},
 	    {"to", required_argument, 0, 't'},
 	    {"mode", required_argument, 0, 'm'},
+	    {"precopy-rounds", required_argument, 0, 'P'},
 	    {"downtime-limit", required_argument, 0, 'd'},
 	    {"max-rounds", required_argument, 0, 'r'},
 	    {"bandwidth-limit", required_argument, 0, 'b'},
@@ -414,9 +424,18 @@ static int cmd_migrate(int argc, char **argv)
 			break;
 		}
 		case 'm':
-			if (strcmp(optarg, "precopy") && strcmp(optarg, "cold"))
-				return usage_error("--mode '%s': expected precopy or cold", optarg);
+			if (strcmp(optarg, "precopy") && strcmp(optarg, "cold") &&
+			    strcmp(optarg, "postcopy") && strcmp(optarg, "hybrid"))
+				return usage_error(
+				    "--mode '%s': expected hybrid, precopy, postcopy or cold",
+				    optarg);
 			jw_str(&w, "mode", optarg);
+			break;
+		case 'P':
+			if (parse_uint(optarg, 100000, &u) < 0)
+				return usage_error("--precopy-rounds '%s': expected a count",
+						   optarg);
+			jw_u64(&w, "precopy_rounds", u);
 			break;
 		case 'd':
 			if (parse_uint(optarg, 3600000, &u) < 0)
@@ -539,9 +558,10 @@ static int cmd_migrate(int argc, char **argv)
 		if (strcmp(status, "completed"))
 			fprintf(stderr, "hymig migrate: %s: %s\n", status,
 				json_get(&ev, "error") ?: "");
-		return !strcmp(status, "completed")   ? EXIT_OK
-		       : !strcmp(status, "cancelled") ? EXIT_CANCELLED
-						      : EXIT_FAILED;
+		return !strcmp(status, "completed")	    ? EXIT_OK
+		       : !strcmp(status, "cancelled")	    ? EXIT_CANCELLED
+		       : !strcmp(status, "postcopy-paused") ? EXIT_POSTCOPY_PAUSED
+							    : EXIT_FAILED;
 	}
 }
 

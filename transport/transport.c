@@ -69,8 +69,3 @@ bad:
 	out->ops = NULL;
 	return -EINVAL;
 }
-
-int tp_enotsup_fetch(struct tp_bulk *b, const struct tp_run *runs, unsigned n)
-{
-	return -ENOTSUP;
-}

@@ -51,9 +51,21 @@ struct tp_run {
 	bool zero; /* the pages are zero: send the fact, not the bytes */
 };
 
+struct postcopy;
+
+/* How far tp_ops.land_wait waits. */
+enum tp_land_until {
+	TP_LAND_SWITCH, /* every channel delivered its switch marker */
+	TP_LAND_END,	/* every channel delivered its end record */
+};
+
 struct tp_bulk_cfg {
 	unsigned channels;
 	struct hm_ram *ram;
+	bool urgent; /* post-copy: open the urgent channel for page requests */
+	/* Destination, post-copy: pages arriving after a channel's switch marker (and every
+	 * reply on the urgent channel) land only where pc_claim allows. */
+	struct postcopy *pc;
 	uint8_t sid[WIRE_SID_LEN]; /* session id from the handshake */
 	const uint8_t *psk;	   /* NULL: no authentication */
 	size_t psk_len;

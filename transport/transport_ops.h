@@ -1,7 +1,7 @@
 /* The ops table a transport implements. An operation a transport lacks points to a
- * tp_enotsup_* stub, never NULL; the capability flags match the wired ops. Every call
- * returns 0 (or a count) or a negative errno, and writes a readable reason into err
- * where it has one. */
+ * tp_enotsup_* stub (none exist yet: tcp implements every op), never NULL; the capability flags
+ * match the wired ops. Every call returns 0 (or a count) or a negative errno, and writes a readable
+ * reason into err where it has one. */
 #ifndef HYMIG_TRANSPORT_OPS_H
 #define HYMIG_TRANSPORT_OPS_H
 
@@ -40,24 +40,31 @@ struct tp_ops {
 	/* Source: sends runs on channel ch; one caller per channel at a time. A page must
 	 * always travel on the same channel so a newer copy never overtakes an older one. */
 	int (*push)(struct tp_bulk *b, unsigned ch, const struct tp_run *runs, unsigned n);
+	/* Source: ends the pre-switch part of channel ch (post-copy). */
+	int (*push_switch)(struct tp_bulk *b, unsigned ch);
 	/* Source: waits until what was pushed on ch has reached the destination, so a
 	 * round's time is its real transfer time and no queued data delays the switch.
 	 * -ECANCELED after bulk_shutdown. */
 	int (*drain)(struct tp_bulk *b, unsigned ch);
 	/* Source: closes channel ch's stream of records. */
 	int (*push_end)(struct tp_bulk *b, unsigned ch);
-	/* Destination: waits until every channel delivered its end; pages[] gets the pages
-	 * landed per channel. -ETIMEDOUT, or the error that stopped a channel. */
-	int (*land_wait)(struct tp_bulk *b, int timeout_ms, uint64_t *pages, char *err,
-			 size_t errlen);
-	/* Destination: pulls pages from the source (post-copy). */
-	int (*fetch)(struct tp_bulk *b, const struct tp_run *runs, unsigned n);
+	/* Destination: waits until every channel delivered its switch marker or its end;
+	 * pages[] gets the pages landed per channel. -ETIMEDOUT, or the error that stopped
+	 * a channel. */
+	int (*land_wait)(struct tp_bulk *b, enum tp_land_until until, int timeout_ms,
+			 uint64_t *pages, char *err, size_t errlen);
+	/* Destination, post-copy: asks for pages urgently; they land through cfg.pc. Safe
+	 * to call from one thread while the landers run. */
+	int (*fetch)(struct tp_bulk *b, uint64_t first_page, uint32_t npages);
+	/* Source, post-copy: waits up to timeout_ms for the next urgent request
+	 * (-ETIMEDOUT if none); then serve_reply sends its pages on the urgent channel.
+	 * Transports whose destination reads pages by itself do not implement these. */
+	int (*serve_next)(struct tp_bulk *b, int timeout_ms, struct tp_run *req);
+	int (*serve_reply)(struct tp_bulk *b, const struct tp_run *runs, unsigned n);
 	/* Makes blocked bulk calls return (cancel, peer death). */
 	void (*bulk_shutdown)(struct tp_bulk *b);
 	void (*bulk_close)(struct tp_bulk *b);
 };
-
-int tp_enotsup_fetch(struct tp_bulk *b, const struct tp_run *runs, unsigned n);
 
 /* The transports built in, in one table (transport.c). */
 extern const struct tp_ops tcp_ops;

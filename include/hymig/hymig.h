@@ -22,8 +22,11 @@ struct hm_migration;
 struct hm_incoming;
 
 enum hm_mode {
-	HM_MODE_PRECOPY = 1, /* iterative pre-copy while the guest runs */
-	HM_MODE_COLD = 2,    /* the guest is paused first; everything is copied once */
+	HM_MODE_PRECOPY = 1,  /* iterative pre-copy while the guest runs */
+	HM_MODE_COLD = 2,     /* the guest is paused first; everything is copied once */
+	HM_MODE_POSTCOPY = 3, /* precopy_rounds rounds, then the guest runs on the
+				 destination while its stale pages follow */
+	HM_MODE_HYBRID = 4,   /* pre-copy while it converges, post-copy when it will not */
 };
 
 /* What the engine needs from the VMM. Every callback is called from the engine's
@@ -57,7 +60,8 @@ struct hm_vm_ops {
 
 struct hm_migrate_cfg {
 	const char *uri;	    /* "tcp://HOST:PORT" */
-	enum hm_mode mode;	    /* default HM_MODE_PRECOPY */
+	enum hm_mode mode;	    /* default HM_MODE_HYBRID */
+	unsigned precopy_rounds;    /* postcopy mode: rounds before the switch; default 1 */
 	unsigned downtime_limit_ms; /* default 50 */
 	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
@@ -74,13 +78,16 @@ void hm_migrate_cfg_init(struct hm_migrate_cfg *cfg);
 
 /* States of an outgoing migration, in order. */
 enum hm_mig_state {
-	HM_MIG_SETUP,	  /* connecting, handshake, reservation */
-	HM_MIG_PRECOPY,	  /* iterative rounds while the guest runs */
-	HM_MIG_STOPCOPY,  /* guest paused: last dirty pages, then vCPU/device state */
-	HM_MIG_COMMIT,	  /* waiting for the destination to confirm it holds the guest */
-	HM_MIG_COMPLETED, /* the destination owns the guest */
-	HM_MIG_FAILED,	  /* stopped by an error; the source guest runs as before */
-	HM_MIG_CANCELLED, /* stopped on request; the source guest runs as before */
+	HM_MIG_SETUP,		/* connecting, handshake, reservation */
+	HM_MIG_PRECOPY,		/* iterative rounds while the guest runs */
+	HM_MIG_STOPCOPY,	/* guest paused: last dirty pages, then vCPU/device state */
+	HM_MIG_POSTCOPY,	/* the guest runs on the destination; its stale pages follow */
+	HM_MIG_COMMIT,		/* waiting for the destination to confirm it holds the guest */
+	HM_MIG_COMPLETED,	/* the destination owns the guest */
+	HM_MIG_FAILED,		/* stopped by an error; the source guest runs as before */
+	HM_MIG_CANCELLED,	/* stopped on request; the source guest runs as before */
+	HM_MIG_POSTCOPY_PAUSED, /* the link broke in post-copy: the guest runs on the
+				   destination, the source keeps its pages, paused */
 	HM_MIG_STATE_MAX,
 };
 
@@ -109,6 +116,17 @@ struct hm_stats {
 	double rate_mb_per_s;	    /* last round's rate */
 	double dirty_rate_mb_per_s;
 	double scan_ms; /* last dirty collect */
+
+	/* Post-copy (0 when the migration never switched). */
+	char switch_reason[256];     /* why it switched; empty when it did not */
+	uint64_t precopy_bytes;	     /* sent before the source paused */
+	uint64_t downtime_bytes;     /* sent while the guest ran nowhere */
+	uint64_t postcopy_bytes;     /* sent while the guest ran on the destination */
+	uint64_t postcopy_requests;  /* urgent page requests served */
+	uint64_t postcopy_faults;    /* destination vCPU faults that waited for a page */
+	double postcopy_blocked_ms;  /* time vCPUs waited for pages, summed over them */
+	uint64_t fault_lat_us[4];    /* p50, p90, p99, max of those waits */
+	uint64_t fault_lat_hist[24]; /* bucket i: waits in [2^i, 2^(i+1)) us */
 };
 
 /* Starts migrating the running guest. ram and the callbacks must outlive the migration.
@@ -138,10 +156,12 @@ void hm_incoming_cfg_init(struct hm_incoming_cfg *cfg);
 
 /* States of the destination side. */
 enum hm_in_state {
-	HM_IN_LISTENING, /* waiting for a source */
-	HM_IN_RECEIVING, /* a migration is arriving */
-	HM_IN_COMPLETE,	 /* a complete guest is here; waiting for the source's commit */
-	HM_IN_ARRIVED,	 /* committed: the guest belongs here */
+	HM_IN_LISTENING,       /* waiting for a source */
+	HM_IN_RECEIVING,       /* a migration is arriving */
+	HM_IN_COMPLETE,	       /* a complete guest is here; waiting for the source's commit */
+	HM_IN_ARRIVED,	       /* committed: the guest belongs here */
+	HM_IN_POSTCOPY,	       /* the guest runs here while its stale pages arrive */
+	HM_IN_POSTCOPY_PAUSED, /* the source was lost during post-copy: stale pages wait */
 	HM_IN_STATE_MAX,
 };
 

@@ -88,7 +88,8 @@ verify_ok src2
 step "pre-copy that cannot converge is cancelled cleanly"
 guest a src3 --mem 64M --workload dirtier:rate=30M,pattern=uniform
 guest b dst6 --mem 64M --incoming "tcp://$ADDR_B:7026"
-migrate src3 --to "tcp://$ADDR_B:7026" --downtime-limit 1 --max-rounds 3 --bandwidth-limit 20M
+migrate src3 --to "tcp://$ADDR_B:7026" --mode precopy --downtime-limit 1 --max-rounds 3 \
+	--bandwidth-limit 20M
 [ $MIGRATE_RC != 0 ] || fail "non-converging migration succeeded"
 result_field error | grep -q "did not converge\|cannot converge" || fail "unclear convergence error"
 [ "$(status_field src3 state)" = running ] || fail "source guest is not running"

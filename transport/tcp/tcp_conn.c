@@ -314,7 +314,10 @@ const struct tp_ops tcp_ops = {
     .drain = tcp_drain,
     .push_end = tcp_push_end,
     .land_wait = tcp_land_wait,
-    .fetch = tp_enotsup_fetch,
+    .push_switch = tcp_push_switch,
+    .fetch = tcp_fetch,
+    .serve_next = tcp_serve_next,
+    .serve_reply = tcp_serve_reply,
     .bulk_shutdown = tcp_bulk_shutdown,
     .bulk_close = tcp_bulk_close,
 };

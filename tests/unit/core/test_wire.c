@@ -7,6 +7,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/wire.h"
@@ -15,12 +16,19 @@
 #define BUFSZ  4096
 #define ERRLEN 256
 
-/* Fixed payload lengths the protocol defines; must agree with wire.c. */
+/* Fixed payload lengths the protocol defines; must agree with wire.c. STATE and
+ * POSTCOPY are variable and have their own tests. */
 static const uint32_t fixed_len[WIRE_TYPE_MAX] = {
-    [WIRE_HELLO] = 584,	  [WIRE_CHALLENGE] = 88,  [WIRE_AUTH] = 32,	[WIRE_READY] = 16,
-    [WIRE_REFUSE] = 200,  [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_DONE] = 136,
-    [WIRE_COMPLETE] = 16, [WIRE_COMMIT] = 0,	  [WIRE_RESUMED] = 0,	[WIRE_ABORT] = 200,
+    [WIRE_HELLO] = 584,	   [WIRE_CHALLENGE] = 88,  [WIRE_AUTH] = 32,	 [WIRE_READY] = 16,
+    [WIRE_REFUSE] = 200,   [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_DONE] = 136,
+    [WIRE_COMPLETE] = 256, [WIRE_COMMIT] = 0,	   [WIRE_RESUMED] = 0,	 [WIRE_ABORT] = 200,
+    [WIRE_RUNNING] = 0,
 };
+
+static int variable_type(uint16_t t)
+{
+	return t == WIRE_STATE || t == WIRE_POSTCOPY;
+}
 
 static void put32(uint8_t *p, uint32_t v)
 {
@@ -32,6 +40,13 @@ static void put64(uint8_t *p, uint64_t v)
 {
 	v = htole64(v);
 	memcpy(p, &v, 8);
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return le64toh(v);
 }
 
 static void fill(uint8_t *p, size_t n, uint8_t seed)
@@ -110,6 +125,10 @@ static void test_type_names(void **state)
 	assert_string_equal(wire_type_name(WIRE_HELLO), "hello");
 	assert_string_equal(wire_type_name(WIRE_CHAN_HELLO), "chan-hello");
 	assert_string_equal(wire_type_name(WIRE_ABORT), "abort");
+	assert_string_equal(wire_type_name(WIRE_POSTCOPY), "postcopy");
+	assert_string_equal(wire_type_name(WIRE_RUNNING), "running");
+	for (uint16_t t = 1; t < WIRE_TYPE_MAX; t++) /* every type has a name */
+		assert_string_not_equal(wire_type_name(t), "unknown");
 	assert_string_equal(wire_type_name(0), "unknown");
 	assert_string_equal(wire_type_name(WIRE_TYPE_MAX), "unknown");
 	assert_string_equal(wire_type_name(0xffff), "unknown");
@@ -175,6 +194,8 @@ static void test_encode_errors(void **state)
 	assert_int_equal(wire_encode(0, &r, buf, sizeof(buf)), -EINVAL);
 	assert_int_equal(wire_encode(WIRE_TYPE_MAX, &r, buf, sizeof(buf)), -EINVAL);
 	assert_int_equal(wire_encode(WIRE_STATE, &r, buf, sizeof(buf)), -EINVAL);
+	assert_int_equal(wire_encode(WIRE_POSTCOPY, &r, buf, sizeof(buf)), -EINVAL);
+	assert_int_equal(wire_encode(WIRE_RUNNING, NULL, buf, HDR - 1), -ENOSPC);
 }
 
 static void test_hello_roundtrip(void **state)
@@ -206,6 +227,13 @@ static void test_hello_roundtrip(void **state)
 	assert_int_equal(out.channels, WIRE_MAX_CHANNELS);
 	assert_int_equal(out.nregions, HM_MAX_REGIONS);
 	assert_memory_equal(out.region_size, in.region_size, sizeof(in.region_size));
+
+	/* post-copy (and hybrid) mode */
+	in.mode = WIRE_MODE_POSTCOPY;
+	roundtrip(buf, wire_encode(WIRE_HELLO, &in, buf, sizeof(buf)), WIRE_HELLO, &out);
+	assert_int_equal(out.mode, WIRE_MODE_POSTCOPY);
+	assert_int_equal(out.mode, 3);
+	assert_int_equal(buf[HDR + 4], 3);
 }
 
 static void test_challenge_roundtrip(void **state)
@@ -297,6 +325,15 @@ static void test_chan_hello_roundtrip(void **state)
 	in.index = WIRE_MAX_CHANNELS - 1;
 	roundtrip(buf, wire_encode(WIRE_CHAN_HELLO, &in, buf, sizeof(buf)), WIRE_CHAN_HELLO, &out);
 	assert_int_equal(out.index, WIRE_MAX_CHANNELS - 1);
+
+	/* the urgent channel */
+	in.index = WIRE_URGENT_CHANNEL;
+	roundtrip(buf, wire_encode(WIRE_CHAN_HELLO, &in, buf, sizeof(buf)), WIRE_CHAN_HELLO, &out);
+	assert_int_equal(out.index, 255);
+	assert_int_equal(buf[HDR + 16], 255);
+	assert_int_equal(buf[HDR + 17] | buf[HDR + 18] | buf[HDR + 19], 0);
+	assert_memory_equal(out.sid, in.sid, WIRE_SID_LEN);
+	assert_memory_equal(out.mac, in.mac, WIRE_MAC_LEN);
 }
 
 static void test_done_roundtrip(void **state)
@@ -318,18 +355,100 @@ static void test_done_roundtrip(void **state)
 	assert_memory_equal(out.pages, in.pages, sizeof(in.pages));
 }
 
+static struct msg_complete sample_complete(void)
+{
+	struct msg_complete m = {
+	    .pages_received = 0x0123456789abcdefULL,
+	    .postcopy_requests = 0x1111222233334444ULL,
+	    .postcopy_faults = 0x5555666677778888ULL,
+	    .postcopy_blocked_us = 0x99990000aaaabbbbULL,
+	    .lat_us = {120, 950, 4100, 0x100000000ULL},
+	};
+
+	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
+		m.hist[i] = 0x0101010101010101ULL * (i + 1) + i;
+	return m;
+}
+
 static void test_complete_roundtrip(void **state)
 {
 	uint8_t buf[BUFSZ];
-	struct msg_complete in = {.pages_received = 0x0123456789abcdefULL}, out = {0};
+	struct msg_complete in = sample_complete(), out;
+	int n;
 
-	roundtrip(buf, wire_encode(WIRE_COMPLETE, &in, buf, sizeof(buf)), WIRE_COMPLETE, &out);
+	memset(&out, 0x5a, sizeof(out));
+	memset(buf, 0xee, sizeof(buf));
+	n = wire_encode(WIRE_COMPLETE, &in, buf, sizeof(buf));
+	roundtrip(buf, n, WIRE_COMPLETE, &out);
 	assert_int_equal(out.pages_received, 0x0123456789abcdefULL);
+	assert_int_equal(out.postcopy_requests, in.postcopy_requests);
+	assert_int_equal(out.postcopy_faults, in.postcopy_faults);
+	assert_int_equal(out.postcopy_blocked_us, in.postcopy_blocked_us);
+	for (unsigned i = 0; i < 4; i++)
+		assert_int_equal(out.lat_us[i], in.lat_us[i]);
+	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
+		assert_int_equal(out.hist[i], in.hist[i]);
+
+	/* layout: le64 each, in order; 8 * (4 + 4 + 24) bytes and nothing past them */
+	assert_int_equal(n, HDR + 256);
+	assert_int_equal(buf[8], 0x00);
+	assert_int_equal(buf[9], 0x01);
+	assert_int_equal(buf[HDR + 0], 0xef);
+	assert_int_equal(buf[HDR + 7], 0x01);
+	assert_int_equal(get64(buf + HDR + 0), in.pages_received);
+	assert_int_equal(get64(buf + HDR + 8), in.postcopy_requests);
+	assert_int_equal(get64(buf + HDR + 16), in.postcopy_faults);
+	assert_int_equal(get64(buf + HDR + 24), in.postcopy_blocked_us);
+	assert_int_equal(get64(buf + HDR + 32), 120);
+	assert_int_equal(get64(buf + HDR + 40), 950);
+	assert_int_equal(get64(buf + HDR + 48), 4100);
+	assert_int_equal(get64(buf + HDR + 56), 0x100000000ULL);
+	assert_int_equal(buf[HDR + 56 + 4], 1);
+	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
+		assert_int_equal(get64(buf + HDR + 64 + 8 * i), in.hist[i]);
+	assert_int_equal(buf[n], 0xee);
+
+	/* a migration without post-copy: all its fields 0, equal latencies allowed */
+	struct msg_complete zero = {.pages_received = 5};
+	roundtrip(buf, wire_encode(WIRE_COMPLETE, &zero, buf, sizeof(buf)), WIRE_COMPLETE, &out);
+	assert_int_equal(out.pages_received, 5);
+	assert_int_equal(out.postcopy_requests | out.postcopy_faults | out.postcopy_blocked_us, 0);
+	for (unsigned i = 0; i < 4; i++)
+		assert_int_equal(out.lat_us[i], 0);
+	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
+		assert_int_equal(out.hist[i], 0);
+	in.lat_us[0] = in.lat_us[1] = in.lat_us[2] = in.lat_us[3] = 77;
+	roundtrip(buf, wire_encode(WIRE_COMPLETE, &in, buf, sizeof(buf)), WIRE_COMPLETE, &out);
+	assert_int_equal(out.lat_us[0], 77);
+	assert_int_equal(out.lat_us[3], 77);
+}
+
+static void test_complete_malformed(void **state)
+{
+	uint8_t buf[BUFSZ];
+	struct msg_complete m = sample_complete();
+
+	/* each latency below the one before it */
+	for (unsigned i = 1; i < 4; i++) {
+		assert_int_equal(wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf)), (int)HDR + 256);
+		put64(buf + HDR + 32 + 8 * i, get64(buf + HDR + 32 + 8 * (i - 1)) - 1);
+		decode_bad(WIRE_COMPLETE, buf + HDR, 256);
+	}
+	/* p50 above everything else */
+	wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf));
+	put64(buf + HDR + 32, UINT64_MAX);
+	decode_bad(WIRE_COMPLETE, buf + HDR, 256);
+	/* max of 0 after non-zero percentiles */
+	wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf));
+	put64(buf + HDR + 56, 0);
+	decode_bad(WIRE_COMPLETE, buf + HDR, 256);
+	/* the old 16-byte complete */
+	decode_bad(WIRE_COMPLETE, buf + HDR, 16);
 }
 
 static void test_empty_roundtrip(void **state)
 {
-	static const uint16_t types[] = {WIRE_HEARTBEAT, WIRE_COMMIT, WIRE_RESUMED};
+	static const uint16_t types[] = {WIRE_HEARTBEAT, WIRE_COMMIT, WIRE_RESUMED, WIRE_RUNNING};
 	uint8_t buf[BUFSZ];
 
 	for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
@@ -338,6 +457,16 @@ static void test_empty_roundtrip(void **state)
 		roundtrip(buf, wire_encode(types[i], NULL, buf, sizeof(buf)), types[i], &unused);
 		assert_int_equal(buf[HDR], 0xee);
 	}
+
+	/* running: type 15, empty payload */
+	memset(buf, 0xee, sizeof(buf));
+	assert_int_equal(wire_encode(WIRE_RUNNING, NULL, buf, HDR), (int)HDR);
+	assert_memory_equal(buf, "HYMG", 4);
+	assert_int_equal(buf[6], WIRE_RUNNING);
+	assert_int_equal(buf[6], 15);
+	assert_int_equal(buf[7], 0);
+	assert_int_equal(buf[8] | buf[9] | buf[10] | buf[11], 0);
+	assert_int_equal(buf[HDR], 0xee);
 }
 
 static void test_state_roundtrip(void **state)
@@ -432,7 +561,7 @@ static void test_hdr_bad_length(void **state)
 	char err[ERRLEN] = "";
 
 	for (uint16_t t = 1; t < WIRE_TYPE_MAX; t++) {
-		if (t == WIRE_STATE)
+		if (variable_type(t))
 			continue;
 		static const int64_t delta[] = {1, -1, 8, 0x10000, 0x1000000};
 		for (size_t i = 0; i < sizeof(delta) / sizeof(delta[0]); i++) {
@@ -488,7 +617,7 @@ static void test_decode_bad_length(void **state)
 	uint8_t buf[BUFSZ] = {0};
 
 	for (uint16_t t = 1; t < WIRE_TYPE_MAX; t++) {
-		if (t == WIRE_STATE)
+		if (variable_type(t))
 			continue;
 		decode_bad(t, buf, fixed_len[t] + 1);
 		if (fixed_len[t])
@@ -499,6 +628,8 @@ static void test_decode_bad_length(void **state)
 	decode_bad(0, buf, 0);
 	decode_bad(WIRE_TYPE_MAX, buf, 0);
 	decode_bad(WIRE_STATE, buf, 8);
+	decode_bad(WIRE_POSTCOPY, buf, 16);
+	decode_bad(WIRE_POSTCOPY, buf, 24);
 }
 
 /* Encodes the sample hello, lets fix() damage the payload, and expects a refusal. */
@@ -519,9 +650,13 @@ static void mode_0(struct msg_hello *m, uint8_t *p)
 {
 	m->mode = 0;
 }
-static void mode_3(struct msg_hello *m, uint8_t *p)
+static void mode_4(struct msg_hello *m, uint8_t *p)
 {
-	m->mode = 3;
+	m->mode = 4;
+}
+static void mode_huge(struct msg_hello *m, uint8_t *p)
+{
+	m->mode = 0x80000003u;
 }
 static void channels_0(struct msg_hello *m, uint8_t *p)
 {
@@ -585,7 +720,8 @@ static void region_far_beyond(struct msg_hello *m, uint8_t *p)
 static void test_hello_malformed(void **state)
 {
 	hello_bad(mode_0);
-	hello_bad(mode_3);
+	hello_bad(mode_4);
+	hello_bad(mode_huge);
 	hello_bad(channels_0);
 	hello_bad(channels_17);
 	hello_bad(flags_2);
@@ -652,6 +788,14 @@ static void test_chan_hello_malformed(void **state)
 	m.index = 0xffffffffu;
 	wire_encode(WIRE_CHAN_HELLO, &m, buf, sizeof(buf));
 	decode_bad(WIRE_CHAN_HELLO, buf + HDR, 56);
+	/* between the bulk channels and the urgent one, and just past it */
+	static const uint32_t bad[] = {WIRE_MAX_CHANNELS + 1, 128, WIRE_URGENT_CHANNEL - 1,
+				       WIRE_URGENT_CHANNEL + 1, 0x100 | WIRE_URGENT_CHANNEL};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		m.index = bad[i];
+		wire_encode(WIRE_CHAN_HELLO, &m, buf, sizeof(buf));
+		decode_bad(WIRE_CHAN_HELLO, buf + HDR, 56);
+	}
 }
 
 static void test_done_malformed(void **state)
@@ -795,7 +939,9 @@ static void test_rec_malformed(void **state)
 
 	wire_rec_encode(&r, 0, 0, 1);
 	rec_bad(&r, 1000);
-	wire_rec_encode(&r, REC_END + 1, 0, 1);
+	wire_rec_encode(&r, REC_REQ + 1, 0, 1);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ + 1, 0, 0);
 	rec_bad(&r, 1000);
 	wire_rec_encode(&r, 0xffff, 0, 0);
 	rec_bad(&r, 1000);
@@ -837,6 +983,300 @@ static void test_rec_malformed(void **state)
 	rec_bad(&r, 1000);
 }
 
+static void test_rec_postcopy(void **state)
+{
+	struct wire_rec r, out;
+	const uint8_t *b = (const uint8_t *)&r;
+
+	/* SWITCH: type 4, no pages */
+	wire_rec_encode(&r, REC_SWITCH, 0, 0);
+	assert_memory_equal(b, "HMGP", 4);
+	assert_int_equal(b[4], 4);
+	assert_int_equal(b[5], 0);
+	memset(&out, 0x5a, sizeof(out));
+	rec_ok(&r, 1000, &out);
+	assert_int_equal(out.magic, WIRE_REC_MAGIC);
+	assert_int_equal(out.type, REC_SWITCH);
+	assert_int_equal(out.flags, 0);
+	assert_int_equal(out.npages, 0);
+	assert_int_equal(out.reserved, 0);
+	assert_int_equal(out.first_page, 0);
+
+	/* REQ: type 5, a run inside RAM */
+	wire_rec_encode(&r, REC_REQ, 0x123456789ULL, 17);
+	assert_int_equal(b[4], 5);
+	assert_int_equal(b[8], 17);
+	assert_int_equal(b[16], 0x89);
+	assert_int_equal(b[20], 0x01);
+	memset(&out, 0x5a, sizeof(out));
+	rec_ok(&r, 0x200000000ULL, &out);
+	assert_int_equal(out.type, REC_REQ);
+	assert_int_equal(out.flags, 0);
+	assert_int_equal(out.reserved, 0);
+	assert_int_equal(out.npages, 17);
+	assert_int_equal(out.first_page, 0x123456789ULL);
+	wire_rec_encode(&r, REC_REQ, 0, 1);
+	rec_ok(&r, 1, &out);
+	wire_rec_encode(&r, REC_REQ, 1000 - WIRE_MAX_RUN, WIRE_MAX_RUN);
+	rec_ok(&r, 1000, &out);
+	assert_int_equal(out.npages, WIRE_MAX_RUN);
+	assert_int_equal(out.first_page, 1000 - WIRE_MAX_RUN);
+}
+
+static void test_rec_postcopy_malformed(void **state)
+{
+	struct wire_rec r;
+
+	/* SWITCH carries nothing */
+	wire_rec_encode(&r, REC_SWITCH, 0, 1);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_SWITCH, 0, WIRE_MAX_RUN);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_SWITCH, 0, 0xffffffffu);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_SWITCH, 1, 0);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_SWITCH, UINT64_MAX, 0);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_SWITCH, 0, 0);
+	r.flags = htole16(1);
+	rec_bad(&r, 1000);
+
+	/* REQ: 1..WIRE_MAX_RUN pages */
+	wire_rec_encode(&r, REC_REQ, 0, 0);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, 5, 0);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, 0, WIRE_MAX_RUN + 1);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, 0, 0xffffffffu);
+	rec_bad(&r, 1000);
+	/* inside RAM */
+	wire_rec_encode(&r, REC_REQ, 1000, 1);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, 999, 2);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, 1000 - 255, 256);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, 0, 1);
+	rec_bad(&r, 0);
+	wire_rec_encode(&r, REC_REQ, UINT64_MAX, 1);
+	rec_bad(&r, 1000);
+	wire_rec_encode(&r, REC_REQ, UINT64_MAX - 1, 256);
+	rec_bad(&r, UINT64_MAX);
+	wire_rec_encode(&r, REC_REQ, 0, 1);
+	r.reserved = htole32(1);
+	rec_bad(&r, 1000);
+}
+
+/* Largest page count whose stale set fits WIRE_MAX_PAYLOAD: 131070 words. */
+#define PC_MAX_WORDS ((WIRE_MAX_PAYLOAD - 16) / 8)
+#define PC_MAX_PAGES ((uint64_t)PC_MAX_WORDS * 64)
+
+/* Writes a POSTCOPY payload by hand: le64 npages, le64 nstale, nwords le64 words. */
+static uint32_t pc_build(uint8_t *p, uint64_t npages, uint64_t nstale, const uint64_t *words,
+			 size_t nwords)
+{
+	put64(p, npages);
+	put64(p + 8, nstale);
+	for (size_t i = 0; i < nwords; i++)
+		put64(p + 16 + 8 * i, words[i]);
+	return (uint32_t)(16 + 8 * nwords);
+}
+
+static void pc_ok(const uint8_t *p, uint32_t len, uint64_t npages, const uint64_t *words,
+		  size_t nwords, uint64_t nstale)
+{
+	uint64_t out[8], got = 0x5a5a;
+	char err[ERRLEN] = "";
+
+	assert_true(nwords < 8);
+	memset(out, 0xa5, sizeof(out));
+	assert_int_equal(wire_decode_postcopy(p, len, npages, out, &got, err, sizeof(err)), 0);
+	assert_int_equal(got, nstale);
+	if (nwords)
+		assert_memory_equal(out, words, 8 * nwords);
+	for (size_t i = nwords; i < 8; i++) /* nothing written past the bitmap */
+		assert_int_equal(out[i], 0xa5a5a5a5a5a5a5a5ULL);
+}
+
+static void pc_bad(const uint8_t *p, uint32_t len, uint64_t npages)
+{
+	uint64_t out[8], got = 0x5a5a;
+	char err[ERRLEN] = "";
+
+	assert_eproto(wire_decode_postcopy(p, len, npages, out, &got, err, sizeof(err)), err);
+	assert_int_equal(got, 0x5a5a);
+}
+
+static void test_postcopy_roundtrip(void **state)
+{
+	/* 130 pages: 3 words; pages 0, 5, 63, 64, 100, 128, 129 stale */
+	const uint64_t words[3] = {1ULL | 1ULL << 5 | 1ULL << 63, 1ULL | 1ULL << 36, 3};
+	uint64_t out[8], nstale = 0;
+	uint8_t *msg = NULL;
+	struct wire_hdr h;
+	char err[ERRLEN] = "";
+	int n;
+
+	n = wire_encode_postcopy(words, 130, 7, &msg);
+	assert_non_null(msg);
+	assert_int_equal(n, HDR + 16 + 24);
+	assert_int_equal(wire_decode_hdr(msg, &h, err, sizeof(err)), 0);
+	assert_int_equal(h.magic, WIRE_MAGIC);
+	assert_int_equal(h.version, WIRE_VERSION);
+	assert_int_equal(h.type, WIRE_POSTCOPY);
+	assert_int_equal(h.len, 40);
+	assert_int_equal(h.reserved, 0);
+	/* layout: type 14, le64 npages, le64 nstale, le64 words */
+	assert_int_equal(msg[6], 14);
+	assert_int_equal(msg[7], 0);
+	assert_int_equal(msg[8], 40);
+	assert_int_equal(get64(msg + HDR), 130);
+	assert_int_equal(get64(msg + HDR + 8), 7);
+	assert_int_equal(msg[HDR + 16], 0x21);
+	assert_int_equal(msg[HDR + 23], 0x80);
+	for (unsigned i = 0; i < 3; i++)
+		assert_int_equal(get64(msg + HDR + 16 + 8 * i), words[i]);
+	memset(out, 0xa5, sizeof(out));
+	assert_int_equal(
+	    wire_decode_postcopy(msg + HDR, h.len, 130, out, &nstale, err, sizeof(err)), 0);
+	assert_int_equal(nstale, 7);
+	assert_memory_equal(out, words, sizeof(words));
+	assert_int_equal(out[3], 0xa5a5a5a5a5a5a5a5ULL);
+	free(msg);
+
+	/* hand-built payloads: a whole last word (128 pages, page 127 stale) */
+	uint8_t p[128];
+	const uint64_t w2[2] = {0, 1ULL << 63};
+	pc_ok(p, pc_build(p, 128, 1, w2, 2), 128, w2, 2, 1);
+	/* every page stale; none stale */
+	const uint64_t full[3] = {UINT64_MAX, UINT64_MAX, 3};
+	pc_ok(p, pc_build(p, 130, 130, full, 3), 130, full, 3, 130);
+	const uint64_t none[3] = {0, 0, 0};
+	pc_ok(p, pc_build(p, 130, 0, none, 3), 130, none, 3, 0);
+	/* one page; no pages at all */
+	const uint64_t one[1] = {1};
+	pc_ok(p, pc_build(p, 1, 1, one, 1), 1, one, 1, 1);
+	pc_ok(p, pc_build(p, 0, 0, NULL, 0), 0, NULL, 0, 0);
+	n = wire_encode_postcopy(NULL, 0, 0, &msg);
+	assert_int_equal(n, HDR + 16);
+	assert_int_equal(wire_decode_hdr(msg, &h, err, sizeof(err)), 0);
+	assert_int_equal(h.len, 16);
+	assert_int_equal(wire_decode_postcopy(msg + HDR, 16, 0, out, &nstale, err, sizeof(err)), 0);
+	assert_int_equal(nstale, 0);
+	free(msg);
+}
+
+static void test_postcopy_max(void **state)
+{
+	uint64_t *words = calloc(PC_MAX_WORDS, 8), *out = malloc(8 * PC_MAX_WORDS), nstale = 0;
+	uint8_t *msg = NULL;
+	struct wire_hdr h;
+	char err[ERRLEN] = "";
+
+	assert_non_null(words);
+	assert_non_null(out);
+	/* the largest RAM that fits: exactly WIRE_MAX_PAYLOAD */
+	words[0] = 1;
+	words[PC_MAX_WORDS - 1] = 1ULL << 63;
+	assert_int_equal(wire_encode_postcopy(words, PC_MAX_PAGES, 2, &msg),
+			 (int)(HDR + WIRE_MAX_PAYLOAD));
+	assert_int_equal(wire_decode_hdr(msg, &h, err, sizeof(err)), 0);
+	assert_int_equal(h.type, WIRE_POSTCOPY);
+	assert_int_equal(h.len, WIRE_MAX_PAYLOAD);
+	assert_int_equal(
+	    wire_decode_postcopy(msg + HDR, h.len, PC_MAX_PAGES, out, &nstale, err, sizeof(err)),
+	    0);
+	assert_int_equal(nstale, 2);
+	assert_memory_equal(out, words, 8 * PC_MAX_WORDS);
+	free(msg);
+
+	/* one page more needs one more word: refused before the words are read */
+	msg = NULL;
+	assert_int_equal(wire_encode_postcopy(NULL, PC_MAX_PAGES + 1, 0, &msg), -E2BIG);
+	assert_null(msg);
+	/* 32 GiB of 4 KiB pages needs 16 bytes more than the limit */
+	assert_int_equal(wire_encode_postcopy(NULL, 8388608, 0, &msg), -E2BIG);
+	assert_int_equal(wire_encode_postcopy(NULL, UINT64_MAX, 0, &msg), -E2BIG);
+	assert_int_equal(wire_encode_postcopy(NULL, 1ULL << 63, 0, &msg), -E2BIG);
+	assert_null(msg);
+	free(words);
+	free(out);
+}
+
+static void test_hdr_postcopy_length(void **state)
+{
+	uint8_t buf[BUFSZ];
+	struct wire_hdr h;
+	char err[ERRLEN] = "";
+	static const uint32_t bad[] = {0, 8, 15, WIRE_MAX_PAYLOAD + 1, 0xffffffffu};
+
+	wire_encode(WIRE_HEARTBEAT, NULL, buf, sizeof(buf));
+	buf[6] = WIRE_POSTCOPY;
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		put32(buf + 8, bad[i]);
+		hdr_bad(buf);
+	}
+	static const uint32_t good[] = {16, 17, 40, WIRE_MAX_PAYLOAD};
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		put32(buf + 8, good[i]);
+		assert_int_equal(wire_decode_hdr(buf, &h, err, sizeof(err)), 0);
+		assert_int_equal(h.type, WIRE_POSTCOPY);
+		assert_int_equal(h.len, good[i]);
+	}
+}
+
+static void test_postcopy_malformed(void **state)
+{
+	uint8_t p[128];
+	const uint64_t words[3] = {1ULL | 1ULL << 5 | 1ULL << 63, 1ULL | 1ULL << 36, 3};
+	uint32_t len;
+
+	/* the sender's RAM differs from the receiver's */
+	len = pc_build(p, 130, 7, words, 3);
+	pc_bad(p, len, 129);
+	pc_bad(p, len, 131);
+	pc_bad(p, len, 192);
+	pc_bad(p, len, 0);
+	pc_bad(p, len, 130 + (1ULL << 32));
+	len = pc_build(p, 131, 7, words, 3);
+	pc_bad(p, len, 130);
+	len = pc_build(p, UINT64_MAX, 7, words, 3);
+	pc_bad(p, len, 130);
+
+	/* length not 16 + 8 * ceil(npages / 64) */
+	len = pc_build(p, 130, 7, words, 3);
+	pc_bad(p, len - 8, 130);
+	pc_bad(p, len - 1, 130);
+	pc_bad(p, len + 1, 130);
+	pc_bad(p, len + 8, 130);
+	pc_bad(p, 16, 130);
+	pc_bad(p, 15, 130);
+	pc_bad(p, 0, 130);
+	len = pc_build(p, 0, 0, NULL, 0);
+	pc_bad(p, 24, 0);
+
+	/* a page beyond RAM marked stale */
+	const uint64_t beyond[3] = {words[0], words[1], words[2] | 1ULL << 2};
+	pc_bad(p, pc_build(p, 130, 8, beyond, 3), 130);
+	const uint64_t top[3] = {words[0], words[1], words[2] | 1ULL << 63};
+	pc_bad(p, pc_build(p, 130, 8, top, 3), 130);
+	const uint64_t past1[1] = {1ULL << 1};
+	pc_bad(p, pc_build(p, 1, 1, past1, 1), 1);
+
+	/* nstale not the number of bits set */
+	pc_bad(p, pc_build(p, 130, 6, words, 3), 130);
+	pc_bad(p, pc_build(p, 130, 8, words, 3), 130);
+	pc_bad(p, pc_build(p, 130, 0, words, 3), 130);
+	pc_bad(p, pc_build(p, 130, UINT64_MAX, words, 3), 130);
+	const uint64_t none[3] = {0, 0, 0};
+	pc_bad(p, pc_build(p, 130, 1, none, 3), 130);
+
+	/* and the right one passes */
+	pc_ok(p, pc_build(p, 130, 7, words, 3), 130, words, 3, 7);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -870,6 +1310,13 @@ int main(void)
 	    cmocka_unit_test(test_state_malformed),
 	    cmocka_unit_test(test_rec_roundtrip),
 	    cmocka_unit_test(test_rec_malformed),
+	    cmocka_unit_test(test_rec_postcopy),
+	    cmocka_unit_test(test_rec_postcopy_malformed),
+	    cmocka_unit_test(test_postcopy_roundtrip),
+	    cmocka_unit_test(test_postcopy_max),
+	    cmocka_unit_test(test_hdr_postcopy_length),
+	    cmocka_unit_test(test_postcopy_malformed),
+	    cmocka_unit_test(test_complete_malformed),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
