@@ -62,34 +62,6 @@ done
 command -v iperf3 >/dev/null || die "iperf3 is not installed (apt-get install -y iperf3)"
 WORKLOAD="dirtier:rate=$RATE,pattern=$PATTERN${HOT:+,hot=$HOT}"
 
-# Ctrl-C (SIGINT) or SIGTERM while a long step runs: `timeout` puts the migrate and
-# iperf3 clients in a process group of their own, so they do not see a Ctrl-C and end
-# normally, and bash then drops the signal (it assumes the child handled it) and goes
-# on with the next run. A step run in the background and waited for with the `wait`
-# builtin lets the trap end the script at once instead.
-
-# in_bg VARS_FILE FUNC ARGS...: runs the shell function FUNC in a background subshell,
-# waits for it, and takes over the variables it set (MIG_JSON, MIG_RC, IPERF_OUT,
-# IPERF_RC) through VARS_FILE.
-in_bg() {
-	local vars=$1 p
-	shift
-	rm -f "$vars"
-	(
-		"$@"
-		for v in MIG_JSON MIG_RC IPERF_OUT IPERF_RC; do
-			[ -z "${!v+set}" ] || printf '%s=%q\n' "$v" "${!v}"
-		done >"$vars"
-	) &
-	p=$!
-	BG_PIDS+=("$p")
-	wait "$p" || true
-	forget_pid "$p"
-	[ -s "$vars" ] || die "step '$*' ended without a result"
-	# shellcheck disable=SC1090
-	source "$vars"
-}
-
 RUNS=$WORK/runs.jsonl
 IPERF=$WORK/iperf.jsonl
 : >"$RUNS"
@@ -101,18 +73,10 @@ if [ "$LINK" != none ]; then
 fi
 say "hosts $HOST_NAME-a ($ADDR_A) and $HOST_NAME-b ($ADDR_B), link $LINK; $MEM = $BYTES bytes; $WORKLOAD"
 
-# iperf_client: iperf3 -c ADDR_B:PORT -l 1M -n BYTES -J from host a; sets IPERF_OUT
-# and IPERF_RC.
-iperf_client() {
-	IPERF_RC=0
-	IPERF_OUT=$(timeout 600 ip netns exec "$HOST_NAME-a" iperf3 -c "$ADDR_B" -p "$PORT" -l 1M \
-		-n "$BYTES" -J) || IPERF_RC=$?
-}
-
 # iperf_run REP: one single-connection transfer of BYTES from host a to an iperf3
 # server in host b over the (shaped) veth; appends a record to $IPERF.
 iperf_run() {
-	local rep=$1 spid t=100 out rc
+	local rep=$1 spid t=100 out rc=0
 	next_port
 	ip netns exec "$HOST_NAME-b" iperf3 -s -1 -B "$ADDR_B" -p "$PORT" >"$WORK/iperf-server.log" 2>&1 &
 	spid=$!
@@ -123,9 +87,8 @@ iperf_run() {
 		sleep 0.05
 		t=$((t - 1))
 	done
-	in_bg "$WORK/iperf.vars" iperf_client
-	out=$IPERF_OUT
-	rc=$IPERF_RC
+	out=$(timeout 600 ip netns exec "$HOST_NAME-a" iperf3 -c "$ADDR_B" -p "$PORT" -l 1M -n "$BYTES" -J) ||
+		rc=$?
 	pid_wait_exit "$spid" 10 || pid_kill "$spid"
 	python3 -c '
 import json, sys
@@ -173,7 +136,7 @@ one_mode() {
 	meta_before=$(meta_json "$ramfd")
 
 	say "$mode rep $rep: hymig migrate ${args[*]}"
-	in_bg "$WORK/migrate.vars" hymig_migrate src --to "tcp://$ADDR_B:$mport" "${args[@]}"
+	hymig_migrate src --to "tcp://$ADDR_B:$mport" "${args[@]}"
 	say "$mode rep $rep: migrate rc=$MIG_RC: $MIG_JSON"
 	VER_JSON='{}'
 	if [ "$MIG_RC" = 0 ]; then
@@ -201,6 +164,11 @@ one_mode() {
 	exec {ramfd}<&-
 	guest_quit src
 	guest_quit dst
+	# A failure that is not a refusal to converge, or bad pages: show the guests' logs.
+	if { [ "$MIG_RC" != 0 ] && ! [[ "$(json_get error <<<"$MIG_JSON")" =~ converge|timeout ]]; } ||
+		[ "$(json_get pages_bad <<<"$VER_JSON")" != 0 ]; then
+		tail -n 15 "$WORK/src.log" "$WORK/dst.log" | sed "s/^/  $mode rep $rep: /" >&2
+	fi
 	python3 -c '
 import json, sys
 mode, rep, args, rc, mig, ver, von, exit_ms, mb, mf = sys.argv[1:11]
@@ -281,10 +249,15 @@ for r in runs:
          "verify_on": r["verify_on"], "pages_bad": v.get("pages_bad"),
          "source_exit_after_ms": r["source_exit_after_ms"],
          "result": m, "verify": v}
+    if done and v.get("pages_bad"):
+        d["status"] = "BAD PAGES"
     rows.append(d)
 
 # targets, only for the modes that ran
 t = {}
+checked = [d for d in rows if d["verify"].get("pages_checked") is not None or d["completed"]]
+if checked:
+    t["verify_no_bad_pages"] = all(d["pages_bad"] == 0 for d in checked)
 hy = [d for d in rows if d["mode"] == "hybrid"]
 if hy:
     t["hybrid_downtime_le_5ms"] = all(d["completed"] and d["downtime_ms"] is not None
@@ -319,7 +292,8 @@ out = {"mem": mem, "ram_bytes": nbytes, "link": link, "rate": rate, "pattern": p
 def f(v, fmt="%.1f"):
     return "-" if v is None else fmt % v
 
-print(f"\n{workload}, {mem} guest, link {link} (veth, tc TBF both ways), "
+print(f"\n{workload}, {mem} guest, link " +
+      ("veth, unshaped" if link == "none" else f"{link} (veth, tc TBF both ways)") + ", "
       f"--downtime-limit {limit}" + (f" --bandwidth-limit {bwlimit}" if bwlimit else ""), file=err)
 print("raw TCP (iperf3 -l 1M -n RAM, 1 connection): %s MB/s; RAM / raw rate = %s s%s" % (
       f(raw), f(raw_s, "%.2f"),

@@ -106,3 +106,21 @@ void bitmap_or(struct bitmap *dst, const struct bitmap *src)
 	for (uint64_t w = 0; w < nw; w++)
 		dst->words[w] |= src->words[w];
 }
+
+void bitmap_or_atomic(struct bitmap *dst, const struct bitmap *src)
+{
+	uint64_t nw = BITMAP_WORDS(dst->nbits);
+
+	for (uint64_t w = 0; w < nw; w++)
+		if (src->words[w])
+			__atomic_fetch_or(&dst->words[w], src->words[w], __ATOMIC_RELAXED);
+}
+
+uint64_t bitmap_count_and(const struct bitmap *a, const struct bitmap *b)
+{
+	uint64_t nw = BITMAP_WORDS(a->nbits), n = 0;
+
+	for (uint64_t w = 0; w < nw; w++)
+		n += (uint64_t)__builtin_popcountll(a->words[w] & b->words[w]);
+	return n;
+}

@@ -59,6 +59,10 @@ uint64_t bitmap_next_set(const struct bitmap *b, uint64_t i);
 uint64_t bitmap_next_clear(const struct bitmap *b, uint64_t i);
 /* dst |= src; both must have the same size. */
 void bitmap_or(struct bitmap *dst, const struct bitmap *src);
+/* dst |= src while other threads clear bits of dst atomically. */
+void bitmap_or_atomic(struct bitmap *dst, const struct bitmap *src);
+/* Bits set in both. */
+uint64_t bitmap_count_and(const struct bitmap *a, const struct bitmap *b);
 /* Exchanges the contents of two maps of the same size. */
 static inline void bitmap_swap(struct bitmap *a, struct bitmap *b)
 {

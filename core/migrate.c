@@ -22,6 +22,10 @@
 #define ROUND1_STOP_PAGES 256
 /* How far ahead the zero-page check prefetches. */
 #define ZERO_PREFETCH_PAGES 8
+/* Hybrid: round 1 looks at what the guest wrote again this often, and switches once
+ * that is this share of RAM (sending it again would cost more than post-copy). */
+#define HYBRID_CHECK_MS	   500
+#define HYBRID_WASTE_SHARE 0.15
 /* Under a bandwidth limit a batch carries about 1 ms of data, at least this much. */
 #define PACE_MIN_BYTES (16 << 10)
 /* Nice value of the sender threads. */
@@ -52,13 +56,16 @@ struct hm_migration {
 	uint64_t t_request, t_parked, t_last_hb;
 	uint64_t ctl_bytes;
 	double rtt_ms;
-	bool paused;	  /* we paused the guest and must resume it on failure */
-	bool commit_sent; /* from here on the source never resumes by itself */
-	bool switched;	  /* post-copy: the destination was told to run the guest */
-	uint8_t *heat;	  /* post-copy and hybrid: how often each page was dirty lately */
-	double bandwidth; /* bytes/s of the latest measured round */
-	double fixed_ms;  /* downtime that does not depend on the data */
+	bool paused;	     /* we paused the guest and must resume it on failure */
+	bool commit_sent;    /* from here on the source never resumes by itself */
+	bool switched;	     /* post-copy: the destination was told to run the guest */
+	uint8_t *heat;	     /* post-copy and hybrid: how often each page was dirty lately */
+	double bandwidth;    /* bytes/s of the latest measured round */
+	double fixed_ms;     /* downtime that does not depend on the data */
 	uint64_t pace_bytes; /* a batch is sent once it holds this much */
+	struct bitmap mid;   /* hybrid: pages written during round 1, found mid-round */
+	atomic_bool cut;     /* hybrid: round 1 stops here, the migration switches */
+	uint64_t t_round;    /* when the current round started */
 
 	/* Post-copy: the page server and where the background stream should go next. */
 	pthread_t server;
@@ -234,8 +241,9 @@ static bool zero_page(const struct hm_ram *ram, uint64_t p, uint64_t end)
 	return page_is_zero(ram_guest_page(ram, p));
 }
 
-/* Sends the pages of block blk that are set in m->send. In post-copy the page server
- * clears bits too, so each page is claimed (cleared) before it goes. Returns the pages
+/* Sends the pages of block blk that are set in m->send, claiming (clearing) each page
+ * before it goes: in post-copy the page server clears bits too, and in pre-copy a round
+ * that is cut short leaves exactly its unsent pages set. Returns the pages
  * sent (or marked zero) or a negative errno. */
 static int64_t send_block(struct sender *s, struct batch *b, uint64_t blk, bool skip_zero,
 			  bool claim)
@@ -328,7 +336,9 @@ static int send_round(struct sender *s, bool skip_zero)
 			int64_t n;
 			if (atomic_load(&m->cancel))
 				return -ECANCELED;
-			n = send_block(s, &b, blk, skip_zero, false);
+			if (atomic_load(&m->cut))
+				break; /* what is left stays in m->send */
+			n = send_block(s, &b, blk, skip_zero, true);
 			rc = n < 0 ? (int)n : 0;
 		}
 	}
@@ -414,10 +424,64 @@ static bool timed_out(struct hm_migration *m)
 	       now_ns() - m->t_request > (uint64_t)m->cfg.timeout_s * 1000000000ULL;
 }
 
+/* Ages every page's heat and adds to the pages dirty in this round. */
+static void heat_round(struct hm_migration *m, const struct bitmap *dirty)
+{
+	if (!m->heat)
+		return;
+	for (uint64_t p = 0; p < m->ram->npages; p++)
+		m->heat[p] = (uint8_t)(m->heat[p] / 2 + (bitmap_test(dirty, p) ? 128 : 0));
+}
+
+static int switch_because(struct hm_migration *m, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* precopy() returns this when the migration goes on in post-copy. */
+#define PRECOPY_SWITCH 1
+
+static int switch_because(struct hm_migration *m, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&m->lock);
+	va_start(ap, fmt);
+	vsnprintf(m->st.switch_reason, sizeof(m->st.switch_reason), fmt, ap);
+	va_end(ap);
+	pthread_mutex_unlock(&m->lock);
+	return PRECOPY_SWITCH;
+}
+
+/* Hybrid, during round 1: pages written again after they were sent must be sent again.
+ * Once they reach HYBRID_WASTE_SHARE of RAM the guest dirties faster than pre-copy can
+ * gain: the round is cut and the migration switches to post-copy. */
+static int check_waste(struct hm_migration *m)
+{
+	uint64_t waste, written;
+	int rc;
+
+	bitmap_clear_all(&m->mid);
+	rc = dirty_collect(m->dirty, &m->mid, true, &written);
+	if (rc < 0)
+		return fail(m, rc, "dirty scan: %s", strerror(-rc));
+	heat_round(m, &m->mid);
+	bitmap_or_atomic(&m->send, &m->mid);
+	waste = bitmap_count_and(&m->send, &m->sent_once);
+	if (waste < m->ram->npages * HYBRID_WASTE_SHARE)
+		return 0;
+	switch_because(m,
+		       "%.1f MB (%.0f%% of RAM) were written again after round 1 sent them, "
+		       "%.1f s into the round: pre-copy cannot keep up",
+		       waste * HM_PAGE_SIZE / 1e6, 100.0 * waste / m->ram->npages,
+		       ms_between(m->t_round, now_ns()) / 1000);
+	atomic_store(&m->cut, true);
+	return 0;
+}
+
 /* Runs one round on every channel and waits for it, servicing the control connection
  * and watching for cancel and timeout meanwhile. */
 static int run_round(struct hm_migration *m, bool skip_zero)
 {
+	uint64_t t_check = now_ns();
 	int rc = 0;
 
 	pthread_mutex_lock(&m->lock);
@@ -443,6 +507,11 @@ static int run_round(struct hm_migration *m, bool skip_zero)
 			rc = fail(m, -ETIMEDOUT, "timeout of %u s reached during round %u",
 				  m->cfg.timeout_s, m->st.round);
 			m->bulk->ops->bulk_shutdown(m->bulk);
+		}
+		if (!rc && m->mid.words && !m->paused && m->st.round == 1 &&
+		    now_ns() - t_check >= HYBRID_CHECK_MS * 1000000ULL) {
+			t_check = now_ns();
+			rc = check_waste(m);
 		}
 		pthread_mutex_lock(&m->lock);
 	}
@@ -625,33 +694,6 @@ static int finish(struct hm_migration *m)
 	m->st.downtime_ms = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
 	pthread_mutex_unlock(&m->lock);
 	return 0;
-}
-
-/* Ages every page's heat and adds to the pages dirty in this round. */
-static void heat_round(struct hm_migration *m, const struct bitmap *dirty)
-{
-	if (!m->heat)
-		return;
-	for (uint64_t p = 0; p < m->ram->npages; p++)
-		m->heat[p] = (uint8_t)(m->heat[p] / 2 + (bitmap_test(dirty, p) ? 128 : 0));
-}
-
-static int switch_because(struct hm_migration *m, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* precopy() returns this when the migration goes on in post-copy. */
-#define PRECOPY_SWITCH 1
-
-static int switch_because(struct hm_migration *m, const char *fmt, ...)
-{
-	va_list ap;
-
-	pthread_mutex_lock(&m->lock);
-	va_start(ap, fmt);
-	vsnprintf(m->st.switch_reason, sizeof(m->st.switch_reason), fmt, ap);
-	va_end(ap);
-	pthread_mutex_unlock(&m->lock);
-	return PRECOPY_SWITCH;
 }
 
 /* Moves the hottest pages of stale (those dirty in the final scan first, then by heat)
@@ -848,6 +890,7 @@ static int precopy(struct hm_migration *m)
 
 		pthread_mutex_lock(&m->lock);
 		m->st.round = round;
+		m->t_round = now_ns();
 		bytes0 = m->st.bytes_sent;
 		pthread_mutex_unlock(&m->lock);
 		if (m->ops->event)
@@ -856,7 +899,8 @@ static int precopy(struct hm_migration *m)
 		if (rc < 0)
 			return rc;
 		t1 = now_ns();
-		bitmap_clear_all(&m->send);
+		/* m->send holds what a cut round left unsent; the scan adds what was
+		 * written since the last one. */
 		rc = dirty_collect(m->dirty, &m->send, true, &dirty_pages);
 		if (rc < 0)
 			return fail(m, rc, "dirty scan: %s", strerror(-rc));
@@ -878,6 +922,8 @@ static int precopy(struct hm_migration *m)
 		pthread_mutex_unlock(&m->lock);
 		m->bandwidth = c.bandwidth;
 		m->fixed_ms = c.fixed_ms;
+		if (atomic_exchange(&m->cut, false))
+			return PRECOPY_SWITCH; /* check_waste gave the reason */
 		if (m->cfg.mode == HM_MODE_POSTCOPY && round >= m->cfg.precopy_rounds)
 			return switch_because(m,
 					      "post-copy mode: switching after %u pre-copy "
@@ -1060,6 +1106,8 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	if (rc == 0 && (cfg->mode == HM_MODE_POSTCOPY || cfg->mode == HM_MODE_HYBRID) &&
 	    !(m->heat = calloc(ram->npages, 1)))
 		rc = -ENOMEM;
+	if (rc == 0 && cfg->mode == HM_MODE_HYBRID)
+		rc = bitmap_init(&m->mid, ram->npages);
 	if (rc < 0) {
 		snprintf(err, errlen, "out of memory");
 		goto free;
@@ -1088,6 +1136,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 free:
 	bitmap_fini(&m->send);
 	bitmap_fini(&m->sent_once);
+	bitmap_fini(&m->mid);
 	free(m->heat);
 	free(m);
 	return rc;
@@ -1130,6 +1179,7 @@ void hm_migration_destroy(struct hm_migration *m)
 	pthread_join(m->thread, NULL);
 	bitmap_fini(&m->send);
 	bitmap_fini(&m->sent_once);
+	bitmap_fini(&m->mid);
 	free(m->heat);
 	pthread_mutex_destroy(&m->lock);
 	pthread_cond_destroy(&m->cv);
