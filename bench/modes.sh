@@ -283,8 +283,12 @@ if hy:
         t["hybrid_max_stall_le_20ms"] = all(d["max_stall_ms"] is not None
                                             and d["max_stall_ms"] <= 20 for d in hy)
 
+try:
+    hot = float(hot) if hot else None
+except ValueError:
+    pass
 out = {"mem": mem, "ram_bytes": nbytes, "link": link, "rate": rate, "pattern": pattern,
-       "hot": float(hot) if hot else None, "workload": workload, "downtime_limit_ms": limit,
+       "hot": hot, "workload": workload, "downtime_limit_ms": limit,
        "bandwidth_limit": bwlimit or None, "precopy_timeout_s": int(ptimeout), "reps": reps,
        "mb": "10^6 bytes", "raw_mb_per_s": raw, "ram_over_raw_s": raw_s, "iperf3_runs": ipr,
        "runs": rows, "targets": t, "env": env}
@@ -318,13 +322,25 @@ for d in rows:
           f(d["postcopy_requests"], "%d"), f(d["postcopy_blocked_ms"]),
           f(d["fault_p50_us"], "%d"), f(d["fault_p99_us"], "%d"), f(d["fault_max_us"], "%d"),
           dr), file=err)
+if reps > 1:
+    def med(mode, k):
+        v = [d[k] for d in rows if d["mode"] == mode and d["completed"] and d[k] is not None]
+        return statistics.median(v) if v else None
+    for mode in dict.fromkeys(d["mode"] for d in rows):
+        n = sum(1 for d in rows if d["mode"] == mode and d["completed"])
+        print(fmt % (mode, "med", "%d completed" % n, f(med(mode, "total_time_ms")),
+              f(med(mode, "total_over_ram_raw"), "%.2f"), f(med(mode, "downtime_ms"), "%.3f"),
+              f(med(mode, "max_stall_ms"), "%.2f"), f(med(mode, "bytes_sent_over_ram"), "%.2f"),
+              f(med(mode, "postcopy_requests"), "%d"), f(med(mode, "postcopy_blocked_ms")),
+              f(med(mode, "fault_p50_us"), "%d"), f(med(mode, "fault_p99_us"), "%d"),
+              f(med(mode, "fault_max_us"), "%d"), f(med(mode, "dirtier_mb_per_s"))), file=err)
 print("", file=err)
 for d in rows:
     print(f"{d['mode']} rep {d['rep']}: rounds {d['rounds']}; switch: "
           f"{d['switch_reason'] or '(none)'}", file=err)
     print(f"{d['mode']} rep {d['rep']}: longest heartbeat gap on the source: "
           f"{f(d['max_stall_before_migration_ms'], '%.2f')} ms before migrate, "
-          f"{f(d['max_stall_source_final_ms'], '%.2f')} ms when migrate returned"
+          f"{f(d['max_stall_source_final_ms'], '%.2f')} ms at the end of its part"
           + (f"; {f(d['max_stall_source_ms'], '%.2f')} ms at its verify" if d["verify_on"] == "source" else ""),
           file=err)
     if d["error"]:

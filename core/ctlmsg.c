@@ -1,22 +1,38 @@
 /* Control-message helpers used by both ends. */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine.h"
+#include "log.h"
+
+int ctl_send_raw(struct tp_conn *c, uint16_t type, const void *buf, size_t len, uint64_t *bytes)
+{
+	const char *drop = getenv("HYMIG_TEST_DROP");
+	int rc;
+
+	/* Test hook: the named message is lost the way a link that breaks at that moment
+	 * loses it: not sent, and the connection shut. */
+	if (drop && !strcmp(drop, wire_type_name(type))) {
+		log_err("test: dropping the %s message (HYMIG_TEST_DROP)", drop);
+		c->ops->conn_shutdown(c);
+		return 0;
+	}
+	rc = c->ops->send_msg(c, buf, len);
+	if (rc == 0 && bytes)
+		*bytes += (uint64_t)len;
+	return rc;
+}
 
 int ctl_send(struct tp_conn *c, uint16_t type, const void *msg, uint64_t *bytes)
 {
 	uint8_t buf[1024];
 	int len = wire_encode(type, msg, buf, sizeof(buf));
-	int rc;
 
 	if (len < 0)
 		return len;
-	rc = c->ops->send_msg(c, buf, (size_t)len);
-	if (rc == 0 && bytes)
-		*bytes += (uint64_t)len;
-	return rc;
+	return ctl_send_raw(c, type, buf, (size_t)len, bytes);
 }
 
 int ctl_refuse(struct tp_conn *c, uint16_t type, uint32_t code, const char *reason)
@@ -51,14 +67,16 @@ int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, s
 			if (wire_decode(h.type, buf + sizeof(h), h.len, &r, err, errlen) < 0)
 				return -EPROTO;
 			snprintf(err, errlen, "%s", r.reason);
-			return r.code == REFUSE_AUTH ? -EACCES : -ECONNREFUSED;
+			return r.code == REFUSE_AUTH	     ? -EACCES
+			       : r.code == REFUSE_NO_SESSION ? -ENOENT
+							     : -ECONNREFUSED;
 		}
 		if (h.type != type) {
 			snprintf(err, errlen, "expected a %s message, got %s", wire_type_name(type),
 				 wire_type_name(h.type));
 			return -EPROTO;
 		}
-		if (type == WIRE_STATE)
+		if (type == WIRE_STATE || type == WIRE_POSTCOPY)
 			return (int)h.len;
 		return wire_decode(h.type, buf + sizeof(h), h.len, msg, err, errlen);
 	}

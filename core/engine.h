@@ -19,6 +19,8 @@
 /* Control-message helpers: encode + send, and receive one message of an expected type
  * (a REFUSE or ABORT is turned into an error carrying the peer's reason). */
 int ctl_send(struct tp_conn *c, uint16_t type, const void *msg, uint64_t *bytes);
+/* Sends an encoded message (header included) of the given type. */
+int ctl_send_raw(struct tp_conn *c, uint16_t type, const void *buf, size_t len, uint64_t *bytes);
 int ctl_refuse(struct tp_conn *c, uint16_t type, uint32_t code, const char *reason);
 int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, size_t cap,
 	       void *msg, char *err, size_t errlen);

@@ -24,7 +24,13 @@ struct hm_incoming {
 	pthread_mutex_t lock; /* guards state and last_error */
 	enum hm_in_state state;
 	char last_error[256];
-	struct postcopy *orphan; /* post-copy state of a guest whose source was lost */
+	/* A post-copy whose link broke: the guest runs here, its stale pages wait for a
+	 * source that resumes (hello with WIRE_F_RESUME). */
+	struct postcopy *pc_paused;
+	struct hm_ram *pc_ram;
+	/* Where the fault handler's page requests go; NULL while no link is up. */
+	pthread_mutex_t fetch_lock;
+	struct tp_bulk *fetch_bulk;
 };
 
 /* One attempt's working set. */
@@ -69,6 +75,99 @@ static void set_state(struct hm_incoming *in, enum hm_in_state s)
 		in->ops->event(in->opaque, in_state_names[s]);
 }
 
+/* Waits for every channel's switch marker or end, heartbeating so the source knows we
+ * are alive. */
+static int land_wait(struct session *s, enum tp_land_until until, uint64_t *pages)
+{
+	int rc;
+
+	while ((rc = s->bulk->ops->land_wait(s->bulk, until, HEARTBEAT_MS, pages, s->err,
+					     sizeof(s->err))) == -ETIMEDOUT)
+		if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
+			snprintf(s->err, sizeof(s->err), "control connection lost");
+			return -ECONNRESET;
+		}
+	return rc;
+}
+
+static int load_state(struct session *s)
+{
+	const uint8_t *vcpu, *dev;
+	uint32_t vcpu_len, dev_len;
+	int rc;
+
+	rc = wire_decode_state(s->state + sizeof(struct wire_hdr), s->state_len, &vcpu, &vcpu_len,
+			       &dev, &dev_len, s->err, sizeof(s->err));
+	if (rc == 0)
+		rc = s->in->ops->load_state(s->in->opaque, vcpu, vcpu_len, dev, dev_len, s->err,
+					    sizeof(s->err));
+	return rc;
+}
+
+static int fetch_page(void *arg, uint64_t first_page, uint32_t npages)
+{
+	struct hm_incoming *in = arg;
+	int rc = -ENOTCONN; /* the page stays requested; a resume asks again */
+
+	pthread_mutex_lock(&in->fetch_lock);
+	if (in->fetch_bulk)
+		rc = in->fetch_bulk->ops->fetch(in->fetch_bulk, first_page, npages);
+	pthread_mutex_unlock(&in->fetch_lock);
+	return rc;
+}
+
+static void set_fetch_bulk(struct hm_incoming *in, struct tp_bulk *b)
+{
+	pthread_mutex_lock(&in->fetch_lock);
+	in->fetch_bulk = b;
+	pthread_mutex_unlock(&in->fetch_lock);
+}
+
+/* A source resumes the paused post-copy: tell it which pages are still missing, then
+ * take new channels whose every page lands through the page states. */
+static int resume_postcopy(struct session *s, struct tp_bulk_cfg *bc)
+{
+	struct hm_incoming *in = s->in;
+	uint64_t *words, nstale;
+	uint8_t *msg = NULL;
+	int rc, len;
+
+	s->ram = in->pc_ram;
+	s->pc = in->pc_paused;
+	s->switched = true;
+	in->pc_paused = NULL; /* the session owns it now; it goes back if this fails */
+	pc_requeue(s->pc);
+	words = calloc((s->ram->npages + 63) / 64, sizeof(*words));
+	if (!words)
+		return -ENOMEM;
+	nstale = pc_stale_words(s->pc, words);
+	len = wire_encode_postcopy(words, s->ram->npages, nstale, &msg);
+	free(words);
+	if (len < 0) {
+		snprintf(s->err, sizeof(s->err), "encoding the missing pages: %s", strerror(-len));
+		return len;
+	}
+	rc = s->ctl->ops->send_msg(s->ctl, msg, (size_t)len);
+	free(msg);
+	if (rc < 0) {
+		snprintf(s->err, sizeof(s->err), "sending the missing pages: %s", strerror(-rc));
+		return rc;
+	}
+	log_info("incoming: post-copy resumes, %llu pages still missing",
+		 (unsigned long long)nstale);
+	bc->urgent = true;
+	bc->pc = s->pc;
+	bc->switched = true;
+	bc->ram = s->ram;
+	set_state(in, HM_IN_POSTCOPY);
+	rc = in->addr.ops->bulk_accept(in->listener, bc, &s->bulk, s->err, sizeof(s->err));
+	if (rc == 0) {
+		set_fetch_bulk(in, s->bulk);
+		pc_refetch(s->pc);
+	}
+	return rc;
+}
+
 /* Handshake and reservation: returns 0 when the channels are open. */
 static int accept_source(struct session *s)
 {
@@ -89,6 +188,31 @@ static int accept_source(struct session *s)
 	if (rc < 0) {
 		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_PROTOCOL, s->err);
 		return rc;
+	}
+	if ((hello.flags & WIRE_F_RESUME) && !in->pc_paused) {
+		snprintf(s->err, sizeof(s->err),
+			 "nothing to resume: no post-copy is paused here (this destination never "
+			 "ran the guest, or it already has every page)");
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_NO_SESSION, s->err);
+		return -ENOENT;
+	}
+	if (!(hello.flags & WIRE_F_RESUME) && in->pc_paused) {
+		snprintf(s->err, sizeof(s->err),
+			 "a post-copy is paused here, waiting for its source to resume it");
+		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_BUSY, s->err);
+		return -EBUSY;
+	}
+	if (hello.flags & WIRE_F_RESUME) {
+		bool same = hello.nregions == in->pc_ram->nregions;
+		for (unsigned i = 0; same && i < hello.nregions; i++)
+			same = hello.region_size[i] == in->pc_ram->r[i].size;
+		if (!same) {
+			snprintf(
+			    s->err, sizeof(s->err),
+			    "the resuming source's RAM layout differs from the paused guest's");
+			ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_LAYOUT, s->err);
+			return -EPROTO;
+		}
 	}
 	if (hello.page_size != HM_PAGE_SIZE) {
 		snprintf(s->err, sizeof(s->err), "source uses %u-byte pages, this host %llu",
@@ -129,6 +253,11 @@ static int accept_source(struct session *s)
 		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_AUTH, s->err);
 		return -EACCES;
 	}
+	if (hello.flags & WIRE_F_RESUME) {
+		memcpy(bc.sid, ch.sid, WIRE_SID_LEN);
+		bc.channels = hello.channels;
+		return resume_postcopy(s, &bc);
+	}
 	/* Only an authenticated source makes us reserve memory. */
 	rc = in->ops->reserve(in->opaque, hello.nregions, hello.region_size, &s->ram, why,
 			      sizeof(why));
@@ -159,43 +288,10 @@ static int accept_source(struct session *s)
 	bc.channels = hello.channels;
 	bc.ram = s->ram;
 	memcpy(bc.sid, ch.sid, WIRE_SID_LEN);
-	return in->addr.ops->bulk_accept(in->listener, &bc, &s->bulk, s->err, sizeof(s->err));
-}
-
-/* Waits for every channel's switch marker or end, heartbeating so the source knows we
- * are alive. */
-static int land_wait(struct session *s, enum tp_land_until until, uint64_t *pages)
-{
-	int rc;
-
-	while ((rc = s->bulk->ops->land_wait(s->bulk, until, HEARTBEAT_MS, pages, s->err,
-					     sizeof(s->err))) == -ETIMEDOUT)
-		if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
-			snprintf(s->err, sizeof(s->err), "control connection lost");
-			return -ECONNRESET;
-		}
+	rc = in->addr.ops->bulk_accept(in->listener, &bc, &s->bulk, s->err, sizeof(s->err));
+	if (rc == 0 && s->pc)
+		set_fetch_bulk(in, s->bulk);
 	return rc;
-}
-
-static int load_state(struct session *s)
-{
-	const uint8_t *vcpu, *dev;
-	uint32_t vcpu_len, dev_len;
-	int rc;
-
-	rc = wire_decode_state(s->state + sizeof(struct wire_hdr), s->state_len, &vcpu, &vcpu_len,
-			       &dev, &dev_len, s->err, sizeof(s->err));
-	if (rc == 0)
-		rc = s->in->ops->load_state(s->in->opaque, vcpu, vcpu_len, dev, dev_len, s->err,
-					    sizeof(s->err));
-	return rc;
-}
-
-static int fetch_page(void *arg, uint64_t first_page, uint32_t npages)
-{
-	struct session *s = arg;
-
-	return s->bulk->ops->fetch(s->bulk, first_page, npages);
 }
 
 /* Lands everything the DONE message announces, loads the state, confirms. */
@@ -206,7 +302,7 @@ static int complete(struct session *s, const struct msg_done *done)
 	struct msg_complete c = {0};
 	int rc;
 
-	if (!s->state) {
+	if (!s->state && !s->switched) {
 		snprintf(s->err, sizeof(s->err), "done arrived before the state");
 		return -EPROTO;
 	}
@@ -283,7 +379,7 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 		rc = load_state(s);
 	if (rc == 0) {
 		pc_mark_stale(s->pc, words);
-		rc = pc_start(s->pc, fetch_page, s);
+		rc = pc_start(s->pc, fetch_page, in);
 		if (rc < 0)
 			snprintf(s->err, sizeof(s->err), "cannot start the fault handler: %s",
 				 strerror(-rc));
@@ -438,6 +534,7 @@ static void *incoming_main(void *arg)
 					"stays here, paused (hymig resume runs it)");
 			}
 		}
+		set_fetch_bulk(in, NULL);
 		if (s.bulk)
 			s.bulk->ops->bulk_close(s.bulk);
 		s.ctl->ops->conn_close(s.ctl);
@@ -448,14 +545,17 @@ static void *incoming_main(void *arg)
 			if (pc_complete(s.pc)) {
 				pc_destroy(s.pc);
 				set_state(in, HM_IN_ARRIVED);
-			} else {
-				log_err("incoming: the source was lost during post-copy; vCPUs "
-					"touching the pages still there wait (postcopy-paused)");
-				in->orphan = s.pc;
-				set_state(in, HM_IN_POSTCOPY_PAUSED);
+				break;
 			}
-			break;
+			log_err("incoming: the link to the source broke during post-copy; vCPUs "
+				"touching missing pages wait until it resumes (postcopy-paused)");
+			in->pc_paused = s.pc;
+			in->pc_ram = s.ram;
+			set_state(in, HM_IN_POSTCOPY_PAUSED);
+			continue;
 		}
+		if (in->pc_paused)
+			continue; /* a refused attempt while post-copy is paused */
 		pc_destroy(s.pc); /* never started: nothing was handed over */
 		if (rc == 0 || in->state == HM_IN_COMPLETE)
 			break;
@@ -488,6 +588,7 @@ int hm_incoming_start(const struct hm_vm_ops *ops, void *opaque, const struct hm
 		memcpy(in->psk, cfg->psk, cfg->psk_len);
 	in->cfg.psk = NULL;
 	pthread_mutex_init(&in->lock, NULL);
+	pthread_mutex_init(&in->fetch_lock, NULL);
 	rc = tp_parse_uri(cfg->uri, &in->addr, err, errlen);
 	if (rc == 0)
 		rc = in->addr.ops->listen(&in->addr, &in->listener, err, errlen);

@@ -69,8 +69,11 @@ struct hm_migration {
 
 	/* Post-copy: the page server and where the background stream should go next. */
 	pthread_t server;
-	bool server_started;
 	atomic_bool server_stop;
+	bool running_seen;	 /* the destination confirmed it runs the guest */
+	bool resume_req;	 /* an operator asked to resume a paused post-copy */
+	bool destroying;	 /* hm_migration_destroy: stop waiting for a resume */
+	uint64_t bulk_bytes_old; /* wire bytes of bulk connections closed before */
 	atomic_uint_fast64_t hint_page, hint_gen;
 	atomic_uint_fast64_t served, served_bytes;
 
@@ -382,7 +385,8 @@ static void *sender_main(void *arg)
 static void stats_bytes(struct hm_migration *m)
 {
 	pthread_mutex_lock(&m->lock);
-	m->st.bytes_sent = m->ctl_bytes + (m->bulk ? atomic_load(&m->bulk->wire_bytes) : 0);
+	m->st.bytes_sent =
+	    m->ctl_bytes + m->bulk_bytes_old + (m->bulk ? atomic_load(&m->bulk->wire_bytes) : 0);
 	pthread_mutex_unlock(&m->lock);
 }
 
@@ -525,7 +529,33 @@ static int run_round(struct hm_migration *m, bool skip_zero)
 	return rc;
 }
 
-static int handshake(struct hm_migration *m, char *err, size_t errlen)
+/* A resuming destination's list of the pages it lacks becomes m->send. */
+static int expect_missing(struct hm_migration *m, char *err, size_t errlen)
+{
+	size_t cap = sizeof(struct wire_hdr) + WIRE_MAX_PAYLOAD;
+	uint8_t *buf = malloc(cap);
+	uint64_t n;
+	int len;
+
+	if (!buf)
+		return -ENOMEM;
+	len = ctl_expect(m->ctl, WIRE_POSTCOPY, m->cfg.dead_peer_ms, buf, cap, NULL, err, errlen);
+	if (len >= 0)
+		len = wire_decode_postcopy(buf + sizeof(struct wire_hdr), (uint32_t)len,
+					   m->ram->npages, m->send.words, &n, err, errlen);
+	free(buf);
+	if (len < 0)
+		return len;
+	pthread_mutex_lock(&m->lock);
+	m->st.remaining_pages = n;
+	pthread_mutex_unlock(&m->lock);
+	log_info("post-copy resumes: the destination lacks %llu pages", (unsigned long long)n);
+	return 0;
+}
+
+/* Connects and authenticates, then opens the channels. A resume (of a paused
+ * post-copy) gets the pages the destination still lacks instead of READY, in m->send. */
+static int handshake(struct hm_migration *m, bool resume, char *err, size_t errlen)
 {
 	uint8_t buf[1024], mac[WIRE_MAC_LEN];
 	struct msg_hello hello = {.page_size = HM_PAGE_SIZE, .channels = m->cfg.channels};
@@ -544,7 +574,7 @@ static int handshake(struct hm_migration *m, char *err, size_t errlen)
 		     : m->cfg.mode == HM_MODE_PRECOPY ? WIRE_MODE_PRECOPY
 						      : WIRE_MODE_POSTCOPY;
 	bc.urgent = hello.mode == WIRE_MODE_POSTCOPY;
-	hello.flags = m->cfg.psk_len ? WIRE_F_PSK : 0;
+	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0);
 	hello.nregions = m->ram->nregions;
 	for (unsigned i = 0; i < m->ram->nregions; i++)
 		hello.region_size[i] = m->ram->r[i].size;
@@ -578,8 +608,13 @@ static int handshake(struct hm_migration *m, char *err, size_t errlen)
 		snprintf(err, errlen, "sending auth: %s", strerror(-rc));
 		return rc;
 	}
-	/* Reservation may populate gigabytes on the destination: allow it time. */
-	rc = ctl_expect(m->ctl, WIRE_READY, 60000, buf, sizeof(buf), &ready, err, errlen);
+	if (resume) {
+		rc = expect_missing(m, err, errlen);
+		bc.switched = true;
+	} else {
+		/* Reservation may populate gigabytes on the destination: allow it time. */
+		rc = ctl_expect(m->ctl, WIRE_READY, 60000, buf, sizeof(buf), &ready, err, errlen);
+	}
 	if (rc < 0)
 		return rc;
 	memcpy(bc.sid, ch.sid, WIRE_SID_LEN);
@@ -607,9 +642,8 @@ static int send_state(struct hm_migration *m)
 		free(state);
 		return fail(m, len, "encoding state: %s", strerror(-len));
 	}
-	rc = m->ctl->ops->send_msg(m->ctl, state, (size_t)len);
+	rc = ctl_send_raw(m->ctl, WIRE_STATE, state, (size_t)len, &m->ctl_bytes);
 	free(state);
-	m->ctl_bytes += (uint64_t)len;
 	return rc < 0 ? fail(m, rc, "sending state: %s", strerror(-rc)) : 0;
 }
 
@@ -764,6 +798,36 @@ static void *server_main(void *arg)
 	return NULL;
 }
 
+/* Post-copy's background stream and page server, until every page of m->send went one
+ * way or the other; then commitment. */
+static int stream_postcopy(struct hm_migration *m)
+{
+	int rc;
+
+	atomic_store(&m->server_stop, false);
+	rc = -pthread_create(&m->server, NULL, server_main, m);
+	if (rc < 0)
+		return fail(m, rc, "cannot start the page server");
+	m->postcopy = true;
+	rc = run_round(m, false);
+	if (rc == 0)
+		rc = send_done(m);
+	if (rc == 0)
+		rc = commit(m);
+	atomic_store(&m->server_stop, true);
+	if (rc < 0)
+		m->bulk->ops->bulk_shutdown(m->bulk);
+	pthread_join(m->server, NULL);
+	stats_bytes(m);
+	pthread_mutex_lock(&m->lock);
+	m->st.postcopy_requests = atomic_load(&m->served);
+	if (rc == 0)
+		m->st.remaining_pages = 0;
+	m->st.postcopy_bytes = m->st.bytes_sent - m->st.precopy_bytes - m->st.downtime_bytes;
+	pthread_mutex_unlock(&m->lock);
+	return rc;
+}
+
 /* The switch, then post-copy until the destination holds every page. The guest is
  * paused and m->send holds what the last round found dirty. */
 static int postcopy(struct hm_migration *m)
@@ -816,17 +880,20 @@ static int postcopy(struct hm_migration *m)
 		rc = fail(m, len, "encoding the stale set: %s", strerror(-len));
 		goto out;
 	}
-	/* From here the destination may run the guest: the source never resumes it. */
-	m->switched = true;
-	rc = m->ctl->ops->send_msg(m->ctl, msg, (size_t)len);
-	m->ctl_bytes += (uint64_t)len;
-	if (rc == 0)
+	/* Once the switch message left, the destination may run the guest: from then on
+	 * the source never resumes it. (A send that failed did not deliver it whole.) */
+	rc = ctl_send_raw(m->ctl, WIRE_POSTCOPY, msg, (size_t)len, &m->ctl_bytes);
+	m->switched = rc == 0;
+	if (rc < 0)
+		snprintf(why, sizeof(why), "sending it: %s", strerror(-rc));
+	else
 		rc = ctl_expect(m->ctl, WIRE_RUNNING, m->cfg.dead_peer_ms, buf, sizeof(buf), NULL,
 				why, sizeof(why));
 	if (rc < 0) {
 		rc = fail(m, rc, "the switch to post-copy was not confirmed: %s", why);
 		goto out;
 	}
+	m->running_seen = true;
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
 	m->st.downtime_ms = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
@@ -838,37 +905,9 @@ static int postcopy(struct hm_migration *m)
 	log_info("post-copy: the guest runs on the destination; %llu pages follow (%s)",
 		 (unsigned long long)nstale, m->st.switch_reason);
 
-	/* Background stream and page server, until every stale page went one way. */
 	bitmap_swap(&m->send, &hot);
-	rc = -pthread_create(&m->server, NULL, server_main, m);
-	if (rc < 0) {
-		rc = fail(m, rc, "cannot start the page server");
-		goto out;
-	}
-	m->server_started = true;
-	m->postcopy = true;
-	rc = run_round(m, false);
-	if (rc == 0)
-		rc = send_done(m);
-	if (rc == 0)
-		rc = commit(m);
+	rc = stream_postcopy(m);
 out:
-	if (m->server_started) {
-		atomic_store(&m->server_stop, true);
-		if (rc < 0)
-			m->bulk->ops->bulk_shutdown(m->bulk);
-		pthread_join(m->server, NULL);
-		m->server_started = false;
-	}
-	stats_bytes(m);
-	pthread_mutex_lock(&m->lock);
-	m->st.postcopy_requests = atomic_load(&m->served);
-	if (rc == 0)
-		m->st.remaining_pages = 0;
-	if (m->switched)
-		m->st.postcopy_bytes =
-		    m->st.bytes_sent - m->st.precopy_bytes - m->st.downtime_bytes;
-	pthread_mutex_unlock(&m->lock);
 	free(msg);
 	bitmap_fini(&recent);
 	bitmap_fini(&hot);
@@ -954,6 +993,98 @@ static int precopy(struct hm_migration *m)
 	}
 }
 
+/* Drops the broken connections of a paused post-copy. */
+static void close_links(struct hm_migration *m)
+{
+	stats_bytes(m);
+	if (m->bulk) {
+		m->bulk_bytes_old += atomic_load(&m->bulk->wire_bytes);
+		m->bulk->ops->bulk_close(m->bulk);
+		m->bulk = NULL;
+	}
+	if (m->ctl)
+		m->ctl->ops->conn_close(m->ctl);
+	m->ctl = NULL;
+}
+
+/* Post-copy broke: the guest runs on the destination, the source keeps every page it
+ * may still need, paused. Waits for an operator's resume (hm_migration_resume), then
+ * reconnects and goes on with the pages the destination reports missing. */
+static int await_resume(struct hm_migration *m)
+{
+	char err[256];
+	int rc;
+
+	close_links(m);
+	pthread_mutex_lock(&m->lock);
+	m->st.state = HM_MIG_POSTCOPY_PAUSED;
+	m->st.source_paused = true;
+	pthread_cond_broadcast(&m->cv);
+	pthread_mutex_unlock(&m->lock);
+	if (m->ops->event)
+		m->ops->event(m->opaque, state_names[HM_MIG_POSTCOPY_PAUSED]);
+	log_err("post-copy paused: %s; the guest runs on the destination and this source "
+		"keeps its pages until a resume (hymig migrate --resume)",
+		m->st.error);
+	pthread_mutex_lock(&m->lock);
+	while (!m->resume_req && !m->destroying)
+		pthread_cond_wait(&m->cv, &m->lock);
+	m->resume_req = false;
+	if (!m->destroying)
+		m->st.error[0] = 0;
+	pthread_mutex_unlock(&m->lock);
+	if (m->destroying)
+		return -ECANCELED;
+	rc = handshake(m, true, err, sizeof(err));
+	if (rc == -ENOENT && !m->running_seen) {
+		/* The switch never reached the destination: it did not run the guest and
+		 * dropped what it had. The guest is ours again. */
+		m->switched = false;
+		return fail(m, rc,
+			    "the destination never ran the guest (the switch to post-copy did "
+			    "not reach it): the guest runs here again");
+	}
+	if (rc == -ENOENT)
+		return fail(m, rc,
+			    "the destination has no paused post-copy: it holds the whole guest "
+			    "already or lost it (see hymig status there); this source keeps its "
+			    "copy paused");
+	if (rc < 0)
+		return fail(m, rc, "resuming post-copy: %s", err);
+	m->running_seen = true;
+	m->send_error = 0;
+	m->st.source_paused = false;
+	for (unsigned i = 0; i < m->cfg.channels; i++)
+		m->senders[i].pages = 0; /* DONE counts the pages of these connections */
+	set_state(m, HM_MIG_POSTCOPY);
+	return stream_postcopy(m);
+}
+
+int hm_migration_resume(struct hm_migration *m, const char *uri, char *err, size_t errlen)
+{
+	struct tp_addr a;
+	int rc = 0;
+
+	if (uri && tp_parse_uri(uri, &a, err, errlen) < 0)
+		return -EINVAL;
+	pthread_mutex_lock(&m->lock);
+	if (m->st.state != HM_MIG_POSTCOPY_PAUSED) {
+		snprintf(err, errlen, "no post-copy is paused (the migration is %s)",
+			 state_names[m->st.state]);
+		rc = -EINVAL;
+	} else {
+		if (uri) {
+			snprintf(m->uri, sizeof(m->uri), "%s", uri);
+			m->addr = a;
+		}
+		m->resume_req = true;
+		m->st.state = HM_MIG_POSTCOPY; /* until the engine says otherwise */
+		pthread_cond_broadcast(&m->cv);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return rc;
+}
+
 static void *engine_main(void *arg)
 {
 	struct hm_migration *m = arg;
@@ -962,7 +1093,7 @@ static void *engine_main(void *arg)
 	bool at_once = m->cfg.mode == HM_MODE_POSTCOPY && m->cfg.precopy_rounds == 0;
 	int rc, sw = 0;
 
-	rc = handshake(m, err, sizeof(err));
+	rc = handshake(m, false, err, sizeof(err));
 	if (rc < 0) {
 		fail(m, rc, "%s", err);
 		goto out;
@@ -1009,8 +1140,11 @@ static void *engine_main(void *arg)
 		m->paused = true;
 	}
 	rc = sw == PRECOPY_SWITCH ? postcopy(m) : finish(m);
+	while (rc < 0 && m->switched && !m->destroying)
+		rc = await_resume(m);
 	m->st.throughput_mb_per_s =
-	    atomic_load(&m->bulk->wire_bytes) / 1e3 / ms_between(t_xfer, now_ns());
+	    (m->bulk_bytes_old + (m->bulk ? atomic_load(&m->bulk->wire_bytes) : 0)) / 1e3 /
+	    ms_between(t_xfer, now_ns());
 out:
 	dirty_destroy(m->dirty);
 	m->dirty = NULL;
@@ -1163,10 +1297,10 @@ int hm_migration_wait(struct hm_migration *m, int timeout_ms)
 	int rc = 0;
 
 	pthread_mutex_lock(&m->lock);
-	while (!m->ended && rc == 0)
+	while (!m->ended && m->st.state != HM_MIG_POSTCOPY_PAUSED && rc == 0)
 		rc = timeout_ms < 0 ? pthread_cond_wait(&m->cv, &m->lock)
 				    : pthread_cond_timedwait(&m->cv, &m->lock, &dl);
-	rc = m->ended ? 0 : -ETIMEDOUT;
+	rc = m->ended || m->st.state == HM_MIG_POSTCOPY_PAUSED ? 0 : -ETIMEDOUT;
 	pthread_mutex_unlock(&m->lock);
 	return rc;
 }
@@ -1176,6 +1310,10 @@ void hm_migration_destroy(struct hm_migration *m)
 	if (!m)
 		return;
 	hm_migration_cancel(m);
+	pthread_mutex_lock(&m->lock);
+	m->destroying = true;
+	pthread_cond_broadcast(&m->cv);
+	pthread_mutex_unlock(&m->lock);
 	pthread_join(m->thread, NULL);
 	bitmap_fini(&m->send);
 	bitmap_fini(&m->sent_once);

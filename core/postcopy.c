@@ -369,6 +369,50 @@ int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg)
 	return rc;
 }
 
+void pc_requeue(struct postcopy *pc)
+{
+	for (uint64_t p = 0; p < pc->ram->npages; p++) {
+		uint8_t s = atomic_load(&pc->state[p]);
+		while ((s == PC_LANDING || s == PC_REQUESTED) &&
+		       !atomic_compare_exchange_weak(&pc->state[p], &s, PC_STALE))
+			;
+	}
+}
+
+uint64_t pc_stale_words(struct postcopy *pc, uint64_t *words)
+{
+	uint64_t n = 0;
+
+	memset(words, 0, (pc->ram->npages + 63) / 64 * sizeof(*words));
+	for (uint64_t p = 0; p < pc->ram->npages; p++)
+		if (atomic_load(&pc->state[p]) != PC_CLEAN) {
+			words[p / 64] |= 1ULL << (p % 64);
+			n++;
+		}
+	return n;
+}
+
+void pc_refetch(struct postcopy *pc)
+{
+	uint64_t want[MAX_PENDING];
+	unsigned n = 0;
+
+	pthread_mutex_lock(&pc->lock);
+	for (unsigned i = 0; pc->npend && i < MAX_PENDING; i++) {
+		uint8_t s = PC_STALE;
+		if (pc->pend[i].used && atomic_compare_exchange_strong(&pc->state[pc->pend[i].page],
+								       &s, PC_REQUESTED)) {
+			want[n++] = pc->pend[i].page;
+			pc->st.requests++;
+		}
+	}
+	pthread_mutex_unlock(&pc->lock);
+	for (unsigned i = 0; i < n; i++)
+		if (pc->fetch(pc->fetch_arg, want[i], 1) < 0)
+			log_err("post-copy: requesting page %llu again failed",
+				(unsigned long long)want[i]);
+}
+
 bool pc_complete(struct postcopy *pc)
 {
 	return atomic_load(&pc->stale_left) == 0;

@@ -57,6 +57,14 @@ int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg);
 unsigned pc_claim(struct postcopy *pc, uint64_t first, uint32_t n, bool *claimed);
 void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *claimed);
 
+/* Recovery after a broken link, with no lander running: pages whose copy was cut off
+ * (landing) or whose request was lost (requested) are stale again. */
+void pc_requeue(struct postcopy *pc);
+/* The pages not clean yet, as bitmap words (ram->npages bits); returns their count. */
+uint64_t pc_stale_words(struct postcopy *pc, uint64_t *words);
+/* Requests again every stale page a vCPU waits for (after pc_requeue and a new link). */
+void pc_refetch(struct postcopy *pc);
+
 /* Whether every page is clean. */
 bool pc_complete(struct postcopy *pc);
 /* Waits up to timeout_ms for every page to be clean: 0 or -ETIMEDOUT. */

@@ -57,7 +57,8 @@ _Static_assert(sizeof(struct wire_hdr) == 16, "wire header is 16 bytes");
 /* POSTCOPY covers postcopy and hybrid: the destination prepares for a switch (urgent
  * channel, fault handling) that a converging hybrid migration never makes. */
 enum wire_mode { WIRE_MODE_PRECOPY = 1, WIRE_MODE_COLD = 2, WIRE_MODE_POSTCOPY = 3 };
-#define WIRE_F_PSK 1u /* the sender holds a pre-shared key */
+#define WIRE_F_PSK    1u /* the sender holds a pre-shared key */
+#define WIRE_F_RESUME 2u /* hello only: resume the post-copy paused at the destination */
 
 /* Decoded (host-order) messages. */
 struct msg_hello {
@@ -95,6 +96,7 @@ enum wire_refuse_code {
 	REFUSE_RESOURCES,
 	REFUSE_PROTOCOL,
 	REFUSE_CANCELLED,
+	REFUSE_NO_SESSION, /* a resume, but no post-copy is paused here */
 };
 
 struct msg_refuse {

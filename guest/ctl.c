@@ -157,7 +157,7 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 		unsigned events;
 
 		pthread_mutex_lock(&g->lock);
-		events = g->events;
+		events = atomic_load(&g->events);
 		pthread_mutex_unlock(&g->lock);
 		hm_migration_stats(m, &st);
 		if (ended) {

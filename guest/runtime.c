@@ -263,9 +263,7 @@ static void vm_event(void *opaque, const char *state)
 {
 	struct guest *g = opaque;
 
-	pthread_mutex_lock(&g->lock);
-	g->events++;
-	pthread_mutex_unlock(&g->lock);
+	atomic_fetch_add(&g->events, 1);
 	log_debug("migration: %s", state);
 }
 
@@ -326,6 +324,15 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 	uint64_t x;
 	int rc;
 
+	if (json_get_bool(req, "resume", false)) {
+		pthread_mutex_lock(&g->lock);
+		rc = g->mig ? hm_migration_resume(g->mig, json_get(req, "to"), err, errlen)
+			    : -EINVAL;
+		if (!g->mig)
+			snprintf(err, errlen, "no migration to resume");
+		pthread_mutex_unlock(&g->lock);
+		return rc;
+	}
 	hm_migrate_cfg_init(&cfg);
 	cfg.uri = json_get(req, "to");
 	if (!cfg.uri) {
@@ -390,8 +397,12 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 	} else if (g->mig) {
 		struct hm_stats st;
 		hm_migration_stats(g->mig, &st);
-		rc = st.state < HM_MIG_COMPLETED ? -EBUSY : 0;
-		if (rc)
+		rc = st.state < HM_MIG_COMPLETED || st.state == HM_MIG_POSTCOPY_PAUSED ? -EBUSY : 0;
+		if (st.state == HM_MIG_POSTCOPY_PAUSED)
+			snprintf(err, errlen,
+				 "post-copy is paused: the guest runs on the destination; resume "
+				 "it with hymig migrate --resume");
+		else if (rc)
 			snprintf(err, errlen, "a migration is already running");
 	} else {
 		rc = 0;

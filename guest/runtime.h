@@ -35,7 +35,8 @@ struct guest {
 	/* Migration; guarded by lock. */
 	struct hm_migration *mig;
 	struct hm_incoming *in;
-	unsigned events; /* bumped on every engine state change */
+	atomic_uint events; /* bumped on every engine state change (no lock: the engine
+			       calls in while others may wait on guest memory) */
 	bool keep_source;
 
 	/* The dirtier's rate, sampled by the control thread. */

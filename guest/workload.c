@@ -502,7 +502,9 @@ int wl_verify(const struct hm_ram *ram, struct wl_verify *out)
 
 uint64_t wl_pages_written(const struct hm_ram *ram)
 {
-	const struct wl_meta *m = wl_meta_of(ram);
+	/* Read through the migrator view: monitoring must never fault. During post-copy
+	 * the destination's guest view may wait for page 0, with locks held around it. */
+	const struct wl_meta *m = (const struct wl_meta *)ram_mig_page(ram, 0);
 	uint64_t sum = 0;
 
 	for (unsigned i = 0; i < WL_MAX_VCPUS; i++)

@@ -34,6 +34,7 @@ static const char usage[] =
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
     "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
+    "  hymig migrate --ctl PATH --resume [--to tcp://HOST:PORT] [--json]\n"
     "  hymig status  --ctl PATH [--json]\n"
     "  hymig verify  --ctl PATH [--json]\n"
     "  hymig pause|resume|quit --ctl PATH\n"
@@ -48,6 +49,8 @@ static const char usage[] =
     "hybrid does the same but switches to post-copy instead (the guest runs on the\n"
     "destination and its remaining pages follow, urgent ones on request); postcopy\n"
     "switches after --precopy-rounds rounds (0: at once); cold pauses first.\n"
+    "migrate --ctl SRC --resume [--to URI] resumes a post-copy whose link broke\n"
+    "(status postcopy-paused), to the same or a new address.\n"
     "Transports built in: %s.\n"
     "\n"
     "migrate exits 0 when the migration completed, 1 when it failed, 3 when it was\n"
@@ -386,6 +389,7 @@ static int cmd_migrate(int argc, char **argv)
 	    {"to", required_argument, 0, 't'},
 	    {"mode", required_argument, 0, 'm'},
 	    {"precopy-rounds", required_argument, 0, 'P'},
+	    {"resume", no_argument, 0, 'R'},
 	    {"downtime-limit", required_argument, 0, 'd'},
 	    {"max-rounds", required_argument, 0, 'r'},
 	    {"bandwidth-limit", required_argument, 0, 'b'},
@@ -468,6 +472,9 @@ static int cmd_migrate(int argc, char **argv)
 		case 'K':
 			jw_bool(&w, "keep_source", true);
 			break;
+		case 'R':
+			jw_bool(&w, "resume", true);
+			break;
 		case 'k':
 			/* The guest process reads the key: pass an absolute path, not the key. */
 			if (!realpath(optarg, abspath))
@@ -492,8 +499,9 @@ static int cmd_migrate(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 	}
-	if (!ctl || !strstr(req, "\"to\""))
-		return usage_error("%s", "hymig migrate needs --ctl PATH and --to URI");
+	if (!ctl || (!strstr(req, "\"to\"") && !strstr(req, "\"resume\"")))
+		return usage_error("%s",
+				   "hymig migrate needs --ctl PATH and --to URI (or --resume)");
 	if (!jw_finish(&w))
 		return usage_error("%s", "request too long");
 	r.fd = ctl_connect(ctl);

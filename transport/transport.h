@@ -66,6 +66,7 @@ struct tp_bulk_cfg {
 	/* Destination, post-copy: pages arriving after a channel's switch marker (and every
 	 * reply on the urgent channel) land only where pc_claim allows. */
 	struct postcopy *pc;
+	bool switched; /* a resumed post-copy: every page lands through pc from the start */
 	uint8_t sid[WIRE_SID_LEN]; /* session id from the handshake */
 	const uint8_t *psk;	   /* NULL: no authentication */
 	size_t psk_len;

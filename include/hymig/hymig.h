@@ -139,8 +139,14 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 void hm_migration_cancel(struct hm_migration *m);
 /* Snapshot of the progress (or the final statistics once it ended). */
 void hm_migration_stats(struct hm_migration *m, struct hm_stats *out);
-/* Waits up to timeout_ms (-1 forever) for the end; 0 when ended, -ETIMEDOUT otherwise. */
+/* Waits up to timeout_ms (-1 forever) for the end, or for post-copy to pause (state
+ * HM_MIG_POSTCOPY_PAUSED: it waits for hm_migration_resume); 0 then, -ETIMEDOUT
+ * otherwise. */
 int hm_migration_wait(struct hm_migration *m, int timeout_ms);
+/* Resumes a paused post-copy, over uri when given (the destination may have moved):
+ * the destination reports the pages it still lacks and post-copy goes on. If the switch
+ * never reached the destination, the guest runs here again and the migration fails. */
+int hm_migration_resume(struct hm_migration *m, const char *uri, char *err, size_t errlen);
 /* Joins the engine thread and frees; accepts NULL. */
 void hm_migration_destroy(struct hm_migration *m);
 

@@ -99,4 +99,88 @@ wait "$killer"
 [ "$(result_field source_paused)" = true ] || fail "source_paused not reported"
 kill -0 "$PID_src4" 2>/dev/null || fail "the source guest exited with the only full copy"
 [ "$(status_field src4 state)" = paused ] || fail "the source guest resumed: a split guest"
+"$HYMIG" quit --ctl "$(ctl src4)"
+
+# start_postcopy SRC PORT: starts a post-copy at once in the background; returns once
+# the source reports the post-copy phase (MIGRATE_PID is the migrate client).
+start_postcopy() {
+	"$HYMIG" migrate --ctl "$(ctl "$1")" --to "tcp://$ADDR_B:$2" --mode postcopy \
+		--precopy-rounds 0 --json >"$WORK/bg.json" 2>"$WORK/bg.err" &
+	MIGRATE_PID=$!
+	for _ in $(seq 300); do
+		s=$("$HYMIG" status --ctl "$(ctl "$1")" --json 2>/dev/null) || s=
+		case $s in *'"phase":"postcopy"'*) return 0 ;; esac
+		sleep 0.05
+	done
+	fail "no post-copy phase reached"
+}
+
+# finish_bg: waits for the background migrate; sets RESULT and MIGRATE_RC.
+finish_bg() {
+	MIGRATE_RC=0
+	wait "$MIGRATE_PID" || MIGRATE_RC=$?
+	RESULT=$(cat "$WORK/bg.json")
+	echo "migrate ($MIGRATE_RC): $RESULT" >&2
+}
+
+step "link cut during post-copy: both sides pause, --resume finishes it"
+guest b dst5 --mem 512M --incoming "tcp://$ADDR_B:7035"
+guest a src5 --mem 512M --workload "$DIRTIER"
+sleep 1
+start_postcopy src5 7035
+sleep 1
+"$HOSTS" cut "$NAME"
+finish_bg
+[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
+[ "$(status_field src5 state)" = paused ] || fail "the source guest is not paused"
+for _ in $(seq 100); do
+	[ "$(status_field dst5 incoming)" = postcopy-paused ] && break
+	sleep 0.1
+done
+[ "$(status_field dst5 incoming)" = postcopy-paused ] || fail "destination not postcopy-paused"
+"$HOSTS" heal "$NAME"
+migrate src5 --resume
+[ $MIGRATE_RC = 0 ] || fail "resume failed"
+[ "$(result_field status)" = completed ] || fail "resumed post-copy did not complete"
+[ "$(status_field dst5 incoming)" = arrived ] || fail "destination did not arrive"
+verify_ok dst5
+"$HYMIG" quit --ctl "$(ctl dst5)"
+
+step "switch handshake: the state message is lost (before the switch): source runs on"
+HYMIG_TEST_DROP=state guest a src6 --mem 256M --workload "$DIRTIER"
+guest b dst6 --mem 256M --incoming "tcp://$ADDR_B:7036"
+sleep 1
+migrate src6 --to "tcp://$ADDR_B:7036" --mode postcopy --precopy-rounds 0
+[ $MIGRATE_RC = 1 ] || fail "migrate exited $MIGRATE_RC, expected 1 (failed)"
+[ "$(status_field src6 state)" = running ] || fail "the source guest is not running"
+verify_ok src6
+"$HYMIG" quit --ctl "$(ctl src6)"
+"$HYMIG" quit --ctl "$(ctl dst6)"
+
+step "switch handshake: the switch message is lost: --resume gives the guest back"
+HYMIG_TEST_DROP=postcopy guest a src7 --mem 256M --workload "$DIRTIER"
+guest b dst7 --mem 256M --incoming "tcp://$ADDR_B:7037"
+sleep 1
+migrate src7 --to "tcp://$ADDR_B:7037" --mode postcopy --precopy-rounds 0
+[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
+[ "$(status_field src7 state)" = paused ] || fail "the source resumed before the resume"
+[ "$(status_field dst7 state)" != running ] || fail "the destination runs a guest it never got"
+migrate src7 --resume
+[ $MIGRATE_RC = 1 ] || fail "resume exited $MIGRATE_RC, expected 1 (the guest returns)"
+result_field error | grep -q "never ran the guest" || fail "unclear outcome"
+[ "$(status_field src7 state)" = running ] || fail "the source guest is not running again"
+verify_ok src7
+"$HYMIG" quit --ctl "$(ctl src7)"
+"$HYMIG" quit --ctl "$(ctl dst7)"
+
+step "switch handshake: the destination's confirmation is lost: --resume finishes"
+guest a src8 --mem 256M --workload "$DIRTIER"
+HYMIG_TEST_DROP=running guest b dst8 --mem 256M --incoming "tcp://$ADDR_B:7038"
+sleep 1
+migrate src8 --to "tcp://$ADDR_B:7038" --mode postcopy --precopy-rounds 0
+[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
+[ "$(status_field src8 state)" = paused ] || fail "the source resumed: a split guest"
+migrate src8 --resume
+[ $MIGRATE_RC = 0 ] || fail "resume failed"
+verify_ok dst8
 echo "PASS"

@@ -45,7 +45,8 @@ static struct tcp_bulk *bulk_new(const struct tp_bulk_cfg *cfg)
 	pthread_cond_init(&b->changed, NULL);
 	pthread_mutex_init(&b->urgent_lock, NULL);
 	for (unsigned i = 0; i <= TCP_URGENT; i++)
-		b->ch[i] = (struct tcp_chan){.owner = b, .fd = -1, .urgent = i == TCP_URGENT};
+		b->ch[i] = (struct tcp_chan){
+		    .owner = b, .fd = -1, .urgent = i == TCP_URGENT, .switched = cfg->switched};
 	return b;
 }
 

@@ -253,10 +253,40 @@ static void test_continue(void **state)
 	assert_string_equal(why, "");
 }
 
+static void test_hybrid_switch(void **state)
+{
+	struct conv c;
+	char why[256] = "";
+
+	/* a guest dirtying 90% of what the link carries: pre-copy would go on (the set
+	 * shrinks slowly), hybrid switches at once and says why */
+	conv_init(&c, 2.0);
+	conv_round(&c, 100 * MB, 1.0, 90 * MB, 1.0);
+	assert_int_equal(conv_decide(&c, 1, 30, 1.0, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+	assert_int_equal(conv_decide_hybrid(&c, 1, 30, 1.0, 0, 5, why, sizeof(why)), CONV_GIVE_UP);
+	assert_non_null(strstr(why, "dirties 90.0 MB/s"));
+	assert_non_null(strstr(why, "carries 100.0 MB/s"));
+
+	/* a guest at 50% converges: hybrid continues like pre-copy, then stops */
+	conv_init(&c, 2.0);
+	conv_round(&c, 100 * MB, 1.0, 50 * MB, 1.0);
+	assert_int_equal(conv_decide_hybrid(&c, 1, 30, 1.0, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+	conv_round(&c, 100 * MB, 1.0, 100 * 1000, 0.002);
+	assert_int_equal(conv_decide_hybrid(&c, 2, 30, 1.0, 0, 5, why, sizeof(why)),
+			 CONV_STOP_COPY);
+
+	/* the round limit still applies, as a switch */
+	conv_init(&c, 2.0);
+	conv_round(&c, 100 * MB, 1.0, 40 * MB, 1.0);
+	assert_int_equal(conv_decide_hybrid(&c, 3, 3, 3.0, 0, 5, why, sizeof(why)), CONV_GIVE_UP);
+	assert_non_null(strstr(why, "3 rounds"));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_init),
+	    cmocka_unit_test(test_hybrid_switch),
 	    cmocka_unit_test(test_bandwidth),
 	    cmocka_unit_test(test_small_rounds_keep_bandwidth),
 	    cmocka_unit_test(test_dirty_rate),

@@ -228,6 +228,13 @@ static void test_hello_roundtrip(void **state)
 	assert_int_equal(out.nregions, HM_MAX_REGIONS);
 	assert_memory_equal(out.region_size, in.region_size, sizeof(in.region_size));
 
+	/* a resume of a paused post-copy */
+	in.mode = WIRE_MODE_POSTCOPY;
+	in.flags = WIRE_F_PSK | WIRE_F_RESUME;
+	roundtrip(buf, wire_encode(WIRE_HELLO, &in, buf, sizeof(buf)), WIRE_HELLO, &out);
+	assert_int_equal(out.flags, WIRE_F_PSK | WIRE_F_RESUME);
+	in.flags = 0;
+
 	/* post-copy (and hybrid) mode */
 	in.mode = WIRE_MODE_POSTCOPY;
 	roundtrip(buf, wire_encode(WIRE_HELLO, &in, buf, sizeof(buf)), WIRE_HELLO, &out);
@@ -666,9 +673,9 @@ static void channels_17(struct msg_hello *m, uint8_t *p)
 {
 	m->channels = WIRE_MAX_CHANNELS + 1;
 }
-static void flags_2(struct msg_hello *m, uint8_t *p)
+static void flags_4(struct msg_hello *m, uint8_t *p)
 {
-	m->flags = WIRE_F_PSK | 2;
+	m->flags = WIRE_F_PSK | WIRE_F_RESUME | 4;
 }
 static void flags_high(struct msg_hello *m, uint8_t *p)
 {
@@ -724,7 +731,7 @@ static void test_hello_malformed(void **state)
 	hello_bad(mode_huge);
 	hello_bad(channels_0);
 	hello_bad(channels_17);
-	hello_bad(flags_2);
+	hello_bad(flags_4);
 	hello_bad(flags_high);
 	hello_bad(nregions_0);
 	hello_bad(nregions_65);
