@@ -389,10 +389,13 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 		return rc;
 	s->switched = true;
 	set_state(in, HM_IN_POSTCOPY);
+	/* Confirm first: starting the vCPUs is the next thing, and on two cores they and
+	 * the mapper could otherwise delay the confirmation by a scheduler slice. */
+	rc = ctl_send(s->ctl, WIRE_RUNNING, NULL, NULL);
 	in->ops->arrived(in->opaque, in->cfg.autostart);
 	log_info("incoming: running in post-copy, %llu pages still at the source",
 		 (unsigned long long)nstale);
-	return ctl_send(s->ctl, WIRE_RUNNING, NULL, NULL);
+	return rc;
 }
 
 /* Receives control messages until the commit. Returns 0 once the guest is ours. */

@@ -1040,6 +1040,7 @@ static int await_resume(struct hm_migration *m)
 		/* The switch never reached the destination: it did not run the guest and
 		 * dropped what it had. The guest is ours again. */
 		m->switched = false;
+		m->st.source_paused = false;
 		return fail(m, rc,
 			    "the destination never ran the guest (the switch to post-copy did "
 			    "not reach it): the guest runs here again");

@@ -101,6 +101,29 @@ kill -0 "$PID_src4" 2>/dev/null || fail "the source guest exited with the only f
 [ "$(status_field src4 state)" = paused ] || fail "the source guest resumed: a split guest"
 "$HYMIG" quit --ctl "$(ctl src4)"
 
+step "hotspot guest on an unshaped link: hybrid needs fewer requests than post-copy"
+"$HOSTS" shape "$NAME" 10gbit
+HOT=dirtier:rate=150M,pattern=hotspot,hot=0.04
+guest b dst9 --mem 256M --incoming "tcp://$ADDR_B:7039"
+guest a src9 --mem 256M --workload "$HOT"
+sleep 1
+migrate src9 --to "tcp://$ADDR_B:7039" --mode postcopy --precopy-rounds 0
+postcopy_ran
+verify_ok dst9
+pure=$(result_field postcopy_requests)
+"$HYMIG" quit --ctl "$(ctl dst9)"
+guest b dst10 --mem 256M --incoming "tcp://$ADDR_B:7040"
+guest a src10 --mem 256M --workload "$HOT"
+sleep 1
+migrate src10 --to "tcp://$ADDR_B:7040" --mode hybrid --downtime-limit 1 --max-rounds 2
+postcopy_ran
+verify_ok dst10
+hybrid=$(result_field postcopy_requests)
+echo "post-copy requests: pure $pure, hybrid $hybrid" >&2
+[ "$hybrid" -lt "$pure" ] || fail "hybrid sent $hybrid requests, pure post-copy $pure"
+"$HYMIG" quit --ctl "$(ctl dst10)"
+"$HOSTS" shape "$NAME" 400mbit
+
 # start_postcopy SRC PORT: starts a post-copy at once in the background; returns once
 # the source reports the post-copy phase (MIGRATE_PID is the migrate client).
 start_postcopy() {

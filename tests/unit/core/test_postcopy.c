@@ -92,6 +92,15 @@ static void *server_main(void *arg)
 	return NULL;
 }
 
+static void stop_server(struct fx *f, pthread_t server)
+{
+	pthread_mutex_lock(&f->lock);
+	f->stop = true;
+	pthread_cond_signal(&f->cv);
+	pthread_mutex_unlock(&f->lock);
+	pthread_join(server, NULL);
+}
+
 static int setup(void **state)
 {
 	struct fx *f = calloc(1, sizeof(*f));
@@ -183,11 +192,7 @@ static void test_faults_and_background(void **state)
 	for (int i = 0; i < 2; i++)
 		pthread_join(vcpus[i], NULL);
 	assert_int_equal(pc_wait_complete(f->pc, 5000), 0);
-	pthread_mutex_lock(&f->lock);
-	f->stop = true;
-	pthread_cond_signal(&f->cv);
-	pthread_mutex_unlock(&f->lock);
-	pthread_join(server, NULL);
+	stop_server(f, server);
 	assert_int_equal(v[0].bad + v[1].bad, 0);
 
 	/* A late copy of a clean page is dropped: the guest's write survives. */
@@ -221,11 +226,7 @@ static void test_requests_only(void **state)
 	assert_int_equal(pthread_create(&vcpu, NULL, vcpu_main, &v), 0);
 	pthread_join(vcpu, NULL);
 	assert_int_equal(pc_wait_complete(f->pc, 5000), 0);
-	pthread_mutex_lock(&f->lock);
-	f->stop = true;
-	pthread_cond_signal(&f->cv);
-	pthread_mutex_unlock(&f->lock);
-	pthread_join(server, NULL);
+	stop_server(f, server);
 	assert_int_equal(v.bad, 0);
 	pc_get_stats(f->pc, &st);
 	uint64_t stale = 0;
