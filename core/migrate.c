@@ -150,8 +150,11 @@ static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
 	return rc;
 }
 
-/* Sleeps as long as the bandwidth limit needs before bytes may leave. */
-static void throttle(struct hm_migration *m, uint64_t bytes)
+/* Books bytes against the bandwidth limit and, when wait is set, sleeps until they may
+ * leave. Urgent post-copy pages never wait, but they are booked: the background
+ * stream then yields them the bandwidth, so together they stay under the limit and no
+ * queue builds on the link in front of the next urgent page. */
+static void throttle(struct hm_migration *m, uint64_t bytes, bool wait)
 {
 	uint64_t now, at;
 
@@ -162,7 +165,7 @@ static void throttle(struct hm_migration *m, uint64_t bytes)
 	at = m->bw_next_ns > now ? m->bw_next_ns : now;
 	m->bw_next_ns = at + bytes * 1000000000ULL / m->cfg.bandwidth_limit;
 	pthread_mutex_unlock(&m->bw_lock);
-	if (at > now) {
+	if (wait && at > now) {
 		struct timespec ts = {.tv_sec = (time_t)((at - now) / 1000000000ULL),
 				      .tv_nsec = (long)((at - now) % 1000000000ULL)};
 		nanosleep(&ts, NULL);
@@ -181,7 +184,7 @@ static int flush(struct sender *s, struct batch *b)
 	int rc = 0;
 
 	if (b->n) {
-		throttle(m, b->bytes);
+		throttle(m, b->bytes, true);
 		rc = m->bulk->ops->push(m->bulk, s->ch, b->runs, b->n);
 	}
 	pthread_mutex_lock(&m->lock);
@@ -788,6 +791,7 @@ static void *server_main(void *arg)
 		atomic_store(&m->hint_page, req.first_page);
 		atomic_fetch_add(&m->hint_gen, 1);
 		rc = m->bulk->ops->serve_reply(m->bulk, runs, n);
+		throttle(m, bytes + n * sizeof(struct wire_rec), false);
 		if (rc < 0) {
 			log_err("post-copy page server: replying: %s", strerror(-rc));
 			break;
