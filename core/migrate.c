@@ -838,6 +838,7 @@ static int postcopy(struct hm_migration *m)
 {
 	struct bitmap recent = {0}, hot = {0};
 	uint64_t bytes_paused, budget, nstale;
+	double fixed;
 	uint8_t *msg = NULL, buf[512];
 	char why[256];
 	int rc, len;
@@ -863,11 +864,14 @@ static int postcopy(struct hm_migration *m)
 	set_state(m, HM_MIG_STOPCOPY);
 	stats_bytes(m);
 	bytes_paused = m->st.bytes_sent;
-	/* The hottest stale pages go now, as many as the downtime budget carries. */
-	budget = m->cfg.downtime_limit_ms > m->fixed_ms
-		     ? (uint64_t)((m->cfg.downtime_limit_ms - m->fixed_ms) / 1000 * m->bandwidth /
-				  HM_PAGE_SIZE)
-		     : 0;
+	/* The hottest stale pages go now, as many as the downtime budget carries once the
+	 * fixed costs and the stale list itself are paid for. */
+	fixed = m->fixed_ms;
+	if (m->bandwidth > 0)
+		fixed += BITMAP_WORDS(m->ram->npages) * 8.0 / m->bandwidth * 1000;
+	budget = m->cfg.downtime_limit_ms > fixed ? (uint64_t)((m->cfg.downtime_limit_ms - fixed) /
+							       1000 * m->bandwidth / HM_PAGE_SIZE)
+						  : 0;
 	pick_hot(m, &m->send, &recent, &hot, budget);
 	nstale = bitmap_count(&m->send);
 	bitmap_swap(&m->send, &hot); /* send = hot now, hot = the stale rest */
