@@ -733,26 +733,36 @@ static int finish(struct hm_migration *m)
 	return 0;
 }
 
-/* Moves the hottest pages of stale (those dirty in the final scan first, then by heat)
- * into hot, as many as budget_pages. */
+/* Moves the hottest pages of stale into hot, as many as budget_pages: those written
+ * since the last scan first (recent: the final scan, small), then by heat. This runs
+ * while the guest is paused, so the scan over the whole stale set happens only when
+ * the recent pages do not fill the budget. */
 static void pick_hot(struct hm_migration *m, struct bitmap *stale, const struct bitmap *recent,
 		     struct bitmap *hot, uint64_t budget_pages)
 {
-	uint64_t count[257] = {0}, take = 0;
-	unsigned cut = 257;
+	uint64_t count[256] = {0}, take = 0, npages = m->ram->npages;
+	int cut = 256;
 
-	/* Score 256 for the pages written in the last moments, else their heat. */
-	for (uint64_t p = bitmap_next_set(stale, 0); p < m->ram->npages;
-	     p = bitmap_next_set(stale, p + 1))
-		count[bitmap_test(recent, p) ? 256 : (m->heat ? m->heat[p] : 0)]++;
-	while (cut > 0 && take + count[cut - 1] <= budget_pages)
+	for (uint64_t p = bitmap_next_set(recent, 0); p < npages && take < budget_pages;
+	     p = bitmap_next_set(recent, p + 1), take++) {
+		bitmap_set(hot, p);
+		bitmap_clear(stale, p);
+	}
+	if (take >= budget_pages || !m->heat)
+		return;
+	budget_pages -= take;
+	take = 0;
+	for (uint64_t p = bitmap_next_set(stale, 0); p < npages; p = bitmap_next_set(stale, p + 1))
+		count[m->heat[p]]++;
+	while (cut > 1 && take + count[cut - 1] <= budget_pages)
 		take += count[--cut];
-	/* Scores >= cut fit entirely; the next score in line fills what is left. */
-	uint64_t extra = cut > 0 ? budget_pages - take : 0;
-	for (uint64_t p = bitmap_next_set(stale, 0); p < m->ram->npages;
+	/* Heats >= cut fit entirely; heat cut - 1 fills what is left, lowest pages first.
+	 * Heat 0 (not written lately) never counts as hot. */
+	uint64_t extra = budget_pages - take;
+	for (uint64_t p = bitmap_next_set(stale, 0); p < npages;
 	     p = bitmap_next_set(stale, p + 1)) {
-		unsigned score = bitmap_test(recent, p) ? 256 : (m->heat ? m->heat[p] : 0);
-		if (score >= cut || (cut > 0 && score == cut - 1 && extra && extra--)) {
+		int h = m->heat[p];
+		if (h && (h >= cut || (h == cut - 1 && extra && extra--))) {
 			bitmap_set(hot, p);
 			bitmap_clear(stale, p);
 		}
@@ -1297,6 +1307,7 @@ void hm_migration_stats(struct hm_migration *m, struct hm_stats *out)
 	*out = m->st;
 	if (!m->ended)
 		out->total_time_ms = ms_between(m->t_request, now_ns());
+	out->postcopy_requests = atomic_load(&m->served); /* live while post-copy runs */
 	pthread_mutex_unlock(&m->lock);
 }
 
