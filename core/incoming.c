@@ -28,6 +28,7 @@ struct hm_incoming {
 	 * source that resumes (hello with WIRE_F_RESUME). */
 	struct postcopy *pc_paused;
 	struct hm_ram *pc_ram;
+	struct postcopy *live_pc; /* the running post-copy, for statistics; under lock */
 	/* Where the fault handler's page requests go; NULL while no link is up. */
 	pthread_mutex_t fetch_lock;
 	struct tp_bulk *fetch_bulk;
@@ -73,6 +74,34 @@ static void set_state(struct hm_incoming *in, enum hm_in_state s)
 	pthread_mutex_unlock(&in->lock);
 	if (in->ops->event)
 		in->ops->event(in->opaque, in_state_names[s]);
+}
+
+/* The post-copy state is about to go: statistics stop reading it. */
+static void forget_pc(struct hm_incoming *in)
+{
+	pthread_mutex_lock(&in->lock);
+	in->live_pc = NULL;
+	pthread_mutex_unlock(&in->lock);
+}
+
+int hm_incoming_postcopy_stats(struct hm_incoming *in, struct hm_stats *out)
+{
+	struct pc_stats st;
+	int rc = -ENOENT;
+
+	pthread_mutex_lock(&in->lock);
+	if (in->live_pc) {
+		pc_get_stats(in->live_pc, &st);
+		out->remaining_pages = st.pages_stale_left;
+		out->postcopy_requests = st.requests;
+		out->postcopy_faults = st.faults_stale;
+		out->postcopy_blocked_ms = st.blocked_us / 1000.0;
+		memcpy(out->fault_lat_us, st.lat_us, sizeof(out->fault_lat_us));
+		memcpy(out->fault_lat_hist, st.hist, sizeof(out->fault_lat_hist));
+		rc = 0;
+	}
+	pthread_mutex_unlock(&in->lock);
+	return rc;
 }
 
 /* Waits for every channel's switch marker or end, heartbeating so the source knows we
@@ -388,6 +417,9 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 	if (rc < 0)
 		return rc;
 	s->switched = true;
+	pthread_mutex_lock(&in->lock);
+	in->live_pc = s->pc;
+	pthread_mutex_unlock(&in->lock);
 	set_state(in, HM_IN_POSTCOPY);
 	/* Confirm first: starting the vCPUs is the next thing, and on two cores they and
 	 * the mapper could otherwise delay the confirmation by a scheduler slice. */
@@ -484,6 +516,7 @@ static int receive(struct session *s)
 			set_state(in, HM_IN_ARRIVED);
 			/* Every page is clean: the guest view becomes plain memory again. A
 			 * post-copy guest runs already; a pre-copy one starts now. */
+			forget_pc(in);
 			pc_destroy(s->pc);
 			s->pc = NULL;
 			if (!s->switched)
@@ -546,6 +579,7 @@ static void *incoming_main(void *arg)
 		if (rc < 0 && s.switched) {
 			/* The guest was handed over at the switch: it stays here. */
 			if (pc_complete(s.pc)) {
+				forget_pc(in);
 				pc_destroy(s.pc);
 				set_state(in, HM_IN_ARRIVED);
 				break;

@@ -437,6 +437,8 @@ static const char *guest_state(struct guest *g)
 	return g->run ? "running" : "paused";
 }
 
+static void postcopy_json(const struct hm_stats *st, struct jw *w);
+
 void stats_json(const struct hm_stats *st, struct jw *w)
 {
 	static const char *const status[HM_MIG_STATE_MAX] = {
@@ -450,8 +452,6 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	    [HM_MIG_CANCELLED] = "cancelled",
 	    [HM_MIG_POSTCOPY_PAUSED] = "postcopy-paused",
 	};
-	static const char *const pct[4] = {"p50", "p90", "p99", "max"};
-	char key[16];
 
 	jw_str(w, "status", status[st->state]);
 	if (st->error[0])
@@ -481,6 +481,15 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_u64(w, "precopy_bytes", st->precopy_bytes);
 	jw_u64(w, "downtime_bytes", st->downtime_bytes);
 	jw_u64(w, "postcopy_bytes", st->postcopy_bytes);
+	postcopy_json(st, w);
+}
+
+/* Post-copy requests, waits and their latency distribution. */
+static void postcopy_json(const struct hm_stats *st, struct jw *w)
+{
+	static const char *const pct[4] = {"p50", "p90", "p99", "max"};
+	char key[16];
+
 	jw_u64(w, "postcopy_requests", st->postcopy_requests);
 	jw_u64(w, "postcopy_faults", st->postcopy_faults);
 	jw_f64(w, "postcopy_blocked_ms", st->postcopy_blocked_ms);
@@ -517,9 +526,17 @@ void guest_status_json(struct guest *g, struct jw *w)
 	if (g->in) {
 		char err[256];
 		enum hm_in_state s = hm_incoming_state(g->in, err, sizeof(err));
+		struct hm_stats pst = {0};
 		jw_str(w, "incoming", hm_in_state_name(s));
 		if (err[0])
 			jw_str(w, "incoming_error", err);
+		if (hm_incoming_postcopy_stats(g->in, &pst) == 0) {
+			/* What this destination's vCPUs waited for, live. */
+			jw_obj_begin(w, "postcopy");
+			jw_u64(w, "remaining_bytes", pst.remaining_pages * HM_PAGE_SIZE);
+			postcopy_json(&pst, w);
+			jw_obj_end(w);
+		}
 	}
 	if (g->mig) {
 		struct hm_stats st;

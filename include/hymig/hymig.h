@@ -178,6 +178,9 @@ const char *hm_in_state_name(enum hm_in_state s);
 int hm_incoming_start(const struct hm_vm_ops *ops, void *opaque, const struct hm_incoming_cfg *cfg,
 		      struct hm_incoming **out, char *err, size_t errlen);
 enum hm_in_state hm_incoming_state(struct hm_incoming *in, char *last_error, size_t errlen);
+/* While post-copy runs (or is paused) here: fills remaining_pages and the postcopy_*
+ * and fault_lat_* fields of out, live. -ENOENT otherwise. */
+int hm_incoming_postcopy_stats(struct hm_incoming *in, struct hm_stats *out);
 void hm_incoming_destroy(struct hm_incoming *in);
 
 #endif

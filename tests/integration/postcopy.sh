@@ -161,6 +161,9 @@ for _ in $(seq 100); do
 	sleep 0.1
 done
 [ "$(status_field dst5 incoming)" = postcopy-paused ] || fail "destination not postcopy-paused"
+missing=$(status_field dst5 postcopy.remaining_bytes)
+echo "destination lacks $missing bytes while paused" >&2
+[ "$missing" -gt 0 ] || fail "a paused destination reports nothing missing"
 "$HOSTS" heal "$NAME"
 migrate src5 --resume
 [ $MIGRATE_RC = 0 ] || fail "resume failed"
