@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitmap.h"
 #include "engine.h"
 #include "log.h"
 #include "postcopy.h"
@@ -24,11 +25,11 @@ struct hm_incoming {
 	pthread_mutex_t lock; /* guards state and last_error */
 	enum hm_in_state state;
 	char last_error[256];
-	/* A post-copy whose link broke: the guest runs here, its stale pages wait for a
-	 * source that resumes (hello with WIRE_F_RESUME). */
-	struct postcopy *pc_paused;
+	/* The post-copy of the guest handed over here (set under lock, for statistics),
+	 * and its RAM. While the state is postcopy-paused they wait for a source that
+	 * resumes (hello with WIRE_F_RESUME). */
+	struct postcopy *pc;
 	struct hm_ram *pc_ram;
-	struct postcopy *live_pc; /* the running post-copy, for statistics; under lock */
 	/* Where the fault handler's page requests go; NULL while no link is up. */
 	pthread_mutex_t fetch_lock;
 	struct tp_bulk *fetch_bulk;
@@ -80,7 +81,7 @@ static void set_state(struct hm_incoming *in, enum hm_in_state s)
 static void forget_pc(struct hm_incoming *in)
 {
 	pthread_mutex_lock(&in->lock);
-	in->live_pc = NULL;
+	in->pc = NULL;
 	pthread_mutex_unlock(&in->lock);
 }
 
@@ -90,8 +91,8 @@ int hm_incoming_postcopy_stats(struct hm_incoming *in, struct hm_stats *out)
 	int rc = -ENOENT;
 
 	pthread_mutex_lock(&in->lock);
-	if (in->live_pc) {
-		pc_get_stats(in->live_pc, &st);
+	if (in->pc) {
+		pc_get_stats(in->pc, &st);
 		out->remaining_pages = st.pages_stale_left;
 		out->postcopy_requests = st.requests;
 		out->postcopy_faults = st.faults_stale;
@@ -104,6 +105,17 @@ int hm_incoming_postcopy_stats(struct hm_incoming *in, struct hm_stats *out)
 	return rc;
 }
 
+/* Tells the source we are alive. */
+static int heartbeat(struct session *s)
+{
+	s->t_sent = now_ns();
+	if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
+		snprintf(s->err, sizeof(s->err), "control connection lost");
+		return -ECONNRESET;
+	}
+	return 0;
+}
+
 /* Waits for every channel's switch marker or end, heartbeating so the source knows we
  * are alive. */
 static int land_wait(struct session *s, enum tp_land_until until, uint64_t *pages)
@@ -112,10 +124,8 @@ static int land_wait(struct session *s, enum tp_land_until until, uint64_t *page
 
 	while ((rc = s->bulk->ops->land_wait(s->bulk, until, HEARTBEAT_MS, pages, s->err,
 					     sizeof(s->err))) == -ETIMEDOUT)
-		if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
-			snprintf(s->err, sizeof(s->err), "control connection lost");
-			return -ECONNRESET;
-		}
+		if ((rc = heartbeat(s)) < 0)
+			return rc;
 	return rc;
 }
 
@@ -162,11 +172,10 @@ static int resume_postcopy(struct session *s, struct tp_bulk_cfg *bc)
 	int rc, len;
 
 	s->ram = in->pc_ram;
-	s->pc = in->pc_paused;
-	s->switched = true;
-	in->pc_paused = NULL; /* the session owns it now; it goes back if this fails */
+	s->pc = in->pc;
+	s->switched = true; /* a failure from here pauses the post-copy again */
 	pc_requeue(s->pc);
-	words = calloc((s->ram->npages + 63) / 64, sizeof(*words));
+	words = malloc(BITMAP_WORDS(s->ram->npages) * sizeof(*words));
 	if (!words)
 		return -ENOMEM;
 	nstale = pc_stale_words(s->pc, words);
@@ -176,7 +185,7 @@ static int resume_postcopy(struct session *s, struct tp_bulk_cfg *bc)
 		snprintf(s->err, sizeof(s->err), "encoding the missing pages: %s", strerror(-len));
 		return len;
 	}
-	rc = s->ctl->ops->send_msg(s->ctl, msg, (size_t)len);
+	rc = ctl_send_raw(s->ctl, WIRE_POSTCOPY, msg, (size_t)len, NULL);
 	free(msg);
 	if (rc < 0) {
 		snprintf(s->err, sizeof(s->err), "sending the missing pages: %s", strerror(-rc));
@@ -218,14 +227,16 @@ static int accept_source(struct session *s)
 		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_PROTOCOL, s->err);
 		return rc;
 	}
-	if ((hello.flags & WIRE_F_RESUME) && !in->pc_paused) {
+	bool paused = in->state == HM_IN_POSTCOPY_PAUSED;
+
+	if ((hello.flags & WIRE_F_RESUME) && !paused) {
 		snprintf(s->err, sizeof(s->err),
 			 "nothing to resume: no post-copy is paused here (this destination never "
 			 "ran the guest, or it already has every page)");
 		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_NO_SESSION, s->err);
 		return -ENOENT;
 	}
-	if (!(hello.flags & WIRE_F_RESUME) && in->pc_paused) {
+	if (!(hello.flags & WIRE_F_RESUME) && paused) {
 		snprintf(s->err, sizeof(s->err),
 			 "a post-copy is paused here, waiting for its source to resume it");
 		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_BUSY, s->err);
@@ -360,10 +371,8 @@ static int complete(struct session *s, const struct msg_done *done)
 						     sizeof(s->err));
 			if (rc < 0 && rc != -ETIMEDOUT)
 				return rc;
-			if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
-				snprintf(s->err, sizeof(s->err), "control connection lost");
-				return -ECONNRESET;
-			}
+			if ((rc = heartbeat(s)) < 0)
+				return rc;
 		}
 		struct pc_stats st;
 		pc_get_stats(s->pc, &st);
@@ -397,7 +406,7 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 				       : "post-copy switch before the state");
 		return -EPROTO;
 	}
-	words = calloc((s->ram->npages + 63) / 64, sizeof(*words));
+	words = calloc(BITMAP_WORDS(s->ram->npages), sizeof(*words));
 	if (!words)
 		return -ENOMEM;
 	rc = wire_decode_postcopy(payload, len, s->ram->npages, words, &nstale, s->err,
@@ -418,7 +427,8 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 		return rc;
 	s->switched = true;
 	pthread_mutex_lock(&in->lock);
-	in->live_pc = s->pc;
+	in->pc = s->pc;
+	in->pc_ram = s->ram;
 	pthread_mutex_unlock(&in->lock);
 	set_state(in, HM_IN_POSTCOPY);
 	/* Confirm first: starting the vCPUs is the next thing, and on two cores they and
@@ -458,13 +468,8 @@ static int receive(struct session *s)
 			s->t_heard = now_ns();
 		else if (rc != -ETIMEDOUT)
 			return rc;
-		if (now_ns() - s->t_sent >= HEARTBEAT_MS * 1000000ULL) {
-			s->t_sent = now_ns();
-			if (ctl_send(s->ctl, WIRE_HEARTBEAT, NULL, NULL) < 0) {
-				snprintf(s->err, sizeof(s->err), "control connection lost");
-				return -ECONNRESET;
-			}
-		}
+		if (now_ns() - s->t_sent >= HEARTBEAT_MS * 1000000ULL && (rc = heartbeat(s)) < 0)
+			return rc;
 		/* A lander that failed (bad record, lost channel) ends the attempt. */
 		rc =
 		    s->bulk->ops->land_wait(s->bulk, TP_LAND_END, 0, pages, s->err, sizeof(s->err));
@@ -586,12 +591,10 @@ static void *incoming_main(void *arg)
 			}
 			log_err("incoming: the link to the source broke during post-copy; vCPUs "
 				"touching missing pages wait until it resumes (postcopy-paused)");
-			in->pc_paused = s.pc;
-			in->pc_ram = s.ram;
 			set_state(in, HM_IN_POSTCOPY_PAUSED);
 			continue;
 		}
-		if (in->pc_paused)
+		if (in->state == HM_IN_POSTCOPY_PAUSED)
 			continue; /* a refused attempt while post-copy is paused */
 		pc_destroy(s.pc); /* never started: nothing was handed over */
 		if (rc == 0 || in->state == HM_IN_COMPLETE)

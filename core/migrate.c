@@ -75,7 +75,7 @@ struct hm_migration {
 	bool destroying;	 /* hm_migration_destroy: stop waiting for a resume */
 	uint64_t bulk_bytes_old; /* wire bytes of bulk connections closed before */
 	atomic_uint_fast64_t hint_page, hint_gen;
-	atomic_uint_fast64_t served, served_bytes;
+	atomic_uint_fast64_t served; /* urgent requests answered */
 
 	/* Sender coordination: guarded by lock. */
 	pthread_mutex_t lock;
@@ -106,6 +106,12 @@ static const char *const state_names[HM_MIG_STATE_MAX] = {
     [HM_MIG_POSTCOPY] = "postcopy",
     [HM_MIG_POSTCOPY_PAUSED] = "postcopy-paused",
 };
+
+/* Whether a migration of this mode may go on in post-copy. */
+static bool may_switch(enum hm_mode mode)
+{
+	return mode == HM_MODE_POSTCOPY || mode == HM_MODE_HYBRID;
+}
 
 const char *hm_mig_state_name(enum hm_mig_state s)
 {
@@ -463,11 +469,11 @@ static int switch_because(struct hm_migration *m, const char *fmt, ...)
  * gain: the round is cut and the migration switches to post-copy. */
 static int check_waste(struct hm_migration *m)
 {
-	uint64_t waste, written;
+	uint64_t waste;
 	int rc;
 
 	bitmap_clear_all(&m->mid);
-	rc = dirty_collect(m->dirty, &m->mid, true, &written);
+	rc = dirty_collect(m->dirty, &m->mid, true, NULL);
 	if (rc < 0)
 		return fail(m, rc, "dirty scan: %s", strerror(-rc));
 	heat_round(m, &m->mid);
@@ -573,10 +579,10 @@ static int handshake(struct hm_migration *m, bool resume, char *err, size_t errl
 	uint64_t t0;
 	int rc;
 
-	hello.mode = m->cfg.mode == HM_MODE_COLD      ? WIRE_MODE_COLD
-		     : m->cfg.mode == HM_MODE_PRECOPY ? WIRE_MODE_PRECOPY
-						      : WIRE_MODE_POSTCOPY;
-	bc.urgent = hello.mode == WIRE_MODE_POSTCOPY;
+	hello.mode = may_switch(m->cfg.mode)	   ? WIRE_MODE_POSTCOPY
+		     : m->cfg.mode == HM_MODE_COLD ? WIRE_MODE_COLD
+						   : WIRE_MODE_PRECOPY;
+	bc.urgent = may_switch(m->cfg.mode);
 	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0);
 	hello.nregions = m->ram->nregions;
 	for (unsigned i = 0; i < m->ram->nregions; i++)
@@ -703,20 +709,29 @@ static int commit(struct hm_migration *m)
 	return 0;
 }
 
+/* The scan after the pause adds to into what was written since the last scan, without
+ * re-arming: the paused guest writes nothing more. */
+static int final_scan(struct hm_migration *m, struct bitmap *into)
+{
+	uint64_t t0 = now_ns();
+	int rc;
+
+	if (!m->dirty)
+		return 0;
+	rc = dirty_collect(m->dirty, into, false, NULL);
+	if (rc < 0)
+		return fail(m, rc, "final dirty scan: %s", strerror(-rc));
+	m->st.scan_ms = ms_between(t0, now_ns());
+	return 0;
+}
+
 /* Stop-and-copy and commitment. Returns 0 when the destination owns the guest. */
 static int finish(struct hm_migration *m)
 {
 	int rc;
 
-	if (m->dirty) {
-		/* The final scan adds to what the last round collected and does not re-arm:
-		 * nothing more will be written. */
-		uint64_t t0 = now_ns();
-		rc = dirty_collect(m->dirty, &m->send, false, NULL);
-		if (rc < 0)
-			return fail(m, rc, "final dirty scan: %s", strerror(-rc));
-		m->st.scan_ms = ms_between(t0, now_ns());
-	}
+	if ((rc = final_scan(m, &m->send)) < 0)
+		return rc;
 	set_state(m, HM_MIG_STOPCOPY);
 	rc = run_round(m, m->cfg.mode == HM_MODE_COLD);
 	if (rc == 0)
@@ -807,7 +822,6 @@ static void *server_main(void *arg)
 			break;
 		}
 		atomic_fetch_add(&m->served, 1);
-		atomic_fetch_add(&m->served_bytes, bytes + n * sizeof(struct wire_rec));
 	}
 	return NULL;
 }
@@ -834,7 +848,6 @@ static int stream_postcopy(struct hm_migration *m)
 	pthread_join(m->server, NULL);
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
-	m->st.postcopy_requests = atomic_load(&m->served);
 	if (rc == 0)
 		m->st.remaining_pages = 0;
 	m->st.postcopy_bytes = m->st.bytes_sent - m->st.precopy_bytes - m->st.downtime_bytes;
@@ -860,17 +873,9 @@ static int postcopy(struct hm_migration *m)
 		rc = fail(m, rc, "out of memory for the switch");
 		goto out;
 	}
-	if (m->dirty) {
-		/* Without re-arming: nothing more will be written here. */
-		uint64_t t0 = now_ns();
-		rc = dirty_collect(m->dirty, &recent, false, NULL);
-		if (rc < 0) {
-			rc = fail(m, rc, "final dirty scan: %s", strerror(-rc));
-			goto out;
-		}
-		m->st.scan_ms = ms_between(t0, now_ns());
-		bitmap_or(&m->send, &recent);
-	}
+	if ((rc = final_scan(m, &recent)) < 0)
+		goto out;
+	bitmap_or(&m->send, &recent);
 	set_state(m, HM_MIG_STOPCOPY);
 	stats_bytes(m);
 	bytes_paused = m->st.bytes_sent;
@@ -1221,8 +1226,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 			 cfg->mode);
 		return -EINVAL;
 	}
-	if ((cfg->mode == HM_MODE_POSTCOPY || cfg->mode == HM_MODE_HYBRID) &&
-	    BITMAP_WORDS(ram->npages) * 8 + 16 > WIRE_MAX_PAYLOAD) {
+	if (may_switch(cfg->mode) && BITMAP_WORDS(ram->npages) * 8 + 16 > WIRE_MAX_PAYLOAD) {
 		snprintf(err, errlen,
 			 "post-copy handles guests just under 32 GiB; this one has %llu MiB: "
 			 "use --mode precopy",
@@ -1256,8 +1260,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	rc = bitmap_init(&m->send, ram->npages);
 	if (rc == 0)
 		rc = bitmap_init(&m->sent_once, ram->npages);
-	if (rc == 0 && (cfg->mode == HM_MODE_POSTCOPY || cfg->mode == HM_MODE_HYBRID) &&
-	    !(m->heat = calloc(ram->npages, 1)))
+	if (rc == 0 && may_switch(cfg->mode) && !(m->heat = calloc(ram->npages, 1)))
 		rc = -ENOMEM;
 	if (rc == 0 && cfg->mode == HM_MODE_HYBRID)
 		rc = bitmap_init(&m->mid, ram->npages);

@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include "bitmap.h"
 #include "clock.h"
 #include "log.h"
 #include "uffd.h"
@@ -389,7 +390,7 @@ uint64_t pc_stale_words(struct postcopy *pc, uint64_t *words)
 {
 	uint64_t n = 0;
 
-	memset(words, 0, (pc->ram->npages + 63) / 64 * sizeof(*words));
+	memset(words, 0, BITMAP_WORDS(pc->ram->npages) * sizeof(*words));
 	for (uint64_t p = 0; p < pc->ram->npages; p++)
 		if (atomic_load(&pc->state[p]) != PC_CLEAN) {
 			words[p / 64] |= 1ULL << (p % 64);

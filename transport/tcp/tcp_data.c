@@ -394,33 +394,36 @@ int tcp_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigne
 	return send_runs(b, &b->ch[ch], runs, n);
 }
 
-int tcp_push_switch(struct tp_bulk *bb, unsigned ch)
+/* Writes a record that carries no pages. */
+static int send_rec(struct tcp_bulk *b, int fd, uint16_t type, uint64_t first_page, uint32_t npages)
 {
-	struct tcp_bulk *b = (struct tcp_bulk *)bb;
 	struct wire_rec r;
 	int rc;
 
-	wire_rec_encode(&r, REC_SWITCH, 0, 0);
-	rc = tcp_write_full(b->ch[ch].fd, &r, sizeof(r));
+	wire_rec_encode(&r, type, first_page, npages);
+	rc = tcp_write_full(fd, &r, sizeof(r));
 	if (rc == 0)
 		b->base.wire_bytes += sizeof(r);
 	return rc;
 }
 
+int tcp_push_switch(struct tp_bulk *bb, unsigned ch)
+{
+	struct tcp_bulk *b = (struct tcp_bulk *)bb;
+
+	return send_rec(b, b->ch[ch].fd, REC_SWITCH, 0, 0);
+}
+
 int tcp_fetch(struct tp_bulk *bb, uint64_t first_page, uint32_t npages)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
-	struct wire_rec r;
 	int rc;
 
 	if (b->ch[TCP_URGENT].fd < 0)
 		return -ENOTCONN;
-	wire_rec_encode(&r, REC_REQ, first_page, npages);
 	pthread_mutex_lock(&b->urgent_lock);
-	rc = tcp_write_full(b->ch[TCP_URGENT].fd, &r, sizeof(r));
+	rc = send_rec(b, b->ch[TCP_URGENT].fd, REC_REQ, first_page, npages);
 	pthread_mutex_unlock(&b->urgent_lock);
-	if (rc == 0)
-		b->base.wire_bytes += sizeof(r);
 	return rc;
 }
 
@@ -473,14 +476,8 @@ int tcp_drain(struct tp_bulk *bb, unsigned ch)
 int tcp_push_end(struct tp_bulk *bb, unsigned ch)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
-	struct wire_rec r;
-	int rc;
 
-	wire_rec_encode(&r, REC_END, b->ch[ch].pages, 0);
-	rc = tcp_write_full(b->ch[ch].fd, &r, sizeof(r));
-	if (rc == 0)
-		b->base.wire_bytes += sizeof(r);
-	return rc;
+	return send_rec(b, b->ch[ch].fd, REC_END, b->ch[ch].pages, 0);
 }
 
 int tcp_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, uint64_t *pages,
