@@ -19,6 +19,12 @@ die() {
 }
 say() { echo "== $*" >&2; }
 
+# usage: prints the calling script's leading comment block (its documentation), exits 2.
+usage() {
+	awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2
+	exit 2
+}
+
 bench_cleanup() {
 	local rc=$? p n
 	trap - EXIT INT TERM

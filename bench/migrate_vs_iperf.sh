@@ -15,10 +15,6 @@
 # Environment: HYMIG (default build/tools/hymig), MIGRATE_TIMEOUT (s, default 900).
 source "$(dirname "$0")/lib.sh"
 
-usage() {
-	sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
-	exit 2
-}
 
 MEM=2G
 LINKS=loopback,veth
