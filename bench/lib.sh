@@ -19,6 +19,20 @@ die() {
 }
 say() { echo "== $*" >&2; }
 
+# wait_source_exit NAME: after a completed migration the source guest exits on its own;
+# sets SRC_EXIT_MS to how long that took, or null (and kills it) after 60 s.
+wait_source_exit() {
+	local t0
+	t0=$(date +%s%N)
+	if pid_wait_exit "$(gpid "$1")" 60; then
+		SRC_EXIT_MS=$((($(date +%s%N) - t0) / 1000000))
+	else
+		SRC_EXIT_MS=null
+		echo "warning: the source guest did not exit within 60 s after the migration" >&2
+		pid_kill "$(gpid "$1")"
+	fi
+}
+
 # usage: prints the calling script's leading comment block (its documentation), exits 2.
 usage() {
 	awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2

@@ -94,7 +94,7 @@ print(json.dumps({"ok": True, "receiver_bits_per_second": r["bits_per_second"],
 # migrate_run CHANNELS: destination and idle source guests of MEM, an iperf3 run, then
 # the migration; appends both samples to $SAMPLES.
 migrate_run() {
-	local ch=$1 link=$2 rep=$3 t0 src_exit_ms src_exited=true
+	local ch=$1 link=$2 rep=$3 src_exit_ms src_exited=true
 	next_port
 	local mport=$PORT
 	guest_start "$NS_DST" dst --mem "$MEM" --incoming "tcp://$DST_IP:$mport"
@@ -108,15 +108,9 @@ migrate_run() {
 	say "$link rep $rep: iperf3: $IPERF_REC"
 
 	hymig_migrate src --to "tcp://$DST_IP:$mport" --channels "$ch"
-	t0=$(date +%s%N)
-	if pid_wait_exit "$(gpid src)" 60; then
-		src_exit_ms=$((($(date +%s%N) - t0) / 1000000))
-	else
-		src_exited=false
-		src_exit_ms=null
-		echo "warning: the source guest did not exit within 60 s after the migration" >&2
-		pid_kill "$(gpid src)"
-	fi
+	wait_source_exit src
+	src_exit_ms=$SRC_EXIT_MS
+	[ "$src_exit_ms" != null ] || src_exited=false
 	VER_JSON='{}'
 	VER_RC=0
 	[ "$MIG_RC" != 0 ] || hymig_verify dst

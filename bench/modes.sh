@@ -108,7 +108,7 @@ print(json.dumps({"rep": rep, "ok": True, "mb_per_s": r["bits_per_second"] / 8 /
 # one_mode MODE REP: destination and source guests, the migration in MODE, verify;
 # appends a record to $RUNS.
 one_mode() {
-	local mode=$1 rep=$2 mport t0 src_exit_ms=null verify_on=null ramfd meta_before meta_final=
+	local mode=$1 rep=$2 mport src_exit_ms=null verify_on=null ramfd meta_before meta_final=
 	local -a args
 	case $mode in
 	precopy) args=(--mode precopy --max-rounds 30 --timeout "$PRECOPY_TIMEOUT") ;;
@@ -136,13 +136,8 @@ one_mode() {
 	say "$mode rep $rep: migrate rc=$MIG_RC: $MIG_JSON"
 	VER_JSON='{}'
 	if [ "$MIG_RC" = 0 ]; then
-		t0=$(date +%s%N)
-		if pid_wait_exit "$(gpid src)" 60; then
-			src_exit_ms=$((($(date +%s%N) - t0) / 1000000))
-		else
-			echo "warning: the source guest did not exit within 60 s after the migration" >&2
-			pid_kill "$(gpid src)"
-		fi
+		wait_source_exit src
+		src_exit_ms=$SRC_EXIT_MS
 		meta_final=$(meta_json "$ramfd")
 		hymig_verify dst
 		verify_on=destination

@@ -50,7 +50,7 @@ say "hosts $HOST_NAME-a ($ADDR_A) and $HOST_NAME-b ($ADDR_B)"
 # one_migration KIND REP WORKLOAD: a guest of MEM running WORKLOAD in host a migrated to
 # host b with --downtime-limit LIMIT; appends a record to $RUNS.
 one_migration() {
-	local kind=$1 rep=$2 wl=$3 mport t0 src_exit_ms=null
+	local kind=$1 rep=$2 wl=$3 mport src_exit_ms=null
 	local meta_before meta_pause mem_src mem_dst='{}' ver_after='{}'
 	next_port
 	mport=$PORT
@@ -71,13 +71,8 @@ one_migration() {
 
 	hymig_migrate src --to "tcp://$ADDR_B:$mport" --downtime-limit "$LIMIT"
 	say "$kind rep $rep: migrate rc=$MIG_RC: $MIG_JSON"
-	t0=$(date +%s%N)
-	if pid_wait_exit "$(gpid src)" 60; then
-		src_exit_ms=$((($(date +%s%N) - t0) / 1000000))
-	else
-		echo "warning: the source guest did not exit within 60 s after the migration" >&2
-		pid_kill "$(gpid src)"
-	fi
+	wait_source_exit src
+	src_exit_ms=$SRC_EXIT_MS
 	meta_pause=$(meta_json "$ramfd")
 	exec {ramfd}<&-
 	say "$kind rep $rep: source heartbeat before migrating: $meta_before, at the end: $meta_pause"
