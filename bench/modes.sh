@@ -13,6 +13,8 @@
 # Modes: precopy (--max-rounds 30 --timeout S; a run that does not converge is recorded
 # as "did not converge", not a script failure), postcopy0 (--mode postcopy
 # --precopy-rounds 0), postcopy (--mode postcopy: one round), hybrid (--mode hybrid).
+# A post-copy mode with the suffix -minor or -missing (e.g. postcopy0-missing) forces
+# that --postcopy-mechanism; without one the transport's default runs.
 # A table goes to stderr, one JSON object to stdout. MB = 10^6 bytes.
 # Environment: HYMIG (default build/tools/hymig), MIGRATE_TIMEOUT (s, default 900).
 source "$(dirname "$0")/lib.sh"
@@ -53,7 +55,8 @@ MODES=$(echo "$MODES" | tr ',' ' ')
 read -r -a MODE_LIST <<<"$MODES"
 [ ${#MODE_LIST[@]} -gt 0 ] || die "--modes: at least one of precopy postcopy0 postcopy hybrid"
 for m in "${MODE_LIST[@]}"; do
-	case $m in precopy | postcopy0 | postcopy | hybrid) ;; *) die "--modes: precopy, postcopy0, postcopy or hybrid, not '$m'" ;; esac
+	case $m in precopy | postcopy0 | postcopy | hybrid | postcopy0-minor | postcopy-minor | hybrid-minor | postcopy0-missing | postcopy-missing | hybrid-missing) ;;
+	*) die "--modes: precopy, postcopy0, postcopy or hybrid (the last three optionally with -minor or -missing), not '$m'" ;; esac
 done
 command -v iperf3 >/dev/null || die "iperf3 is not installed (apt-get install -y iperf3)"
 WORKLOAD="dirtier:rate=$RATE,pattern=$PATTERN${HOT:+,hot=$HOT}"
@@ -110,12 +113,13 @@ print(json.dumps({"rep": rep, "ok": True, "mb_per_s": r["bits_per_second"] / 8 /
 one_mode() {
 	local mode=$1 rep=$2 mport src_exit_ms=null verify_on=null ramfd meta_before meta_final=
 	local -a args
-	case $mode in
+	case ${mode%-mi*} in
 	precopy) args=(--mode precopy --max-rounds 30 --timeout "$PRECOPY_TIMEOUT") ;;
 	postcopy0) args=(--mode postcopy --precopy-rounds 0) ;;
 	postcopy) args=(--mode postcopy) ;;
 	hybrid) args=(--mode hybrid) ;;
 	esac
+	case $mode in *-minor | *-missing) args+=(--postcopy-mechanism "${mode##*-}") ;; esac
 	args+=(--downtime-limit "$LIMIT")
 	[ -z "$BWLIMIT" ] || args+=(--bandwidth-limit "$BWLIMIT")
 	next_port

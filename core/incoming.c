@@ -309,7 +309,8 @@ static int accept_source(struct session *s)
 	}
 	if (hello.mode == WIRE_MODE_POSTCOPY) {
 		/* Registered now, while nothing maps the guest view. */
-		rc = pc_create(s->ram, &s->pc, why, sizeof(why));
+		rc = pc_create(s->ram, hello.flags & WIRE_F_PC_MISSING ? PC_MISSING : PC_MINOR,
+			       &s->pc, why, sizeof(why));
 		if (rc < 0) {
 			snprintf(s->err, sizeof(s->err), "destination cannot do post-copy: %s",
 				 why);
@@ -415,13 +416,12 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 		rc = land_wait(s, TP_LAND_SWITCH, pages);
 	if (rc == 0)
 		rc = load_state(s);
-	if (rc == 0) {
-		pc_mark_stale(s->pc, words);
-		rc = pc_start(s->pc, fetch_page, in);
-		if (rc < 0)
-			snprintf(s->err, sizeof(s->err), "cannot start the fault handler: %s",
-				 strerror(-rc));
-	}
+	if (rc == 0 && (rc = pc_mark_stale(s->pc, words)) < 0)
+		snprintf(s->err, sizeof(s->err), "cannot punch out the stale pages: %s",
+			 strerror(-rc));
+	if (rc == 0 && (rc = pc_start(s->pc, fetch_page, in)) < 0)
+		snprintf(s->err, sizeof(s->err), "cannot start the fault handler: %s",
+			 strerror(-rc));
 	free(words);
 	if (rc < 0)
 		return rc;

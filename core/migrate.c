@@ -583,7 +583,8 @@ static int handshake(struct hm_migration *m, bool resume, char *err, size_t errl
 		     : m->cfg.mode == HM_MODE_COLD ? WIRE_MODE_COLD
 						   : WIRE_MODE_PRECOPY;
 	bc.urgent = may_switch(m->cfg.mode);
-	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0);
+	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0) |
+		      (m->cfg.postcopy_mech == HM_PC_MISSING ? WIRE_F_PC_MISSING : 0);
 	hello.nregions = m->ram->nregions;
 	for (unsigned i = 0; i < m->ram->nregions; i++)
 		hello.region_size[i] = m->ram->r[i].size;
@@ -1277,6 +1278,11 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	m->st.channels = cfg->channels;
 	m->st.tracking = "none";
 	m->st.transport = m->addr.ops->name;
+	if (m->cfg.postcopy_mech == HM_PC_AUTO)
+		m->cfg.postcopy_mech = m->addr.ops->postcopy_mech;
+	if (may_switch(cfg->mode))
+		m->st.postcopy_mechanism = m->cfg.postcopy_mech == HM_PC_MISSING ? "missing"
+										 : "minor";
 	m->t_request = now_ns();
 	m->t_last_hb = m->t_request;
 	m->pace_bytes = cfg->bandwidth_limit ? cfg->bandwidth_limit / 1000 : UINT64_MAX;

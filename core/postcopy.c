@@ -1,7 +1,8 @@
-/* Destination post-copy with MINOR faults: see postcopy.h. */
+/* Destination post-copy, MINOR + CONTINUE or MISSING + COPY: see postcopy.h. */
 #include "postcopy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -36,6 +37,7 @@ struct pending {
 
 struct postcopy {
 	struct hm_ram *ram;
+	enum pc_mech mech;
 	int uffd;
 	int stopfd;
 	_Atomic uint8_t *state;
@@ -43,7 +45,7 @@ struct postcopy {
 	pc_fetch_fn fetch;
 	void *fetch_arg;
 	pthread_t handler, mapper;
-	bool started;
+	bool started, mapping;
 
 	pthread_mutex_t lock; /* guards state changes to clean, pending and the stats */
 	pthread_cond_t clean; /* broadcast when stale_left reaches 0 */
@@ -68,42 +70,73 @@ static const struct ram_region *region_of_addr(const struct hm_ram *ram, uint64_
 	return NULL;
 }
 
-int pc_create(struct hm_ram *ram, struct postcopy **out, char *err, size_t errlen)
+const char *pc_mech_name(enum pc_mech m)
+{
+	return m == PC_MISSING ? "missing" : "minor";
+}
+
+bool pc_staged(const struct postcopy *pc)
+{
+	return pc->mech == PC_MISSING;
+}
+
+int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char *err,
+	      size_t errlen)
 {
 	struct postcopy *pc = calloc(1, sizeof(*pc));
-	uint64_t have = 0;
+	bool minor = mech == PC_MINOR;
+	uint64_t have = 0, need_ioctls;
 
 	if (!pc)
 		return -ENOMEM;
 	pc->ram = ram;
+	pc->mech = mech;
 	pc->stopfd = -1;
 	pc->state = calloc(ram->npages, 1);
 	pc->samples = calloc(MAX_SAMPLES, sizeof(*pc->samples));
 	pthread_mutex_init(&pc->lock, NULL);
 	pthread_cond_init(&pc->clean, NULL);
-	pc->uffd = uffd_new(UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_THREAD_ID, &have);
+	pc->uffd = uffd_new((minor ? UFFD_FEATURE_MINOR_SHMEM : UFFD_FEATURE_MISSING_SHMEM) |
+				UFFD_FEATURE_THREAD_ID,
+			    &have);
+	need_ioctls = minor ? 1ULL << _UFFDIO_CONTINUE
+			    : (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE);
 	if (!pc->state || !pc->samples) {
 		snprintf(err, errlen, "out of memory for post-copy page states");
 		goto fail;
 	}
 	if (pc->uffd < 0) {
-		snprintf(err, errlen, "userfaultfd with minor faults on shared memory: %s",
-			 strerror(-pc->uffd));
+		snprintf(err, errlen, "userfaultfd with %s faults on shared memory: %s",
+			 pc_mech_name(mech), strerror(-pc->uffd));
+		goto fail;
+	}
+	if (!minor && ram->backing == RAM_BACKING_HUGETLB) {
+		/* UFFDIO_COPY would have to move whole 2 MiB pages per fault. */
+		snprintf(err, errlen, "the missing mechanism needs 4 KiB or THP pages, this "
+				      "guest's RAM is hugetlb: use the minor mechanism");
 		goto fail;
 	}
 	pc->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	for (unsigned i = 0; i < ram->nregions; i++) {
 		struct uffdio_register reg = {
 		    .range = {.start = (uint64_t)(uintptr_t)ram->r[i].guest, .len = ram->r[i].size},
-		    .mode = UFFDIO_REGISTER_MODE_MINOR,
+		    .mode = minor ? UFFDIO_REGISTER_MODE_MINOR : UFFDIO_REGISTER_MODE_MISSING,
 		};
 		if (ioctl(pc->uffd, UFFDIO_REGISTER, &reg) < 0) {
-			snprintf(err, errlen, "registering region %u for minor faults: %s", i,
-				 strerror(errno));
+			snprintf(err, errlen, "registering region %u for %s faults: %s", i,
+				 pc_mech_name(mech), strerror(errno));
 			goto fail;
 		}
-		if (!(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
-			snprintf(err, errlen, "this kernel cannot UFFDIO_CONTINUE region %u", i);
+		if ((reg.ioctls & need_ioctls) != need_ioctls) {
+			snprintf(err, errlen, "this kernel cannot resolve %s faults on region %u",
+				 pc_mech_name(mech), i);
+			goto fail;
+		}
+		/* MISSING: start from holes, so that at the switch only the pages landed
+		 * and then written again at the source have to be punched out, not all. */
+		if (!minor && fallocate(ram->r[i].fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+					(off_t)ram->r[i].size) < 0) {
+			snprintf(err, errlen, "punching out region %u: %s", i, strerror(errno));
 			goto fail;
 		}
 	}
@@ -114,10 +147,32 @@ fail:
 	return -ENOTSUP;
 }
 
-void pc_mark_stale(struct postcopy *pc, const uint64_t *words)
+/* PC_MISSING: takes every stale run out of the page cache, so touching it faults. */
+static int punch_stale(struct postcopy *pc, const uint64_t *words)
+{
+	const struct bitmap stale = {.words = (uint64_t *)words, .nbits = pc->ram->npages};
+	uint64_t npages = pc->ram->npages;
+
+	for (uint64_t p = bitmap_next_set(&stale, 0); p < npages;) {
+		const struct ram_region *r = ram_region_of(pc->ram, p);
+		uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE, q = p + 1;
+
+		while (q < rend && bitmap_test(&stale, q))
+			q++;
+		if (fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			      (off_t)((p - r->first_page) << HM_PAGE_SHIFT),
+			      (off_t)((q - p) << HM_PAGE_SHIFT)) < 0)
+			return -errno;
+		p = bitmap_next_set(&stale, q);
+	}
+	return 0;
+}
+
+int pc_mark_stale(struct postcopy *pc, const uint64_t *words)
 {
 	uint64_t n = 0, npages = pc->ram->npages;
 	uint8_t *state = (uint8_t *)pc->state; /* no other thread runs yet */
+	int rc;
 
 	/* Word by word: this runs between pause and resume. */
 	for (uint64_t w = 0; w * 64 < npages; w++) {
@@ -130,10 +185,13 @@ void pc_mark_stale(struct postcopy *pc, const uint64_t *words)
 			state[w * 64 + i] = words[w] >> i & 1 ? PC_STALE : PC_CLEAN;
 		n += (uint64_t)__builtin_popcountll(words[w]);
 	}
+	if (pc->mech == PC_MISSING && (rc = punch_stale(pc, words)) < 0)
+		return rc;
 	atomic_store(&pc->stale_left, n);
 	pthread_mutex_lock(&pc->lock);
 	pc->st.pages_stale_left = n;
 	pthread_mutex_unlock(&pc->lock);
+	return 0;
 }
 
 /* Maps [first, first + n) into the guest view; pages mapped meanwhile (EEXIST) are
@@ -164,6 +222,41 @@ static void map_pages(struct postcopy *pc, uint64_t first, uint64_t n)
 		struct uffdio_range w = {.start = base + done, .len = HM_PAGE_SIZE};
 		ioctl(pc->uffd, UFFDIO_WAKE, &w);
 		done += HM_PAGE_SIZE;
+	}
+}
+
+/* PC_MISSING: installs [first, first + n) from staged (zero pages when NULL) and wakes
+ * the vCPUs waiting there. Every page of the range is claimed, so none is present. */
+static void install_pages(struct postcopy *pc, uint64_t first, uint64_t n, const uint8_t *staged)
+{
+	const struct ram_region *r = ram_region_of(pc->ram, first);
+	uint64_t base = (uint64_t)(uintptr_t)r->guest + ((first - r->first_page) << HM_PAGE_SHIFT);
+	uint64_t len = n << HM_PAGE_SHIFT, done = 0;
+
+	while (done < len) {
+		int64_t got;
+		int rc;
+
+		if (staged) {
+			struct uffdio_copy c = {.dst = base + done,
+						.src = (uint64_t)(uintptr_t)(staged + done),
+						.len = len - done};
+			rc = ioctl(pc->uffd, UFFDIO_COPY, &c);
+			got = c.copy;
+		} else {
+			struct uffdio_zeropage z = {.range = {.start = base + done, .len = len - done}};
+			rc = ioctl(pc->uffd, UFFDIO_ZEROPAGE, &z);
+			got = z.zeropage;
+		}
+		if (rc == 0)
+			return;
+		if (errno != EAGAIN || got < 0) {
+			log_err("post-copy: installing page %llu: %s",
+				(unsigned long long)(first + (done >> HM_PAGE_SHIFT)),
+				strerror(errno == EAGAIN ? (int)-got : errno));
+			return;
+		}
+		done += (uint64_t)got;
 	}
 }
 
@@ -218,7 +311,8 @@ unsigned pc_claim(struct postcopy *pc, uint64_t first, uint32_t n, bool *claimed
 	return got;
 }
 
-void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *claimed)
+void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *claimed,
+	       const uint8_t *staged)
 {
 	uint64_t cleaned = 0;
 
@@ -231,14 +325,24 @@ void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *clai
 		}
 		while (j < n && claimed[j])
 			j++;
+		/* MISSING: the page is in place (and its waiters woken) before it goes clean,
+		 * so a fault that sees it clean only has to wake. MINOR: it goes clean
+		 * first, so a fault that sees it clean maps it. */
+		if (pc->mech == PC_MISSING)
+			install_pages(pc, first + i, j - i,
+				      staged ? staged + ((size_t)i << HM_PAGE_SHIFT) : NULL);
 		pthread_mutex_lock(&pc->lock);
 		for (uint32_t k = i; k < j; k++)
 			atomic_store(&pc->state[first + k], PC_CLEAN);
+		if (pc->mech == PC_MISSING)
+			resolve_pending(pc, first + i, j - i, now_ns());
 		pthread_mutex_unlock(&pc->lock);
-		map_pages(pc, first + i, j - i);
-		pthread_mutex_lock(&pc->lock);
-		resolve_pending(pc, first + i, j - i, now_ns());
-		pthread_mutex_unlock(&pc->lock);
+		if (pc->mech == PC_MINOR) {
+			map_pages(pc, first + i, j - i);
+			pthread_mutex_lock(&pc->lock);
+			resolve_pending(pc, first + i, j - i, now_ns());
+			pthread_mutex_unlock(&pc->lock);
+		}
 		cleaned += j - i;
 		i = j;
 	}
@@ -267,9 +371,46 @@ static void map_clean_chunk(struct postcopy *pc, uint64_t pg)
 	map_pages(pc, a, b - a);
 }
 
+/* A fault on a clean page. MISSING: a clean page that is absent never landed, so it
+ * is a zero page; or it was installed meanwhile (EEXIST) and the vCPU only needs
+ * waking. */
+static void resolve_clean_fault(struct postcopy *pc, uint64_t pg)
+{
+	uint64_t addr = (uint64_t)(uintptr_t)ram_guest_page(pc->ram, pg);
+	struct uffdio_zeropage z = {.range = {.start = addr, .len = HM_PAGE_SIZE}};
+
+	if (pc->mech == PC_MINOR) {
+		map_clean_chunk(pc, pg);
+	} else if (ioctl(pc->uffd, UFFDIO_ZEROPAGE, &z) < 0) {
+		struct uffdio_range w = {.start = addr, .len = HM_PAGE_SIZE};
+		if (errno != EEXIST)
+			log_err("post-copy: installing zero page %llu: %s",
+				(unsigned long long)pg, strerror(errno));
+		ioctl(pc->uffd, UFFDIO_WAKE, &w);
+	}
+}
+
+/* Called with lock held: claims pg (stale) and the stale pages after it, up to
+ * PC_FETCH_CHUNK in its region, for one request. Returns how many. */
+static uint32_t request_chunk(struct postcopy *pc, uint64_t pg)
+{
+	const struct ram_region *r = ram_region_of(pc->ram, pg);
+	uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE;
+	uint32_t n = 0;
+
+	while (n < PC_FETCH_CHUNK && pg + n < rend) {
+		uint8_t want = PC_STALE;
+		if (!atomic_compare_exchange_strong(&pc->state[pg + n], &want, PC_REQUESTED))
+			break;
+		n++;
+	}
+	return n;
+}
+
 static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
 {
-	bool fetch = false, clean = false;
+	bool clean = false;
+	uint32_t fetch = 0;
 	uint64_t now = now_ns();
 
 	pthread_mutex_lock(&pc->lock);
@@ -290,15 +431,14 @@ static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
 				break;
 			}
 		if (s == PC_STALE) {
-			uint8_t want = PC_STALE;
-			fetch = atomic_compare_exchange_strong(&pc->state[pg], &want, PC_REQUESTED);
-			pc->st.requests += fetch;
+			fetch = request_chunk(pc, pg);
+			pc->st.requests += fetch > 0;
 		}
 	}
 	pthread_mutex_unlock(&pc->lock);
 	if (clean)
-		map_clean_chunk(pc, pg);
-	else if (fetch && pc->fetch(pc->fetch_arg, pg, 1) < 0)
+		resolve_clean_fault(pc, pg);
+	else if (fetch && pc->fetch(pc->fetch_arg, pg, fetch) < 0)
 		log_err("post-copy: requesting page %llu failed; the vCPU waits for the link",
 			(unsigned long long)pg);
 }
@@ -368,7 +508,9 @@ int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg)
 	pc->fetch = fetch;
 	pc->fetch_arg = arg;
 	rc = -pthread_create(&pc->handler, NULL, handler_main, pc);
-	if (rc == 0 && (rc = -pthread_create(&pc->mapper, NULL, mapper_main, pc)) < 0) {
+	/* MISSING needs no mapper: clean pages are present, the guest maps them itself. */
+	pc->mapping = rc == 0 && pc->mech == PC_MINOR;
+	if (pc->mapping && (rc = -pthread_create(&pc->mapper, NULL, mapper_main, pc)) < 0) {
 		eventfd_write(pc->stopfd, 1);
 		pthread_join(pc->handler, NULL);
 	}
@@ -469,7 +611,8 @@ void pc_destroy(struct postcopy *pc)
 	if (pc->started) {
 		eventfd_write(pc->stopfd, 1);
 		pthread_join(pc->handler, NULL);
-		pthread_join(pc->mapper, NULL);
+		if (pc->mapping)
+			pthread_join(pc->mapper, NULL);
 	}
 	if (pc->uffd >= 0) {
 		if (pc->started && !pc_complete(pc)) {

@@ -1,10 +1,21 @@
-/* Destination side of post-copy, MINOR + CONTINUE mechanism (DESIGN.md "Post-copy").
+/* Destination side of post-copy (DESIGN.md "Post-copy"), with either mechanism:
  *
- * Every page has one state word. Data of a stale page may land in the page cache through
- * the migrator view while the guest view does not map it; a page becomes visible to the
- * guest only through UFFDIO_CONTINUE, and only once it is clean. So a late copy can
- * never overwrite what the guest wrote: whoever lands a page first claims it (state
- * moves before the data is written), every later copy is dropped.
+ * - MINOR + CONTINUE (PC_MINOR): data of a stale page may land in the page cache through
+ *   the migrator view while the guest view does not map it; a page becomes visible to
+ *   the guest only through UFFDIO_CONTINUE, and only once it is clean. A mapper maps the
+ *   clean runs right after resume.
+ * - MISSING + COPY (PC_MISSING): RAM is punched out when pc_create registers it, so
+ *   pre-copy lands into holes; at the switch the stale pages that landed are punched
+ *   out again. A copy is read into the lander's staging buffer (reused for every
+ *   record, so it stays in cache) and installed by UFFDIO_COPY, which maps it
+ *   atomically. Clean pages are present (or never landed: zero) and need no mapping.
+ *   Nothing may read a stale page through the migrator view after the switch (it would
+ *   install a zero page): read the memfd.
+ *
+ * Every page has one state word, moved before any data lands: whoever lands a page
+ * first claims it, every later copy is dropped, so a late copy never overwrites what
+ * the guest wrote. A fault asks for the stale pages from the faulting one up to
+ * PC_FETCH_CHUNK pages on, in one request.
  *
  * The guest view must be untouched when pc_create registers it: nothing may map it
  * before the switch. */
@@ -15,6 +26,14 @@
 #include <stdint.h>
 
 #include "ram.h"
+
+enum pc_mech {
+	PC_MINOR,   /* MINOR faults, resolved by UFFDIO_CONTINUE */
+	PC_MISSING, /* MISSING faults, resolved by UFFDIO_COPY from a staging buffer */
+};
+
+/* A fault asks for at most this many stale pages, starting at the faulting one. */
+#define PC_FETCH_CHUNK 8
 
 enum pc_page {
 	PC_CLEAN = 0, /* data in place; mapped into the guest view now or on first touch */
@@ -42,20 +61,30 @@ typedef int (*pc_fetch_fn)(void *arg, uint64_t first_page, uint32_t npages);
 
 struct postcopy;
 
-/* Opens a userfaultfd and registers every region's guest view for MINOR faults. */
-int pc_create(struct hm_ram *ram, struct postcopy **out, char *err, size_t errlen);
+const char *pc_mech_name(enum pc_mech m);
+
+/* Opens a userfaultfd and registers every region's guest view for the mechanism's
+ * faults. */
+int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char *err,
+	      size_t errlen);
 /* Marks the pages whose bits are set in words (one bit per page, ram->npages bits) as
- * stale; every other page is clean. Call before pc_start. */
-void pc_mark_stale(struct postcopy *pc, const uint64_t *words);
+ * stale; every other page is clean. PC_MISSING punches the stale runs out of the memfd
+ * (the one cost here that grows with the stale set; PC_MINOR has none). Call before
+ * pc_start. Returns 0 or the negative errno of a failed punch. */
+int pc_mark_stale(struct postcopy *pc, const uint64_t *words);
 /* Starts the fault handler and the mapper, which maps clean runs ahead of the guest. */
 int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg);
 
 /* A copy of pages [first, first + n) arrived. pc_claim moves every page it may land
- * (stale or requested) to landing and sets claimed[i]; the caller writes exactly those
- * pages through the migrator view, then calls pc_landed, which makes them clean, maps
- * them and wakes the vCPUs waiting for them. Returns how many were claimed. */
+ * (stale or requested) to landing and sets claimed[i]. With PC_MINOR the caller writes
+ * exactly the claimed pages through the migrator view and calls pc_landed(.., NULL);
+ * when pc_staged, it reads the whole record into a staging buffer instead and passes
+ * it (NULL for a record of zero pages). pc_landed makes the claimed pages clean, maps
+ * them and wakes the vCPUs waiting for them. pc_claim returns how many it claimed. */
 unsigned pc_claim(struct postcopy *pc, uint64_t first, uint32_t n, bool *claimed);
-void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *claimed);
+void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *claimed,
+	       const uint8_t *staged);
+bool pc_staged(const struct postcopy *pc);
 
 /* Recovery after a broken link, with no lander running: pages whose copy was cut off
  * (landing) or whose request was lost (requested) are stale again. */

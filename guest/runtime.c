@@ -352,6 +352,16 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 	}
 	if (json_get_u64(req, "precopy_rounds", &x) == 0)
 		cfg.precopy_rounds = (unsigned)x;
+	if ((v = json_get(req, "postcopy_mechanism"))) {
+		if (!strcmp(v, "minor"))
+			cfg.postcopy_mech = HM_PC_MINOR;
+		else if (!strcmp(v, "missing"))
+			cfg.postcopy_mech = HM_PC_MISSING;
+		else if (strcmp(v, "auto")) {
+			snprintf(err, errlen, "unknown post-copy mechanism '%s' (minor, missing or auto)", v);
+			return -EINVAL;
+		}
+	}
 	if (json_get_u64(req, "downtime_limit_ms", &x) == 0)
 		cfg.downtime_limit_ms = (unsigned)x;
 	if (json_get_u64(req, "max_rounds", &x) == 0)
@@ -477,6 +487,8 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_str(w, "tracking", st->tracking);
 	jw_str(w, "transport", st->transport);
 	jw_u64(w, "channels", st->channels);
+	if (st->postcopy_mechanism)
+		jw_str(w, "postcopy_mechanism", st->postcopy_mechanism);
 	jw_str(w, "switch_reason", st->switch_reason);
 	jw_u64(w, "precopy_bytes", st->precopy_bytes);
 	jw_u64(w, "downtime_bytes", st->downtime_bytes);

@@ -2,11 +2,13 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -502,12 +504,15 @@ int wl_verify(const struct hm_ram *ram, struct wl_verify *out)
 
 uint64_t wl_pages_written(const struct hm_ram *ram)
 {
-	/* Read through the migrator view: monitoring must never fault. During post-copy
-	 * the destination's guest view may wait for page 0, with locks held around it. */
-	const struct wl_meta *m = (const struct wl_meta *)ram_mig_page(ram, 0);
-	uint64_t sum = 0;
+	/* Read from the memfd: monitoring must never fault (during post-copy the guest
+	 * view may wait for page 0, with locks held around it) nor install a page (a read
+	 * through a mapping would put a zero page where MISSING + COPY punched one out). */
+	uint64_t counts[WL_MAX_VCPUS], sum = 0;
 
+	if (pread(ram->r[0].fd, counts, sizeof(counts), offsetof(struct wl_meta, pages_written)) !=
+	    (ssize_t)sizeof(counts))
+		return 0;
 	for (unsigned i = 0; i < WL_MAX_VCPUS; i++)
-		sum += __atomic_load_n(&m->pages_written[i], __ATOMIC_RELAXED);
+		sum += counts[i];
 	return sum;
 }

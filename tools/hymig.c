@@ -31,6 +31,7 @@ static const char usage[] =
     "                [--hugepages auto|thp|hugetlb|off] [--psk-file F] [--verbose]\n"
     "  hymig migrate --ctl PATH --to tcp://HOST:PORT\n"
     "                [--mode hybrid|precopy|postcopy|cold] [--precopy-rounds N]\n"
+    "                [--postcopy-mechanism auto|minor|missing]\n"
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
     "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
@@ -49,6 +50,10 @@ static const char usage[] =
     "hybrid does the same but switches to post-copy instead (the guest runs on the\n"
     "destination and its remaining pages follow, urgent ones on request); postcopy\n"
     "switches after --precopy-rounds rounds (0: at once); cold pauses first.\n"
+    "--postcopy-mechanism: how the destination resolves faults on pages still at the\n"
+    "source: minor (MINOR faults + UFFDIO_CONTINUE) or missing (pages punched out,\n"
+    "MISSING faults + UFFDIO_COPY); auto picks the one measured faster for the\n"
+    "transport (minor for tcp).\n"
     "migrate --ctl SRC --resume [--to URI] resumes a post-copy whose link broke\n"
     "(status postcopy-paused), to the same or a new address.\n"
     "Transports built in: %s.\n"
@@ -389,6 +394,7 @@ static int cmd_migrate(int argc, char **argv)
 	    {"to", required_argument, 0, 't'},
 	    {"mode", required_argument, 0, 'm'},
 	    {"precopy-rounds", required_argument, 0, 'P'},
+	    {"postcopy-mechanism", required_argument, 0, 'M'},
 	    {"resume", no_argument, 0, 'R'},
 	    {"downtime-limit", required_argument, 0, 'd'},
 	    {"max-rounds", required_argument, 0, 'r'},
@@ -440,6 +446,14 @@ static int cmd_migrate(int argc, char **argv)
 				return usage_error("--precopy-rounds '%s': expected a count",
 						   optarg);
 			jw_u64(&w, "precopy_rounds", u);
+			break;
+		case 'M':
+			if (strcmp(optarg, "auto") && strcmp(optarg, "minor") &&
+			    strcmp(optarg, "missing"))
+				return usage_error(
+				    "--postcopy-mechanism '%s': expected auto, minor or missing",
+				    optarg);
+			jw_str(&w, "postcopy_mechanism", optarg);
 			break;
 		case 'd':
 			if (parse_uint(optarg, 3600000, &u) < 0)

@@ -5,12 +5,16 @@
 #ifndef HYMIG_TRANSPORT_OPS_H
 #define HYMIG_TRANSPORT_OPS_H
 
+#include "hymig/hymig.h"
 #include "transport.h"
 
 struct tp_ops {
 	const char *name;   /* "tcp" */
 	const char *scheme; /* URI scheme */
 	unsigned caps;	    /* enum tp_caps */
+	/* The post-copy mechanism measured faster with this transport (HM_PC_AUTO picks
+	 * it). */
+	enum hm_postcopy_mech postcopy_mech;
 
 	/* Control connection. */
 	int (*listen)(const struct tp_addr *a, struct tp_listener **out, char *err, size_t errlen);

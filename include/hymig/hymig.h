@@ -29,6 +29,13 @@ enum hm_mode {
 	HM_MODE_HYBRID = 4,   /* pre-copy while it converges, post-copy when it will not */
 };
 
+/* How the destination resolves faults on stale pages in post-copy (DESIGN.md). */
+enum hm_postcopy_mech {
+	HM_PC_AUTO = 0,	   /* the faster one with the transport (measured, see README) */
+	HM_PC_MINOR = 1,   /* MINOR faults + UFFDIO_CONTINUE */
+	HM_PC_MISSING = 2, /* stale pages punched out, MISSING faults + UFFDIO_COPY */
+};
+
 /* What the engine needs from the VMM. Every callback is called from the engine's
  * thread. */
 struct hm_vm_ops {
@@ -62,6 +69,7 @@ struct hm_migrate_cfg {
 	const char *uri;	    /* "tcp://HOST:PORT" */
 	enum hm_mode mode;	    /* default HM_MODE_HYBRID */
 	unsigned precopy_rounds;    /* postcopy mode: rounds before the switch; default 1 */
+	enum hm_postcopy_mech postcopy_mech; /* default HM_PC_AUTO */
 	unsigned downtime_limit_ms; /* default 50 */
 	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
@@ -118,6 +126,8 @@ struct hm_stats {
 	double scan_ms; /* last dirty collect */
 
 	/* Post-copy (0 when the migration never switched). */
+	const char *postcopy_mechanism; /* "minor" or "missing" when it may switch, else
+					   NULL */
 	char switch_reason[256];     /* why it switched; empty when it did not */
 	uint64_t precopy_bytes;	     /* sent before the source paused */
 	uint64_t downtime_bytes;     /* sent while the guest ran nowhere */

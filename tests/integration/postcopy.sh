@@ -3,7 +3,8 @@
 # a 512 MiB guest dirtying 80 MB/s: pre-copy alone could never converge. In the runs
 # where the destination runs on, its vCPUs fault on stale pages (requests, blocked
 # time) and verify proves every page; with --keep-source and --no-autostart both copies
-# are compared byte for byte.
+# are compared byte for byte. Both fault mechanisms run: minor (the default) and
+# missing (--postcopy-mechanism missing).
 . "$(dirname "$0")/lib.sh"
 hosts_up hmpost
 "$HOSTS" shape "$NAME" 400mbit
@@ -34,12 +35,14 @@ postcopy_ran() {
 	[ "$(result_field postcopy_bytes)" -gt 0 ] || fail "no post-copy bytes"
 }
 
-step "post-copy at once (--precopy-rounds 0), destination runs while pages arrive"
+step "post-copy at once (--precopy-rounds 0) by MISSING + COPY, destination runs while pages arrive"
 guest b dst1 --mem 512M --incoming "tcp://$ADDR_B:7031"
 guest a src1 --mem 512M --workload "$DIRTIER"
 sleep 1
-migrate src1 --to "tcp://$ADDR_B:7031" --mode postcopy --precopy-rounds 0
+migrate src1 --to "tcp://$ADDR_B:7031" --mode postcopy --precopy-rounds 0 \
+	--postcopy-mechanism missing
 postcopy_ran
+[ "$(result_field postcopy_mechanism)" = missing ] || fail "mechanism not reported as missing"
 dirtier_fast dst1
 [ "$(result_field rounds)" = 0 ] || fail "pre-copy rounds ran"
 for _ in $(seq 50); do kill -0 "$PID_src1" 2>/dev/null || break; sleep 0.1; done
@@ -55,19 +58,21 @@ guest a src2 --mem 512M --workload "$DIRTIER"
 sleep 1
 migrate src2 --to "tcp://$ADDR_B:7032" --mode hybrid --downtime-limit 5
 postcopy_ran
+[ "$(result_field postcopy_mechanism)" = minor ] || fail "tcp's default mechanism is not minor"
 dirtier_fast dst2
 [ "$(result_field rounds)" -ge 1 ] || fail "hybrid ran no pre-copy round"
 [ "$(result_field precopy_bytes)" -gt 0 ] || fail "no pre-copy bytes"
 verify_ok dst2
 "$HYMIG" quit --ctl "$(ctl dst2)"
 
-for mode in postcopy hybrid; do
-	step "$mode with --keep-source and --no-autostart, compared byte for byte"
+for run in postcopy:minor hybrid:minor hybrid:missing; do
+	mode=${run%:*} mech=${run#*:}
+	step "$mode by $mech faults with --keep-source and --no-autostart, compared byte for byte"
 	guest b "dst$mode" --mem 512M --incoming "tcp://$ADDR_B:7033" --no-autostart
 	guest a "src$mode" --mem 512M --workload "$DIRTIER"
 	sleep 1
 	migrate "src$mode" --to "tcp://$ADDR_B:7033" --mode "$mode" --keep-source \
-		--downtime-limit 5
+		--downtime-limit 5 --postcopy-mechanism "$mech"
 	[ $MIGRATE_RC = 0 ] || fail "migration failed"
 	[ -n "$(result_field switch_reason)" ] || fail "$mode did not switch"
 	[ "$(status_field "dst$mode" state)" = paused ] || fail "--no-autostart destination runs"

@@ -300,6 +300,8 @@ const struct tp_ops tcp_ops = {
     /* Pages are sent from guest RAM and received into place, but the kernel copies
      * them through socket buffers: not one-sided, not zero-copy. */
     .caps = 0,
+    /* Measured with bench/modes.sh --modes "postcopy0 postcopy0-missing": see README. */
+    .postcopy_mech = HM_PC_MINOR,
     .listen = tcp_listen,
     .accept = tcp_accept,
     .listener_close = tcp_listener_close,

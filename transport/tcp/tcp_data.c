@@ -116,11 +116,13 @@ static int read_pages(struct tcp_chan *c, uint8_t *dst, size_t len)
 
 /* Lands one PAGES or ZERO record whose header was read. After the switch a page is
  * written only when pc_claim hands it over; other copies are read into scratch and
- * dropped (the page went clean since, or another copy is landing). */
+ * dropped (the page went clean since, or another copy is landing). When the post-copy
+ * mechanism stages copies, the whole record is read into scratch and installed from
+ * there. */
 static int land_record(struct tcp_chan *c, const struct wire_rec *r)
 {
 	struct tcp_bulk *b = c->owner;
-	bool claimed[WIRE_MAX_RUN];
+	bool claimed[WIRE_MAX_RUN], staged;
 	int rc = 0;
 
 	if (!b->pc || !(c->switched || c->urgent)) {
@@ -135,8 +137,11 @@ static int land_record(struct tcp_chan *c, const struct wire_rec *r)
 	if (r->type == REC_PAGES && !c->scratch &&
 	    !(c->scratch = malloc((size_t)WIRE_MAX_RUN * HM_PAGE_SIZE)))
 		return -ENOMEM;
+	staged = pc_staged(b->pc);
 	pc_claim(b->pc, r->first_page, r->npages, claimed);
-	for (uint32_t i = 0; i < r->npages && rc == 0;) {
+	if (staged && r->type == REC_PAGES)
+		rc = read_pages(c, c->scratch, (size_t)r->npages * HM_PAGE_SIZE);
+	for (uint32_t i = 0; i < r->npages && rc == 0 && !staged;) {
 		uint32_t j = i;
 		while (j < r->npages && claimed[j] == claimed[i])
 			j++;
@@ -153,7 +158,8 @@ static int land_record(struct tcp_chan *c, const struct wire_rec *r)
 	/* Claimed pages must leave the landing state even when the read failed: they go
 	 * clean only after a complete write, so a failure leaves the migration failed. */
 	if (rc == 0)
-		pc_landed(b->pc, r->first_page, r->npages, claimed);
+		pc_landed(b->pc, r->first_page, r->npages, claimed,
+			  staged && r->type == REC_PAGES ? c->scratch : NULL);
 	return rc;
 }
 

@@ -1,7 +1,8 @@
-/* Destination post-copy (MINOR + CONTINUE) on real guest RAM and a real userfaultfd:
- * vCPU threads read and write while pages are stale; a "source" thread answers the
- * urgent requests and a background stream lands the rest. Every page must end with the
- * source's bytes or what a vCPU wrote after it was clean, never an older copy. */
+/* Destination post-copy, both mechanisms (MINOR + CONTINUE, MISSING + COPY), on real
+ * guest RAM and a real userfaultfd: vCPU threads read and write while pages are stale;
+ * a "source" thread answers the urgent requests and a background stream lands the
+ * rest. Every page must end with the source's bytes or what a vCPU wrote after it was
+ * clean, never an older copy. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -9,10 +10,12 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "core/postcopy.h"
@@ -40,7 +43,10 @@ struct fx {
 	struct postcopy *pc;
 	pthread_mutex_t lock;
 	pthread_cond_t cv;
-	uint64_t queue[4096];
+	struct {
+		uint64_t first;
+		uint32_t n;
+	} queue[4096];
 	unsigned head, tail;
 	bool stop;
 	atomic_uint requests;
@@ -50,26 +56,32 @@ static int fetch(void *arg, uint64_t first, uint32_t n)
 {
 	struct fx *f = arg;
 
-	assert_int_equal(n, 1);
+	assert_true(n >= 1 && n <= PC_FETCH_CHUNK);
 	pthread_mutex_lock(&f->lock);
-	f->queue[f->tail++ % 4096] = first;
+	f->queue[f->tail % 4096].first = first;
+	f->queue[f->tail++ % 4096].n = n;
 	pthread_cond_signal(&f->cv);
 	pthread_mutex_unlock(&f->lock);
 	atomic_fetch_add(&f->requests, 1);
 	return 0;
 }
 
-/* Lands pages [first, first + n) the way a transport does. */
+/* Lands pages [first, first + n) the way a transport does: in place, or through a
+ * staging buffer. */
 static void land(struct fx *f, uint64_t first, uint32_t n)
 {
-	bool claimed[256];
+	static _Thread_local uint8_t staging[64 * HM_PAGE_SIZE];
+	bool claimed[64];
+	bool staged = pc_staged(f->pc);
 
-	assert_true(n <= 256);
+	assert_true(n <= 64);
 	pc_claim(f->pc, first, n, claimed);
 	for (uint32_t i = 0; i < n; i++)
-		if (claimed[i])
+		if (staged)
+			fill_new(staging + (size_t)i * HM_PAGE_SIZE, first + i);
+		else if (claimed[i])
 			fill_new(ram_mig_page(f->ram, first + i), first + i);
-	pc_landed(f->pc, first, n, claimed);
+	pc_landed(f->pc, first, n, claimed, staged ? staging : NULL);
 }
 
 static void *server_main(void *arg)
@@ -82,10 +94,11 @@ static void *server_main(void *arg)
 			pthread_cond_wait(&f->cv, &f->lock);
 		if (f->head == f->tail)
 			break;
-		uint64_t p = f->queue[f->head++ % 4096];
+		uint64_t p = f->queue[f->head % 4096].first;
+		uint32_t n = f->queue[f->head++ % 4096].n;
 		pthread_mutex_unlock(&f->lock);
 		usleep(200); /* a network round trip */
-		land(f, p, 1);
+		land(f, p, n);
 		pthread_mutex_lock(&f->lock);
 	}
 	pthread_mutex_unlock(&f->lock);
@@ -101,7 +114,7 @@ static void stop_server(struct fx *f, pthread_t server)
 	pthread_join(server, NULL);
 }
 
-static int setup(void **state)
+static int setup(void **state, enum pc_mech mech)
 {
 	struct fx *f = calloc(1, sizeof(*f));
 	struct ram_cfg cfg;
@@ -117,6 +130,9 @@ static int setup(void **state)
 	cfg.backing = RAM_BACKING_SMALL;
 	if (ram_create(&cfg, true, &f->ram, err, sizeof(err)) < 0)
 		fail_msg("ram_create: %s", err);
+	if (pc_create(f->ram, mech, &f->pc, err, sizeof(err)) < 0)
+		fail_msg("pc_create: %s", err);
+	/* Pre-copy: every page landed once; the stale ones changed at the source since. */
 	for (uint64_t p = 0; p < NPAGES; p++) {
 		if (is_stale(p)) {
 			memset(ram_mig_page(f->ram, p), OLD, HM_PAGE_SIZE);
@@ -125,14 +141,22 @@ static int setup(void **state)
 			fill_new(ram_mig_page(f->ram, p), p);
 		}
 	}
-	if (pc_create(f->ram, &f->pc, err, sizeof(err)) < 0)
-		fail_msg("pc_create: %s", err);
-	pc_mark_stale(f->pc, words);
+	assert_int_equal(pc_mark_stale(f->pc, words), 0);
 	free(words);
 	pthread_mutex_init(&f->lock, NULL);
 	pthread_cond_init(&f->cv, NULL);
 	*state = f;
 	return 0;
+}
+
+static int setup_minor(void **state)
+{
+	return setup(state, PC_MINOR);
+}
+
+static int setup_missing(void **state)
+{
+	return setup(state, PC_MISSING);
 }
 
 static int teardown(void **state)
@@ -232,17 +256,59 @@ static void test_requests_only(void **state)
 	uint64_t stale = 0;
 	for (uint64_t p = 0; p < NPAGES; p++)
 		stale += is_stale(p);
-	assert_int_equal(st.requests, stale);
+	/* A request takes the stale pages after the faulting one too: the run 600..699
+	 * needs 100 / PC_FETCH_CHUNK of them, each scattered page one. */
+	assert_true(st.requests < stale);
+	assert_true(st.requests >= stale - 100 + 100 / PC_FETCH_CHUNK);
+	assert_int_equal(st.requests, st.faults_stale);
 	/* Each request waited at least the server's 200 us round trip. */
 	assert_true(st.lat_us[0] >= 200);
-	assert_true(st.blocked_us >= 200 * stale);
+	assert_true(st.blocked_us >= 200 * st.requests);
+}
+
+/* MISSING: a stale page is out of the page cache until its copy is installed. */
+static void test_missing_punches_stale(void **state)
+{
+	struct fx *f = *state;
+	unsigned char vec;
+
+	assert_int_equal(mincore(ram_mig_page(f->ram, 3), HM_PAGE_SIZE, &vec), 0);
+	assert_int_equal(vec & 1, 0);
+	assert_int_equal(mincore(ram_mig_page(f->ram, 4), HM_PAGE_SIZE, &vec), 0);
+	assert_int_equal(vec & 1, 1);
+	test_requests_only(state);
+}
+
+/* MISSING: a clean page that never landed (round 1 skips zero pages) reads as zeros. */
+static void test_missing_clean_hole(void **state)
+{
+	struct fx *f = *state;
+	const struct ram_region *r = ram_region_of(f->ram, 5);
+	uint8_t zero[HM_PAGE_SIZE] = {0};
+	pthread_t server;
+	struct pc_stats st;
+
+	assert_false(is_stale(5));
+	assert_int_equal(fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				   5 * HM_PAGE_SIZE, HM_PAGE_SIZE),
+			 0);
+	assert_int_equal(pthread_create(&server, NULL, server_main, f), 0);
+	assert_int_equal(pc_start(f->pc, fetch, f), 0);
+	assert_memory_equal(ram_guest_page(f->ram, 5), zero, HM_PAGE_SIZE);
+	pc_get_stats(f->pc, &st);
+	assert_int_equal(st.faults_clean, 1);
+	assert_int_equal(st.requests, 0);
+	stop_server(f, server);
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test_setup_teardown(test_faults_and_background, setup, teardown),
-	    cmocka_unit_test_setup_teardown(test_requests_only, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_faults_and_background, setup_minor, teardown),
+	    cmocka_unit_test_setup_teardown(test_requests_only, setup_minor, teardown),
+	    cmocka_unit_test_setup_teardown(test_faults_and_background, setup_missing, teardown),
+	    cmocka_unit_test_setup_teardown(test_missing_punches_stale, setup_missing, teardown),
+	    cmocka_unit_test_setup_teardown(test_missing_clean_hole, setup_missing, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
