@@ -15,6 +15,7 @@
 #include "dirty.h"
 #include "engine.h"
 #include "log.h"
+#include "prio.h"
 #include "ram.h"
 
 #define RUNS_BATCH 32
@@ -29,7 +30,6 @@
 /* Under a bandwidth limit a batch carries about 1 ms of data, at least this much. */
 #define PACE_MIN_BYTES (16 << 10)
 /* Nice value of the sender threads. */
-#define SENDER_NICE 10
 
 struct sender {
 	struct hm_migration *m;
@@ -367,9 +367,8 @@ static void *sender_main(void *arg)
 	struct hm_migration *m = s->m;
 	uint64_t seen = 0;
 
-	/* The guest comes first: a sender (and the network work done in its context)
-	 * yields the CPU to a vCPU that wakes up, so pre-copy does not stall the guest. */
-	setpriority(PRIO_PROCESS, (id_t)gettid(), SENDER_NICE);
+	/* The network work done in a sender's context counts as bulk too. */
+	prio_set_nice(PRIO_BULK_NICE);
 
 	pthread_mutex_lock(&m->lock);
 	for (;;) {
@@ -790,6 +789,8 @@ static void pick_hot(struct hm_migration *m, struct bitmap *stale, const struct 
 static void *server_main(void *arg)
 {
 	struct hm_migration *m = arg;
+
+	prio_set_nice(PRIO_URGENT_NICE);
 
 	while (!atomic_load(&m->server_stop)) {
 		struct tp_run req, runs[WIRE_MAX_RUN];

@@ -17,6 +17,7 @@
 #include "bitmap.h"
 #include "clock.h"
 #include "log.h"
+#include "prio.h"
 #include "uffd.h"
 
 /* A fault on a clean page maps the clean pages of its aligned 64 KiB chunk. */
@@ -448,6 +449,8 @@ static void *handler_main(void *arg)
 	struct postcopy *pc = arg;
 	struct uffd_msg msgs[64];
 
+	prio_set_nice(PRIO_URGENT_NICE);
+
 	for (;;) {
 		struct pollfd p[2] = {{.fd = pc->uffd, .events = POLLIN},
 				      {.fd = pc->stopfd, .events = POLLIN}};
@@ -481,6 +484,8 @@ static void *mapper_main(void *arg)
 {
 	struct postcopy *pc = arg;
 	uint64_t p = 0, npages = pc->ram->npages;
+
+	prio_set_nice(PRIO_BULK_NICE);
 
 	while (p < npages) {
 		const struct ram_region *r = ram_region_of(pc->ram, p);

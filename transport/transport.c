@@ -7,7 +7,25 @@
 /* Every built-in transport, guarded by the build's HAVE_* defines. */
 static const struct tp_ops *const transports[] = {
     &tcp_ops,
+#ifdef HAVE_RDMA
+    &rdma_ops,
+#endif
 };
+
+int tp_enotsup_pull(struct tp_bulk *b, uint64_t first_page, uint32_t npages)
+{
+	return -ENOTSUP;
+}
+
+int tp_enotsup_serve_next(struct tp_bulk *b, int timeout_ms, struct tp_run *req)
+{
+	return -ENOTSUP;
+}
+
+int tp_enotsup_serve_reply(struct tp_bulk *b, const struct tp_run *runs, unsigned n)
+{
+	return -ENOTSUP;
+}
 
 const char *tp_built_in(void)
 {

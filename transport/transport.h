@@ -42,6 +42,9 @@ struct tp_bulk {
 	const struct tp_ops *ops;
 	unsigned channels;
 	atomic_uint_fast64_t wire_bytes; /* everything sent or received on bulk channels */
+	/* One-sided transports: page bytes moved by RDMA WRITE (source) and READ
+	 * (destination), and bytes of two-sided messages (markers, tables). */
+	atomic_uint_fast64_t write_bytes, read_bytes, send_bytes;
 };
 
 /* A contiguous run of pages inside one region. */
@@ -71,6 +74,7 @@ struct tp_bulk_cfg {
 	const uint8_t *psk;	   /* NULL: no authentication */
 	size_t psk_len;
 	int timeout_ms; /* a silent peer is dead after this long */
+	bool busy_poll; /* RDMA: poll completion queues instead of sleeping on events */
 };
 
 /* Parses "tcp://HOST:PORT" (HOST may be [v6]). Names the problem in err on failure. */

@@ -1,6 +1,5 @@
 /* The ops table a transport implements. An operation a transport lacks points to a
- * tp_enotsup_* stub (none exist yet: tcp implements every op), never NULL; the capability flags
- * match the wired ops. Every call returns 0 (or a count) or a negative errno, and writes a readable
+ * tp_enotsup_* stub, never NULL; the capability flags match the wired ops. Every call returns 0 (or a count) or a negative errno, and writes a readable
  * reason into err where it has one. */
 #ifndef HYMIG_TRANSPORT_OPS_H
 #define HYMIG_TRANSPORT_OPS_H
@@ -60,6 +59,11 @@ struct tp_ops {
 	/* Destination, post-copy: asks for pages urgently; they land through cfg.pc. Safe
 	 * to call from one thread while the landers run. */
 	int (*fetch)(struct tp_bulk *b, uint64_t first_page, uint32_t npages);
+	/* Destination, post-copy, TP_CAP_ONE_SIDED_READ: reads pages in the background
+	 * (never on the urgent path), landing through cfg.pc: the transport claims them with
+	 * pc_claim before reading, so pages claimed already are skipped. Blocks while its
+	 * window of reads in flight is full. One caller at a time. */
+	int (*pull)(struct tp_bulk *b, uint64_t first_page, uint32_t npages);
 	/* Source, post-copy: waits up to timeout_ms for the next urgent request
 	 * (-ETIMEDOUT if none); then serve_reply sends its pages on the urgent channel.
 	 * Transports whose destination reads pages by itself do not implement these. */
@@ -70,7 +74,15 @@ struct tp_ops {
 	void (*bulk_close)(struct tp_bulk *b);
 };
 
+/* Stubs for the ops a transport lacks. */
+int tp_enotsup_pull(struct tp_bulk *b, uint64_t first_page, uint32_t npages);
+int tp_enotsup_serve_next(struct tp_bulk *b, int timeout_ms, struct tp_run *req);
+int tp_enotsup_serve_reply(struct tp_bulk *b, const struct tp_run *runs, unsigned n);
+
 /* The transports built in, in one table (transport.c). */
 extern const struct tp_ops tcp_ops;
+#ifdef HAVE_RDMA
+extern const struct tp_ops rdma_ops;
+#endif
 
 #endif

@@ -318,6 +318,7 @@ const struct tp_ops tcp_ops = {
     .land_wait = tcp_land_wait,
     .push_switch = tcp_push_switch,
     .fetch = tcp_fetch,
+    .pull = tp_enotsup_pull,
     .serve_next = tcp_serve_next,
     .serve_reply = tcp_serve_reply,
     .bulk_shutdown = tcp_bulk_shutdown,
