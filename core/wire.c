@@ -242,7 +242,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 		if (!m.channels || m.channels > WIRE_MAX_CHANNELS)
 			return fail(err, errlen, "channel count %u out of range 1..%d", m.channels,
 				    WIRE_MAX_CHANNELS);
-		if (m.flags & ~(WIRE_F_PSK | WIRE_F_RESUME | WIRE_F_PC_MISSING))
+		if (m.flags & ~(WIRE_F_PSK | WIRE_F_RESUME | WIRE_F_PC_MISSING | WIRE_F_BUSY_POLL))
 			return fail(err, errlen, "unknown hello flags 0x%x", m.flags);
 		if (!m.nregions || m.nregions > HM_MAX_REGIONS)
 			return fail(err, errlen, "region count %u out of range 1..%d", m.nregions,

@@ -60,6 +60,7 @@ enum wire_mode { WIRE_MODE_PRECOPY = 1, WIRE_MODE_COLD = 2, WIRE_MODE_POSTCOPY =
 #define WIRE_F_PSK    1u /* the sender holds a pre-shared key */
 #define WIRE_F_RESUME 2u /* hello only: resume the post-copy paused at the destination */
 #define WIRE_F_PC_MISSING 4u /* hello only: post-copy faults by MISSING + COPY */
+#define WIRE_F_BUSY_POLL  8u /* hello only: RDMA completions are busy-polled */
 
 /* Decoded (host-order) messages. */
 struct msg_hello {

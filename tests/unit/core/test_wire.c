@@ -673,9 +673,9 @@ static void channels_17(struct msg_hello *m, uint8_t *p)
 {
 	m->channels = WIRE_MAX_CHANNELS + 1;
 }
-static void flags_4(struct msg_hello *m, uint8_t *p)
+static void flags_unknown(struct msg_hello *m, uint8_t *p)
 {
-	m->flags = WIRE_F_PSK | WIRE_F_RESUME | 4;
+	m->flags = WIRE_F_PSK | WIRE_F_RESUME | WIRE_F_PC_MISSING | WIRE_F_BUSY_POLL | 16;
 }
 static void flags_high(struct msg_hello *m, uint8_t *p)
 {
@@ -731,7 +731,7 @@ static void test_hello_malformed(void **state)
 	hello_bad(mode_huge);
 	hello_bad(channels_0);
 	hello_bad(channels_17);
-	hello_bad(flags_4);
+	hello_bad(flags_unknown);
 	hello_bad(flags_high);
 	hello_bad(nregions_0);
 	hello_bad(nregions_65);
