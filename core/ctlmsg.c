@@ -43,8 +43,9 @@ int ctl_refuse(struct tp_conn *c, uint16_t type, uint32_t code, const char *reas
 	return ctl_send(c, type, &r, NULL);
 }
 
-int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, size_t cap,
-	       void *msg, char *err, size_t errlen)
+/* silence: a heartbeat restarts the timeout. */
+static int expect(struct tp_conn *c, uint16_t type, int timeout_ms, bool silence, uint8_t *buf,
+		  size_t cap, void *msg, char *err, size_t errlen)
 {
 	struct wire_hdr h;
 	uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000ULL;
@@ -54,14 +55,18 @@ int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, s
 		int rc = c->ops->recv_msg(c, buf, cap, left < 0 ? 0 : (int)left, &h, err, errlen);
 
 		if (rc == -ETIMEDOUT) {
-			snprintf(err, errlen, "no %s message from the peer within %d ms",
-				 wire_type_name(type), timeout_ms);
+			snprintf(err, errlen, "no %s message from the peer within %d ms%s",
+				 wire_type_name(type), timeout_ms,
+				 silence ? " of silence" : "");
 			return rc;
 		}
 		if (rc < 0)
 			return rc;
-		if (h.type == WIRE_HEARTBEAT)
+		if (h.type == WIRE_HEARTBEAT) {
+			if (silence)
+				deadline = now_ns() + (uint64_t)timeout_ms * 1000000ULL;
 			continue;
+		}
 		if (h.type == WIRE_REFUSE || h.type == WIRE_ABORT) {
 			struct msg_refuse r;
 			if (wire_decode(h.type, buf + sizeof(h), h.len, &r, err, errlen) < 0)
@@ -80,4 +85,16 @@ int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, s
 			return (int)h.len;
 		return wire_decode(h.type, buf + sizeof(h), h.len, msg, err, errlen);
 	}
+}
+
+int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, size_t cap,
+	       void *msg, char *err, size_t errlen)
+{
+	return expect(c, type, timeout_ms, false, buf, cap, msg, err, errlen);
+}
+
+int ctl_expect_alive(struct tp_conn *c, uint16_t type, int silence_ms, uint8_t *buf, size_t cap,
+		     void *msg, char *err, size_t errlen)
+{
+	return expect(c, type, silence_ms, true, buf, cap, msg, err, errlen);
 }

@@ -24,5 +24,9 @@ int ctl_send_raw(struct tp_conn *c, uint16_t type, const void *buf, size_t len, 
 int ctl_refuse(struct tp_conn *c, uint16_t type, uint32_t code, const char *reason);
 int ctl_expect(struct tp_conn *c, uint16_t type, int timeout_ms, uint8_t *buf, size_t cap,
 	       void *msg, char *err, size_t errlen);
+/* The same for a wait of any length while the peer is alive: every heartbeat restarts
+ * the timeout. */
+int ctl_expect_alive(struct tp_conn *c, uint16_t type, int silence_ms, uint8_t *buf, size_t cap,
+		     void *msg, char *err, size_t errlen);
 
 #endif

@@ -11,6 +11,7 @@
 #include "engine.h"
 #include "log.h"
 #include "postcopy.h"
+#include "prio.h"
 #include "ram.h"
 
 struct hm_incoming {
@@ -47,8 +48,15 @@ struct session {
 	uint8_t *state;	     /* the STATE message, once it arrived */
 	uint32_t state_len;
 	uint64_t t_heard, t_sent;
+	/* One-sided transports: the destination pulls the stale pages itself. */
+	pthread_t puller;
+	bool pulling;
+	atomic_bool puller_stop;
 	char err[256];
 };
+
+/* Pages one background read asks for. */
+#define PULL_RUN_PAGES 64
 
 static const char *const in_state_names[HM_IN_STATE_MAX] = {
     [HM_IN_LISTENING] = "listening",	  [HM_IN_RECEIVING] = "receiving",
@@ -162,6 +170,71 @@ static void set_fetch_bulk(struct hm_incoming *in, struct tp_bulk *b)
 	pthread_mutex_unlock(&in->fetch_lock);
 }
 
+/* The background stream of a destination that reads pages by itself: every stale page,
+ * in order from the latest fault on, so pages near what the guest touches come first. */
+static void *puller_main(void *arg)
+{
+	struct session *s = arg;
+	uint64_t p = 0, seen = 0, npages = s->ram->npages;
+
+	prio_set_nice(PRIO_BULK_NICE);
+	while (!atomic_load(&s->puller_stop) && !pc_complete(s->pc)) {
+		uint64_t gen, hint = pc_fault_hint(s->pc, &gen);
+		uint32_t n;
+		int rc;
+
+		if (gen != seen) {
+			seen = gen;
+			p = hint;
+		}
+		p = pc_next_stale(s->pc, p, PULL_RUN_PAGES, &n);
+		if (p == npages) {
+			/* What is left is in flight, or behind the start: look again. */
+			if (pc_next_stale(s->pc, 0, PULL_RUN_PAGES, &n) == npages)
+				pc_wait_complete(s->pc, 1);
+			p = 0;
+			continue;
+		}
+		rc = s->bulk->ops->pull(s->bulk, p, n);
+		if (rc < 0) {
+			/* The transport reports the lost link to land_wait as well. */
+			if (!atomic_load(&s->puller_stop))
+				log_err("incoming: pulling pages %llu..%llu: %s",
+					(unsigned long long)p, (unsigned long long)(p + n - 1),
+					strerror(-rc));
+			break;
+		}
+		p += n;
+	}
+	return NULL;
+}
+
+static int start_puller(struct session *s)
+{
+	int rc;
+
+	if (!(s->bulk->ops->caps & TP_CAP_ONE_SIDED_READ))
+		return 0;
+	atomic_store(&s->puller_stop, false);
+	rc = -pthread_create(&s->puller, NULL, puller_main, s);
+	if (rc < 0)
+		snprintf(s->err, sizeof(s->err), "cannot start the page puller: %s", strerror(-rc));
+	s->pulling = rc == 0;
+	return rc;
+}
+
+/* Stops the puller; a pull blocked on a full window returns once the channels shut. */
+static void stop_puller(struct session *s, bool shut)
+{
+	if (!s->pulling)
+		return;
+	atomic_store(&s->puller_stop, true);
+	if (shut)
+		s->bulk->ops->bulk_shutdown(s->bulk);
+	pthread_join(s->puller, NULL);
+	s->pulling = false;
+}
+
 /* A source resumes the paused post-copy: tell it which pages are still missing, then
  * take new channels whose every page lands through the page states. */
 static int resume_postcopy(struct session *s, struct tp_bulk_cfg *bc)
@@ -202,6 +275,7 @@ static int resume_postcopy(struct session *s, struct tp_bulk_cfg *bc)
 	if (rc == 0) {
 		set_fetch_bulk(in, s->bulk);
 		pc_refetch(s->pc);
+		rc = start_puller(s);
 	}
 	return rc;
 }
@@ -242,6 +316,7 @@ static int accept_source(struct session *s)
 		ctl_refuse(s->ctl, WIRE_REFUSE, REFUSE_BUSY, s->err);
 		return -EBUSY;
 	}
+	bc.busy_poll = hello.flags & WIRE_F_BUSY_POLL;
 	if (hello.flags & WIRE_F_RESUME) {
 		bool same = hello.nregions == in->pc_ram->nregions;
 		for (unsigned i = 0; same && i < hello.nregions; i++)
@@ -382,6 +457,7 @@ static int complete(struct session *s, const struct msg_done *done)
 		c.postcopy_blocked_us = st.blocked_us;
 		memcpy(c.lat_us, st.lat_us, sizeof(c.lat_us));
 		memcpy(c.hist, st.hist, sizeof(c.hist));
+		c.read_bytes = atomic_load(&s->bulk->read_bytes);
 	} else {
 		rc = load_state(s);
 		if (rc < 0)
@@ -423,6 +499,8 @@ static int switch_to_postcopy(struct session *s, const uint8_t *payload, uint32_
 		snprintf(s->err, sizeof(s->err), "cannot start the fault handler: %s",
 			 strerror(-rc));
 	free(words);
+	if (rc == 0)
+		rc = start_puller(s);
 	if (rc < 0)
 		return rc;
 	s->switched = true;
@@ -521,6 +599,7 @@ static int receive(struct session *s)
 			set_state(in, HM_IN_ARRIVED);
 			/* Every page is clean: the guest view becomes plain memory again. A
 			 * post-copy guest runs already; a pre-copy one starts now. */
+			stop_puller(s, false);
 			forget_pc(in);
 			pc_destroy(s->pc);
 			s->pc = NULL;
@@ -576,6 +655,7 @@ static void *incoming_main(void *arg)
 			}
 		}
 		set_fetch_bulk(in, NULL);
+		stop_puller(&s, rc < 0);
 		if (s.bulk)
 			s.bulk->ops->bulk_close(s.bulk);
 		s.ctl->ops->conn_close(s.ctl);

@@ -74,6 +74,7 @@ struct hm_migration {
 	bool resume_req;	 /* an operator asked to resume a paused post-copy */
 	bool destroying;	 /* hm_migration_destroy: stop waiting for a resume */
 	uint64_t bulk_bytes_old; /* wire bytes of bulk connections closed before */
+	uint64_t write_bytes_old, send_bytes_old; /* their one-sided writes and messages */
 	atomic_uint_fast64_t hint_page, hint_gen;
 	atomic_uint_fast64_t served; /* urgent requests answered */
 
@@ -395,6 +396,9 @@ static void stats_bytes(struct hm_migration *m)
 	pthread_mutex_lock(&m->lock);
 	m->st.bytes_sent =
 	    m->ctl_bytes + m->bulk_bytes_old + (m->bulk ? atomic_load(&m->bulk->wire_bytes) : 0);
+	m->st.op_write_bytes =
+	    m->write_bytes_old + (m->bulk ? atomic_load(&m->bulk->write_bytes) : 0);
+	m->st.op_send_bytes = m->send_bytes_old + (m->bulk ? atomic_load(&m->bulk->send_bytes) : 0);
 	pthread_mutex_unlock(&m->lock);
 }
 
@@ -582,8 +586,10 @@ static int handshake(struct hm_migration *m, bool resume, char *err, size_t errl
 		     : m->cfg.mode == HM_MODE_COLD ? WIRE_MODE_COLD
 						   : WIRE_MODE_PRECOPY;
 	bc.urgent = may_switch(m->cfg.mode);
+	bc.busy_poll = m->cfg.rdma_busy_poll;
 	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0) |
-		      (m->cfg.postcopy_mech == HM_PC_MISSING ? WIRE_F_PC_MISSING : 0);
+		      (m->cfg.postcopy_mech == HM_PC_MISSING ? WIRE_F_PC_MISSING : 0) |
+		      (m->cfg.rdma_busy_poll ? WIRE_F_BUSY_POLL : 0);
 	hello.nregions = m->ram->nregions;
 	for (unsigned i = 0; i < m->ram->nregions; i++)
 		hello.region_size[i] = m->ram->r[i].size;
@@ -681,9 +687,10 @@ static int commit(struct hm_migration *m)
 	int rc;
 
 	set_state(m, HM_MIG_COMMIT);
-	/* The destination drains its sockets first; its heartbeats keep arriving meanwhile. */
-	rc = ctl_expect(m->ctl, WIRE_COMPLETE, 120000, buf, sizeof(buf), &complete, why,
-			sizeof(why));
+	/* The destination lands what is in flight first (in post-copy: every stale page);
+	 * its heartbeats keep arriving meanwhile. */
+	rc = ctl_expect_alive(m->ctl, WIRE_COMPLETE, m->cfg.dead_peer_ms, buf, sizeof(buf),
+			      &complete, why, sizeof(why));
 	if (rc < 0)
 		return fail(m, rc, "destination did not confirm a complete guest: %s", why);
 	pthread_mutex_lock(&m->lock);
@@ -691,6 +698,10 @@ static int commit(struct hm_migration *m)
 	m->st.postcopy_blocked_ms = complete.postcopy_blocked_us / 1000.0;
 	memcpy(m->st.fault_lat_us, complete.lat_us, sizeof(m->st.fault_lat_us));
 	memcpy(m->st.fault_lat_hist, complete.hist, sizeof(m->st.fault_lat_hist));
+	m->st.op_read_bytes = complete.read_bytes;
+	/* A destination that reads pages itself counted its requests. */
+	if (m->addr.ops->caps & TP_CAP_ONE_SIDED_READ)
+		m->st.postcopy_requests = complete.postcopy_requests;
 	pthread_mutex_unlock(&m->lock);
 	m->commit_sent = true;
 	rc = ctl_send(m->ctl, WIRE_COMMIT, NULL, &m->ctl_bytes);
@@ -829,17 +840,19 @@ static void *server_main(void *arg)
 }
 
 /* Post-copy's background stream and page server, until every page of m->send went one
- * way or the other; then commitment. */
+ * way or the other; then commitment. A destination that reads pages by itself needs
+ * neither: the source only waits, paused, with its RAM registered. */
 static int stream_postcopy(struct hm_migration *m)
 {
-	int rc;
+	bool serve = !(m->addr.ops->caps & TP_CAP_ONE_SIDED_READ);
+	int rc = 0;
 
 	atomic_store(&m->server_stop, false);
-	rc = -pthread_create(&m->server, NULL, server_main, m);
-	if (rc < 0)
+	if (serve && (rc = -pthread_create(&m->server, NULL, server_main, m)) < 0)
 		return fail(m, rc, "cannot start the page server");
 	m->postcopy = true;
-	rc = run_round(m, false);
+	if (serve)
+		rc = run_round(m, false);
 	if (rc == 0)
 		rc = send_done(m);
 	if (rc == 0)
@@ -847,7 +860,8 @@ static int stream_postcopy(struct hm_migration *m)
 	atomic_store(&m->server_stop, true);
 	if (rc < 0)
 		m->bulk->ops->bulk_shutdown(m->bulk);
-	pthread_join(m->server, NULL);
+	if (serve)
+		pthread_join(m->server, NULL);
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
 	if (rc == 0)
@@ -1024,6 +1038,8 @@ static void close_links(struct hm_migration *m)
 	stats_bytes(m);
 	if (m->bulk) {
 		m->bulk_bytes_old += atomic_load(&m->bulk->wire_bytes);
+		m->write_bytes_old += atomic_load(&m->bulk->write_bytes);
+		m->send_bytes_old += atomic_load(&m->bulk->send_bytes);
 		m->bulk->ops->bulk_close(m->bulk);
 		m->bulk = NULL;
 	}
@@ -1317,7 +1333,8 @@ void hm_migration_stats(struct hm_migration *m, struct hm_stats *out)
 	*out = m->st;
 	if (!m->ended)
 		out->total_time_ms = ms_between(m->t_request, now_ns());
-	out->postcopy_requests = atomic_load(&m->served); /* live while post-copy runs */
+	if (!(m->addr.ops->caps & TP_CAP_ONE_SIDED_READ))
+		out->postcopy_requests = atomic_load(&m->served); /* live while post-copy runs */
 	pthread_mutex_unlock(&m->lock);
 }
 

@@ -43,6 +43,7 @@ struct postcopy {
 	int stopfd;
 	_Atomic uint8_t *state;
 	atomic_uint_fast64_t stale_left;
+	atomic_uint_fast64_t hint_page, hint_gen; /* the latest fault on a stale page */
 	pc_fetch_fn fetch;
 	void *fetch_arg;
 	pthread_t handler, mapper;
@@ -435,6 +436,8 @@ static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
 			fetch = request_chunk(pc, pg);
 			pc->st.requests += fetch > 0;
 		}
+		atomic_store(&pc->hint_page, pg);
+		atomic_fetch_add(&pc->hint_gen, 1);
 	}
 	pthread_mutex_unlock(&pc->lock);
 	if (clean)
@@ -565,6 +568,28 @@ void pc_refetch(struct postcopy *pc)
 		if (pc->fetch(pc->fetch_arg, want[i], 1) < 0)
 			log_err("post-copy: requesting page %llu again failed",
 				(unsigned long long)want[i]);
+}
+
+uint64_t pc_next_stale(struct postcopy *pc, uint64_t from, uint32_t max, uint32_t *n)
+{
+	uint64_t npages = pc->ram->npages, p = from;
+
+	while (p < npages && atomic_load(&pc->state[p]) != PC_STALE)
+		p++;
+	*n = 0;
+	if (p < npages) {
+		const struct ram_region *r = ram_region_of(pc->ram, p);
+		uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE;
+		while (*n < max && p + *n < rend && atomic_load(&pc->state[p + *n]) == PC_STALE)
+			(*n)++;
+	}
+	return p;
+}
+
+uint64_t pc_fault_hint(struct postcopy *pc, uint64_t *gen)
+{
+	*gen = atomic_load(&pc->hint_gen);
+	return atomic_load(&pc->hint_page);
 }
 
 bool pc_complete(struct postcopy *pc)

@@ -94,6 +94,14 @@ uint64_t pc_stale_words(struct postcopy *pc, uint64_t *words);
 /* Requests again every stale page a vCPU waits for (after pc_requeue and a new link). */
 void pc_refetch(struct postcopy *pc);
 
+/* For a destination that pulls pages itself: the first stale page at or after from
+ * (ram->npages when none) and in *n the length of its stale run, at most max pages and
+ * within one region. Pages requested or landing are not stale. */
+uint64_t pc_next_stale(struct postcopy *pc, uint64_t from, uint32_t max, uint32_t *n);
+/* The page of the latest fault on a stale page, and in *gen a count that changes with
+ * every such fault: a background stream moves near it. */
+uint64_t pc_fault_hint(struct postcopy *pc, uint64_t *gen);
+
 /* Whether every page is clean. */
 bool pc_complete(struct postcopy *pc);
 /* Waits up to timeout_ms for every page to be clean: 0 or -ETIMEDOUT. */

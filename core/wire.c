@@ -22,7 +22,7 @@ static const char *const type_names[WIRE_TYPE_MAX] = {
 static const uint32_t payload_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	 [WIRE_CHALLENGE] = 88,	 [WIRE_AUTH] = 32,     [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
-    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 256,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
+    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 264,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
     [WIRE_ABORT] = 200,	 [WIRE_POSTCOPY] = 16,	 [WIRE_RUNNING] = 0,
 };
 
@@ -156,6 +156,7 @@ int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
 			put64(p + 32 + 8 * i, m->lat_us[i]);
 		for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
 			put64(p + 64 + 8 * i, m->hist[i]);
+		put64(p + 64 + 8 * WIRE_LAT_BUCKETS, m->read_bytes);
 		break;
 	}
 	default: /* empty payloads */
@@ -318,6 +319,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 			m.lat_us[i] = get64(p + 32 + 8 * i);
 		for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
 			m.hist[i] = get64(p + 64 + 8 * i);
+		m.read_bytes = get64(p + 64 + 8 * WIRE_LAT_BUCKETS);
 		for (unsigned i = 1; i < 4; i++)
 			if (m.lat_us[i] < m.lat_us[i - 1])
 				return fail(err, errlen,

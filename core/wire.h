@@ -130,6 +130,7 @@ struct msg_complete {
 	uint64_t postcopy_blocked_us; /* summed over faulting threads */
 	uint64_t lat_us[4];	      /* p50, p90, p99, max */
 	uint64_t hist[WIRE_LAT_BUCKETS];
+	uint64_t read_bytes; /* pulled by one-sided reads (post-copy, RDMA) */
 };
 
 /* POSTCOPY's payload (variable, like STATE): le64 npages, le64 nstale, then

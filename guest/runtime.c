@@ -383,6 +383,13 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 		}
 	}
 	cfg.keep_source = json_get_bool(req, "keep_source", false);
+	if ((v = json_get(req, "rdma_poll"))) {
+		if (strcmp(v, "busy") && strcmp(v, "event")) {
+			snprintf(err, errlen, "unknown RDMA poll mode '%s' (busy or event)", v);
+			return -EINVAL;
+		}
+		cfg.rdma_busy_poll = !strcmp(v, "busy");
+	}
 	uint8_t key[AUTH_MAX_KEY];
 	if ((v = json_get(req, "psk_file"))) {
 		rc = auth_load_key(v, key, &cfg.psk_len, err, errlen);
@@ -489,6 +496,13 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_u64(w, "channels", st->channels);
 	if (st->postcopy_mechanism)
 		jw_str(w, "postcopy_mechanism", st->postcopy_mechanism);
+	if (st->op_write_bytes || st->op_read_bytes) {
+		jw_obj_begin(w, "bytes_by_op");
+		jw_u64(w, "rdma_write", st->op_write_bytes);
+		jw_u64(w, "rdma_read", st->op_read_bytes);
+		jw_u64(w, "send", st->op_send_bytes);
+		jw_obj_end(w);
+	}
 	jw_str(w, "switch_reason", st->switch_reason);
 	jw_u64(w, "precopy_bytes", st->precopy_bytes);
 	jw_u64(w, "downtime_bytes", st->downtime_bytes);

@@ -31,7 +31,7 @@ static const char usage[] =
     "                [--hugepages auto|thp|hugetlb|off] [--psk-file F] [--verbose]\n"
     "  hymig migrate --ctl PATH --to tcp://HOST:PORT\n"
     "                [--mode hybrid|precopy|postcopy|cold] [--precopy-rounds N]\n"
-    "                [--postcopy-mechanism auto|minor|missing]\n"
+    "                [--postcopy-mechanism auto|minor|missing] [--rdma-poll event|busy]\n"
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
     "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
@@ -54,6 +54,8 @@ static const char usage[] =
     "source: minor (MINOR faults + UFFDIO_CONTINUE) or missing (pages punched out,\n"
     "MISSING faults + UFFDIO_COPY); auto picks the one measured faster for the\n"
     "transport (minor for tcp).\n"
+    "--rdma-poll: how both sides wait for RDMA completions: event (sleep on a\n"
+    "completion channel, the default) or busy (poll, lower latency, a core busy).\n"
     "migrate --ctl SRC --resume [--to URI] resumes a post-copy whose link broke\n"
     "(status postcopy-paused), to the same or a new address.\n"
     "Transports built in: %s.\n"
@@ -395,6 +397,7 @@ static int cmd_migrate(int argc, char **argv)
 	    {"mode", required_argument, 0, 'm'},
 	    {"precopy-rounds", required_argument, 0, 'P'},
 	    {"postcopy-mechanism", required_argument, 0, 'M'},
+	    {"rdma-poll", required_argument, 0, 'p'},
 	    {"resume", no_argument, 0, 'R'},
 	    {"downtime-limit", required_argument, 0, 'd'},
 	    {"max-rounds", required_argument, 0, 'r'},
@@ -454,6 +457,12 @@ static int cmd_migrate(int argc, char **argv)
 				    "--postcopy-mechanism '%s': expected auto, minor or missing",
 				    optarg);
 			jw_str(&w, "postcopy_mechanism", optarg);
+			break;
+		case 'p':
+			if (strcmp(optarg, "event") && strcmp(optarg, "busy"))
+				return usage_error("--rdma-poll '%s': expected event or busy",
+						   optarg);
+			jw_str(&w, "rdma_poll", optarg);
 			break;
 		case 'd':
 			if (parse_uint(optarg, 3600000, &u) < 0)

@@ -70,6 +70,7 @@ struct hm_migrate_cfg {
 	enum hm_mode mode;	    /* default HM_MODE_HYBRID */
 	unsigned precopy_rounds;    /* postcopy mode: rounds before the switch; default 1 */
 	enum hm_postcopy_mech postcopy_mech; /* default HM_PC_AUTO */
+	bool rdma_busy_poll; /* RDMA: busy-poll completions on both sides (default: events) */
 	unsigned downtime_limit_ms; /* default 50 */
 	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
@@ -137,6 +138,10 @@ struct hm_stats {
 	double postcopy_blocked_ms;  /* time vCPUs waited for pages, summed over them */
 	uint64_t fault_lat_us[4];    /* p50, p90, p99, max of those waits */
 	uint64_t fault_lat_hist[24]; /* bucket i: waits in [2^i, 2^(i+1)) us */
+
+	/* Page and message bytes by operation, for transports with one-sided operations
+	 * (RDMA): written by the source, read by the destination, sent as messages. */
+	uint64_t op_write_bytes, op_read_bytes, op_send_bytes;
 };
 
 /* Starts migrating the running guest. ram and the callbacks must outlive the migration.

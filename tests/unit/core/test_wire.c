@@ -21,7 +21,7 @@
 static const uint32_t fixed_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	   [WIRE_CHALLENGE] = 88,  [WIRE_AUTH] = 32,	 [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200,   [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_DONE] = 136,
-    [WIRE_COMPLETE] = 256, [WIRE_COMMIT] = 0,	   [WIRE_RESUMED] = 0,	 [WIRE_ABORT] = 200,
+    [WIRE_COMPLETE] = 264, [WIRE_COMMIT] = 0,	   [WIRE_RESUMED] = 0,	 [WIRE_ABORT] = 200,
     [WIRE_RUNNING] = 0,
 };
 
@@ -370,6 +370,7 @@ static struct msg_complete sample_complete(void)
 	    .postcopy_faults = 0x5555666677778888ULL,
 	    .postcopy_blocked_us = 0x99990000aaaabbbbULL,
 	    .lat_us = {120, 950, 4100, 0x100000000ULL},
+	    .read_bytes = 0xcccc0000ddddeeeeULL,
 	};
 
 	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
@@ -395,10 +396,11 @@ static void test_complete_roundtrip(void **state)
 		assert_int_equal(out.lat_us[i], in.lat_us[i]);
 	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
 		assert_int_equal(out.hist[i], in.hist[i]);
+	assert_int_equal(out.read_bytes, in.read_bytes);
 
-	/* layout: le64 each, in order; 8 * (4 + 4 + 24) bytes and nothing past them */
-	assert_int_equal(n, HDR + 256);
-	assert_int_equal(buf[8], 0x00);
+	/* layout: le64 each, in order; 8 * (4 + 4 + 24 + 1) bytes and nothing past them */
+	assert_int_equal(n, HDR + 264);
+	assert_int_equal(buf[8], 0x08);
 	assert_int_equal(buf[9], 0x01);
 	assert_int_equal(buf[HDR + 0], 0xef);
 	assert_int_equal(buf[HDR + 7], 0x01);
@@ -413,6 +415,7 @@ static void test_complete_roundtrip(void **state)
 	assert_int_equal(buf[HDR + 56 + 4], 1);
 	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
 		assert_int_equal(get64(buf + HDR + 64 + 8 * i), in.hist[i]);
+	assert_int_equal(get64(buf + HDR + 256), in.read_bytes);
 	assert_int_equal(buf[n], 0xee);
 
 	/* a migration without post-copy: all its fields 0, equal latencies allowed */
@@ -437,18 +440,18 @@ static void test_complete_malformed(void **state)
 
 	/* each latency below the one before it */
 	for (unsigned i = 1; i < 4; i++) {
-		assert_int_equal(wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf)), (int)HDR + 256);
+		assert_int_equal(wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf)), (int)HDR + 264);
 		put64(buf + HDR + 32 + 8 * i, get64(buf + HDR + 32 + 8 * (i - 1)) - 1);
-		decode_bad(WIRE_COMPLETE, buf + HDR, 256);
+		decode_bad(WIRE_COMPLETE, buf + HDR, 264);
 	}
 	/* p50 above everything else */
 	wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf));
 	put64(buf + HDR + 32, UINT64_MAX);
-	decode_bad(WIRE_COMPLETE, buf + HDR, 256);
+	decode_bad(WIRE_COMPLETE, buf + HDR, 264);
 	/* max of 0 after non-zero percentiles */
 	wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf));
 	put64(buf + HDR + 56, 0);
-	decode_bad(WIRE_COMPLETE, buf + HDR, 256);
+	decode_bad(WIRE_COMPLETE, buf + HDR, 264);
 	/* the old 16-byte complete */
 	decode_bad(WIRE_COMPLETE, buf + HDR, 16);
 }
