@@ -14,8 +14,7 @@
  *
  * Every page has one state word, moved before any data lands: whoever lands a page
  * first claims it, every later copy is dropped, so a late copy never overwrites what
- * the guest wrote. A fault asks for the stale pages from the faulting one up to
- * PC_FETCH_CHUNK pages on, in one request.
+ * the guest wrote.
  *
  * The guest view must be untouched when pc_create registers it: nothing may map it
  * before the switch. */
@@ -31,9 +30,6 @@ enum pc_mech {
 	PC_MINOR,   /* MINOR faults, resolved by UFFDIO_CONTINUE */
 	PC_MISSING, /* MISSING faults, resolved by UFFDIO_COPY from a staging buffer */
 };
-
-/* A fault asks for at most this many stale pages, starting at the faulting one. */
-#define PC_FETCH_CHUNK 8
 
 enum pc_page {
 	PC_CLEAN = 0, /* data in place; mapped into the guest view now or on first touch */

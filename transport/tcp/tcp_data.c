@@ -115,11 +115,23 @@ static int read_pages(struct tcp_chan *c, uint8_t *dst, size_t len)
 	return rc;
 }
 
+/* How many of the next want pages are in the socket already (at least one): a lander
+ * claims only those, so a page is never held in the landing state while its bytes are
+ * still on the link (a vCPU faulting on it asks for it urgently instead). */
+static uint32_t pages_ready(int fd, uint32_t want)
+{
+	int avail = 0;
+
+	if (ioctl(fd, FIONREAD, &avail) < 0 || (size_t)avail < HM_PAGE_SIZE)
+		return 1;
+	return (uint32_t)avail / HM_PAGE_SIZE < want ? (uint32_t)avail / HM_PAGE_SIZE : want;
+}
+
 /* Lands one PAGES or ZERO record whose header was read. After the switch a page is
- * written only when pc_claim hands it over; other copies are read into scratch and
- * dropped (the page went clean since, or another copy is landing). When the post-copy
- * mechanism stages copies, the whole record is read into scratch and installed from
- * there. */
+ * written only when pc_claim hands it over, piece by piece as the bytes arrive; other
+ * copies are read into scratch and dropped (the page went clean since, or another copy
+ * is landing). When the post-copy mechanism stages copies, each piece is read into
+ * scratch and installed from there. */
 static int land_record(struct tcp_chan *c, const struct wire_rec *r)
 {
 	struct tcp_bulk *b = c->owner;
@@ -139,28 +151,35 @@ static int land_record(struct tcp_chan *c, const struct wire_rec *r)
 	    !(c->scratch = malloc((size_t)WIRE_MAX_RUN * HM_PAGE_SIZE)))
 		return -ENOMEM;
 	staged = pc_staged(b->pc);
-	pc_claim(b->pc, r->first_page, r->npages, claimed);
-	if (staged && r->type == REC_PAGES)
-		rc = read_pages(c, c->scratch, (size_t)r->npages * HM_PAGE_SIZE);
-	for (uint32_t i = 0; i < r->npages && rc == 0 && !staged;) {
-		uint32_t j = i;
-		while (j < r->npages && claimed[j] == claimed[i])
-			j++;
-		size_t len = (size_t)(j - i) * HM_PAGE_SIZE;
-		uint8_t *dst = ram_mig_page(b->ram, r->first_page + i);
-		if (r->type == REC_ZERO) {
-			if (claimed[i])
-				memset(dst, 0, len);
-		} else {
-			rc = read_pages(c, claimed[i] ? dst : c->scratch, len);
+	for (uint32_t done = 0; done < r->npages && rc == 0;) {
+		uint64_t first = r->first_page + done;
+		uint32_t n = r->type == REC_ZERO ? r->npages : pages_ready(c->fd, r->npages - done);
+
+		pc_claim(b->pc, first, n, claimed);
+		if (staged && r->type == REC_PAGES)
+			rc = read_pages(c, c->scratch, (size_t)n * HM_PAGE_SIZE);
+		for (uint32_t i = 0; i < n && rc == 0 && !staged;) {
+			uint32_t j = i;
+			while (j < n && claimed[j] == claimed[i])
+				j++;
+			size_t len = (size_t)(j - i) * HM_PAGE_SIZE;
+			uint8_t *dst = ram_mig_page(b->ram, first + i);
+			if (r->type == REC_ZERO) {
+				if (claimed[i])
+					memset(dst, 0, len);
+			} else {
+				rc = read_pages(c, claimed[i] ? dst : c->scratch, len);
+			}
+			i = j;
 		}
-		i = j;
+		/* Claimed pages leave the landing state only after a complete write; a
+		 * failed read leaves them landing and the migration failed (a resume
+		 * requeues them). */
+		if (rc == 0)
+			pc_landed(b->pc, first, n, claimed,
+				  staged && r->type == REC_PAGES ? c->scratch : NULL);
+		done += n;
 	}
-	/* Claimed pages must leave the landing state even when the read failed: they go
-	 * clean only after a complete write, so a failure leaves the migration failed. */
-	if (rc == 0)
-		pc_landed(b->pc, r->first_page, r->npages, claimed,
-			  staged && r->type == REC_PAGES ? c->scratch : NULL);
 	return rc;
 }
 
