@@ -46,12 +46,13 @@ hosts_up() {
 	read -r ADDR_A ADDR_B < <("$HOSTS" up "$NAME")
 }
 
-# guest HOST NAME ARGS...: starts `hymig guest` in host a or b with ctl $WORK/NAME.sock.
+# guest HOST NAME ARGS...: starts `hymig guest` in host a or b with ctl $WORK/NAME.sock
+# (with no hosts_up, as on a real host or in a VM of the Soft-RoCE bed: right here).
 guest() {
-	local host=$1 name=$2
+	local host=$1 name=$2 netns=()
 	shift 2
-	ip netns exec "$NAME-$host" "$HYMIG" guest --ctl "$WORK/$name.sock" "$@" \
-		2>"$WORK/$name.log" &
+	[ -z "$NAME" ] || netns=(ip netns exec "$NAME-$host")
+	"${netns[@]}" "$HYMIG" guest --ctl "$WORK/$name.sock" "$@" 2>"$WORK/$name.log" &
 	PIDS+=($!)
 	eval "PID_$name=$!"
 	wait_for "$name" 'ready' 60 || true
