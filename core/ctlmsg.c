@@ -56,8 +56,7 @@ static int expect(struct tp_conn *c, uint16_t type, int timeout_ms, bool silence
 
 		if (rc == -ETIMEDOUT) {
 			snprintf(err, errlen, "no %s message from the peer within %d ms%s",
-				 wire_type_name(type), timeout_ms,
-				 silence ? " of silence" : "");
+				 wire_type_name(type), timeout_ms, silence ? " of silence" : "");
 			return rc;
 		}
 		if (rc < 0)

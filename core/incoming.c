@@ -223,14 +223,13 @@ static int start_puller(struct session *s)
 	return rc;
 }
 
-/* Stops the puller; a pull blocked on a full window returns once the channels shut. */
-static void stop_puller(struct session *s, bool shut)
+/* Stops the puller (once every page is in, or after the channels were shut, which makes
+ * a pull blocked on a full window return). */
+static void stop_puller(struct session *s)
 {
 	if (!s->pulling)
 		return;
 	atomic_store(&s->puller_stop, true);
-	if (shut)
-		s->bulk->ops->bulk_shutdown(s->bulk);
 	pthread_join(s->puller, NULL);
 	s->pulling = false;
 }
@@ -458,6 +457,8 @@ static int complete(struct session *s, const struct msg_done *done)
 		memcpy(c.lat_us, st.lat_us, sizeof(c.lat_us));
 		memcpy(c.hist, st.hist, sizeof(c.hist));
 		c.read_bytes = atomic_load(&s->bulk->read_bytes);
+		c.urgent_reads = atomic_load(&s->bulk->urgent_reads);
+		c.urgent_read_ns = atomic_load(&s->bulk->urgent_read_ns);
 	} else {
 		rc = load_state(s);
 		if (rc < 0)
@@ -542,7 +543,10 @@ static int receive(struct session *s)
 		rc = s->ctl->ops->recv_msg(s->ctl, buf, cap, HEARTBEAT_MS, &h, s->err,
 					   sizeof(s->err));
 		bool got = rc == 0;
-		if (got)
+		/* While this side reads missing pages by itself, the source's CPU need not
+		 * take part (it may even be stopped): its RAM answering the reads is the
+		 * sign of life, and a dead peer is a failed read. */
+		if (got || (s->pulling && !pc_complete(s->pc)))
 			s->t_heard = now_ns();
 		else if (rc != -ETIMEDOUT)
 			return rc;
@@ -599,7 +603,7 @@ static int receive(struct session *s)
 			set_state(in, HM_IN_ARRIVED);
 			/* Every page is clean: the guest view becomes plain memory again. A
 			 * post-copy guest runs already; a pre-copy one starts now. */
-			stop_puller(s, false);
+			stop_puller(s);
 			forget_pc(in);
 			pc_destroy(s->pc);
 			s->pc = NULL;
@@ -654,8 +658,12 @@ static void *incoming_main(void *arg)
 					"stays here, paused (hymig resume runs it)");
 			}
 		}
+		/* Shut first: a fetch or pull blocked on a full window returns, so neither the
+		 * fetch lock nor the puller is held up. */
+		if (rc < 0 && s.bulk)
+			s.bulk->ops->bulk_shutdown(s.bulk);
 		set_fetch_bulk(in, NULL);
-		stop_puller(&s, rc < 0);
+		stop_puller(&s);
 		if (s.bulk)
 			s.bulk->ops->bulk_close(s.bulk);
 		s.ctl->ops->conn_close(s.ctl);

@@ -633,7 +633,13 @@ static int handshake(struct hm_migration *m, bool resume, char *err, size_t errl
 	if (rc < 0)
 		return rc;
 	memcpy(bc.sid, ch.sid, WIRE_SID_LEN);
-	return m->addr.ops->bulk_connect(&m->addr, &bc, &m->bulk, err, errlen);
+	rc = m->addr.ops->bulk_connect(&m->addr, &bc, &m->bulk, err, errlen);
+	if (rc == 0) {
+		pthread_mutex_lock(&m->lock);
+		m->st.registration_ms = m->bulk->registration_ms;
+		pthread_mutex_unlock(&m->lock);
+	}
+	return rc;
 }
 
 /* Sends the paused guest's vCPU and device state. */
@@ -699,6 +705,8 @@ static int commit(struct hm_migration *m)
 	memcpy(m->st.fault_lat_us, complete.lat_us, sizeof(m->st.fault_lat_us));
 	memcpy(m->st.fault_lat_hist, complete.hist, sizeof(m->st.fault_lat_hist));
 	m->st.op_read_bytes = complete.read_bytes;
+	if (complete.urgent_reads)
+		m->st.urgent_read_avg_us = complete.urgent_read_ns / 1e3 / complete.urgent_reads;
 	/* A destination that reads pages itself counted its requests. */
 	if (m->addr.ops->caps & TP_CAP_ONE_SIDED_READ)
 		m->st.postcopy_requests = complete.postcopy_requests;
@@ -1298,8 +1306,8 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	if (m->cfg.postcopy_mech == HM_PC_AUTO)
 		m->cfg.postcopy_mech = m->addr.ops->postcopy_mech;
 	if (may_switch(cfg->mode))
-		m->st.postcopy_mechanism = m->cfg.postcopy_mech == HM_PC_MISSING ? "missing"
-										 : "minor";
+		m->st.postcopy_mechanism =
+		    m->cfg.postcopy_mech == HM_PC_MISSING ? "missing" : "minor";
 	m->t_request = now_ns();
 	m->t_last_hb = m->t_request;
 	m->pace_bytes = cfg->bandwidth_limit ? cfg->bandwidth_limit / 1000 : UINT64_MAX;

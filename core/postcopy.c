@@ -101,8 +101,8 @@ int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char
 	pc->uffd = uffd_new((minor ? UFFD_FEATURE_MINOR_SHMEM : UFFD_FEATURE_MISSING_SHMEM) |
 				UFFD_FEATURE_THREAD_ID,
 			    &have);
-	need_ioctls = minor ? 1ULL << _UFFDIO_CONTINUE
-			    : (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE);
+	need_ioctls =
+	    minor ? 1ULL << _UFFDIO_CONTINUE : (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE);
 	if (!pc->state || !pc->samples) {
 		snprintf(err, errlen, "out of memory for post-copy page states");
 		goto fail;
@@ -114,8 +114,9 @@ int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char
 	}
 	if (!minor && ram->backing == RAM_BACKING_HUGETLB) {
 		/* UFFDIO_COPY would have to move whole 2 MiB pages per fault. */
-		snprintf(err, errlen, "the missing mechanism needs 4 KiB or THP pages, this "
-				      "guest's RAM is hugetlb: use the minor mechanism");
+		snprintf(err, errlen,
+			 "the missing mechanism needs 4 KiB or THP pages, this "
+			 "guest's RAM is hugetlb: use the minor mechanism");
 		goto fail;
 	}
 	pc->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -246,7 +247,8 @@ static void install_pages(struct postcopy *pc, uint64_t first, uint64_t n, const
 			rc = ioctl(pc->uffd, UFFDIO_COPY, &c);
 			got = c.copy;
 		} else {
-			struct uffdio_zeropage z = {.range = {.start = base + done, .len = len - done}};
+			struct uffdio_zeropage z = {
+			    .range = {.start = base + done, .len = len - done}};
 			rc = ioctl(pc->uffd, UFFDIO_ZEROPAGE, &z);
 			got = z.zeropage;
 		}
@@ -386,8 +388,8 @@ static void resolve_clean_fault(struct postcopy *pc, uint64_t pg)
 	} else if (ioctl(pc->uffd, UFFDIO_ZEROPAGE, &z) < 0) {
 		struct uffdio_range w = {.start = addr, .len = HM_PAGE_SIZE};
 		if (errno != EEXIST)
-			log_err("post-copy: installing zero page %llu: %s",
-				(unsigned long long)pg, strerror(errno));
+			log_err("post-copy: installing zero page %llu: %s", (unsigned long long)pg,
+				strerror(errno));
 		ioctl(pc->uffd, UFFDIO_WAKE, &w);
 	}
 }

@@ -22,7 +22,7 @@ static const char *const type_names[WIRE_TYPE_MAX] = {
 static const uint32_t payload_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	 [WIRE_CHALLENGE] = 88,	 [WIRE_AUTH] = 32,     [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
-    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 264,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
+    [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 280,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
     [WIRE_ABORT] = 200,	 [WIRE_POSTCOPY] = 16,	 [WIRE_RUNNING] = 0,
 };
 
@@ -35,32 +35,6 @@ static bool variable_len(uint16_t type)
 const char *wire_type_name(uint16_t type)
 {
 	return type && type < WIRE_TYPE_MAX ? type_names[type] : "unknown";
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	v = htole32(v);
-	memcpy(p, &v, 4);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	v = htole64(v);
-	memcpy(p, &v, 8);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-	uint32_t v;
-	memcpy(&v, p, 4);
-	return le32toh(v);
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return le64toh(v);
 }
 
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -77,13 +51,13 @@ static int fail(char *err, size_t errlen, const char *fmt, ...)
 
 static void put_hdr(uint8_t *buf, uint16_t type, uint32_t len)
 {
-	put32(buf, WIRE_MAGIC);
+	wire_put32(buf, WIRE_MAGIC);
 	buf[4] = WIRE_VERSION & 0xff;
 	buf[5] = WIRE_VERSION >> 8;
 	buf[6] = type & 0xff;
 	buf[7] = type >> 8;
-	put32(buf + 8, len);
-	put32(buf + 12, 0);
+	wire_put32(buf + 8, len);
+	wire_put32(buf + 12, 0);
 }
 
 int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
@@ -101,19 +75,19 @@ int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
 	switch (type) {
 	case WIRE_HELLO: {
 		const struct msg_hello *m = msg;
-		put32(p, m->page_size);
-		put32(p + 4, m->mode);
-		put32(p + 8, m->channels);
-		put32(p + 12, m->flags);
-		put32(p + 16, m->nregions);
+		wire_put32(p, m->page_size);
+		wire_put32(p + 4, m->mode);
+		wire_put32(p + 8, m->channels);
+		wire_put32(p + 12, m->flags);
+		wire_put32(p + 16, m->nregions);
 		memcpy(p + 24, m->nonce, WIRE_NONCE_LEN);
 		for (unsigned i = 0; i < m->nregions && i < HM_MAX_REGIONS; i++)
-			put64(p + 56 + 8 * i, m->region_size[i]);
+			wire_put64(p + 56 + 8 * i, m->region_size[i]);
 		break;
 	}
 	case WIRE_CHALLENGE: {
 		const struct msg_challenge *m = msg;
-		put32(p, m->flags);
+		wire_put32(p, m->flags);
 		memcpy(p + 8, m->nonce, WIRE_NONCE_LEN);
 		memcpy(p + 40, m->sid, WIRE_SID_LEN);
 		memcpy(p + 56, m->mac, WIRE_MAC_LEN);
@@ -123,40 +97,42 @@ int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
 		memcpy(p, ((const struct msg_auth *)msg)->mac, WIRE_MAC_LEN);
 		break;
 	case WIRE_READY:
-		put32(p, ((const struct msg_ready *)msg)->channels);
+		wire_put32(p, ((const struct msg_ready *)msg)->channels);
 		break;
 	case WIRE_REFUSE:
 	case WIRE_ABORT: {
 		const struct msg_refuse *m = msg;
-		put32(p, m->code);
+		wire_put32(p, m->code);
 		memcpy(p + 8, m->reason, strnlen(m->reason, WIRE_REASON_LEN - 1));
 		break;
 	}
 	case WIRE_CHAN_HELLO: {
 		const struct msg_chan_hello *m = msg;
 		memcpy(p, m->sid, WIRE_SID_LEN);
-		put32(p + 16, m->index);
+		wire_put32(p + 16, m->index);
 		memcpy(p + 24, m->mac, WIRE_MAC_LEN);
 		break;
 	}
 	case WIRE_DONE: {
 		const struct msg_done *m = msg;
-		put32(p, m->channels);
+		wire_put32(p, m->channels);
 		for (unsigned i = 0; i < WIRE_MAX_CHANNELS; i++)
-			put64(p + 8 + 8 * i, i < m->channels ? m->pages[i] : 0);
+			wire_put64(p + 8 + 8 * i, i < m->channels ? m->pages[i] : 0);
 		break;
 	}
 	case WIRE_COMPLETE: {
 		const struct msg_complete *m = msg;
-		put64(p, m->pages_received);
-		put64(p + 8, m->postcopy_requests);
-		put64(p + 16, m->postcopy_faults);
-		put64(p + 24, m->postcopy_blocked_us);
+		wire_put64(p, m->pages_received);
+		wire_put64(p + 8, m->postcopy_requests);
+		wire_put64(p + 16, m->postcopy_faults);
+		wire_put64(p + 24, m->postcopy_blocked_us);
 		for (unsigned i = 0; i < 4; i++)
-			put64(p + 32 + 8 * i, m->lat_us[i]);
+			wire_put64(p + 32 + 8 * i, m->lat_us[i]);
 		for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
-			put64(p + 64 + 8 * i, m->hist[i]);
-		put64(p + 64 + 8 * WIRE_LAT_BUCKETS, m->read_bytes);
+			wire_put64(p + 64 + 8 * i, m->hist[i]);
+		wire_put64(p + 64 + 8 * WIRE_LAT_BUCKETS, m->read_bytes);
+		wire_put64(p + 72 + 8 * WIRE_LAT_BUCKETS, m->urgent_reads);
+		wire_put64(p + 80 + 8 * WIRE_LAT_BUCKETS, m->urgent_read_ns);
 		break;
 	}
 	default: /* empty payloads */
@@ -175,8 +151,8 @@ int wire_encode_state(const void *vcpu, uint32_t vcpu_len, const void *dev, uint
 	if (cap < sizeof(struct wire_hdr) + len)
 		return -ENOSPC;
 	put_hdr(buf, WIRE_STATE, (uint32_t)len);
-	put32(buf + 16, vcpu_len);
-	put32(buf + 20, dev_len);
+	wire_put32(buf + 16, vcpu_len);
+	wire_put32(buf + 20, dev_len);
 	if (vcpu_len) /* an empty blob may be NULL */
 		memcpy(buf + 24, vcpu, vcpu_len);
 	if (dev_len)
@@ -186,10 +162,10 @@ int wire_encode_state(const void *vcpu, uint32_t vcpu_len, const void *dev, uint
 
 int wire_decode_hdr(const uint8_t *buf, struct wire_hdr *h, char *err, size_t errlen)
 {
-	uint32_t magic = get32(buf);
+	uint32_t magic = wire_get32(buf);
 	uint16_t version = (uint16_t)(buf[4] | buf[5] << 8);
 	uint16_t type = (uint16_t)(buf[6] | buf[7] << 8);
-	uint32_t len = get32(buf + 8);
+	uint32_t len = wire_get32(buf + 8);
 
 	if (magic != WIRE_MAGIC)
 		return fail(err, errlen, "bad magic 0x%08x (not a hymig peer?)", magic);
@@ -204,7 +180,7 @@ int wire_decode_hdr(const uint8_t *buf, struct wire_hdr *h, char *err, size_t er
 	if (!variable_len(type) && len != payload_len[type])
 		return fail(err, errlen, "%s message with payload length %u (expected %u)",
 			    type_names[type], len, payload_len[type]);
-	if (get32(buf + 12))
+	if (wire_get32(buf + 12))
 		return fail(err, errlen, "reserved header bytes are not zero");
 	h->magic = magic;
 	h->version = version;
@@ -216,7 +192,7 @@ int wire_decode_hdr(const uint8_t *buf, struct wire_hdr *h, char *err, size_t er
 
 static int decode_reason(const uint8_t *p, struct msg_refuse *m, char *err, size_t errlen)
 {
-	m->code = get32(p);
+	m->code = wire_get32(p);
 	if (!memchr(p + 8, 0, WIRE_REASON_LEN))
 		return fail(err, errlen, "refusal reason is not terminated");
 	memcpy(m->reason, p + 8, WIRE_REASON_LEN);
@@ -231,11 +207,11 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 	switch (type) {
 	case WIRE_HELLO: {
 		struct msg_hello m = {0};
-		m.page_size = get32(p);
-		m.mode = get32(p + 4);
-		m.channels = get32(p + 8);
-		m.flags = get32(p + 12);
-		m.nregions = get32(p + 16);
+		m.page_size = wire_get32(p);
+		m.mode = wire_get32(p + 4);
+		m.channels = wire_get32(p + 8);
+		m.flags = wire_get32(p + 12);
+		m.nregions = wire_get32(p + 16);
 		memcpy(m.nonce, p + 24, WIRE_NONCE_LEN);
 		if (m.mode != WIRE_MODE_PRECOPY && m.mode != WIRE_MODE_COLD &&
 		    m.mode != WIRE_MODE_POSTCOPY)
@@ -249,7 +225,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 			return fail(err, errlen, "region count %u out of range 1..%d", m.nregions,
 				    HM_MAX_REGIONS);
 		for (unsigned i = 0; i < HM_MAX_REGIONS; i++) {
-			uint64_t sz = get64(p + 56 + 8 * i);
+			uint64_t sz = wire_get64(p + 56 + 8 * i);
 			if (i < m.nregions && (!sz || sz % HM_PAGE_SIZE))
 				return fail(err, errlen,
 					    "region %u size %llu is not a positive "
@@ -265,7 +241,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 	}
 	case WIRE_CHALLENGE: {
 		struct msg_challenge *m = msg;
-		m->flags = get32(p);
+		m->flags = wire_get32(p);
 		if (m->flags & ~WIRE_F_PSK)
 			return fail(err, errlen, "unknown challenge flags 0x%x", m->flags);
 		memcpy(m->nonce, p + 8, WIRE_NONCE_LEN);
@@ -278,7 +254,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 		return 0;
 	case WIRE_READY: {
 		struct msg_ready *m = msg;
-		m->channels = get32(p);
+		m->channels = wire_get32(p);
 		if (!m->channels || m->channels > WIRE_MAX_CHANNELS)
 			return fail(err, errlen, "ready for %u channels (1..%d)", m->channels,
 				    WIRE_MAX_CHANNELS);
@@ -290,7 +266,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 	case WIRE_CHAN_HELLO: {
 		struct msg_chan_hello *m = msg;
 		memcpy(m->sid, p, WIRE_SID_LEN);
-		m->index = get32(p + 16);
+		m->index = wire_get32(p + 16);
 		memcpy(m->mac, p + 24, WIRE_MAC_LEN);
 		if (m->index >= WIRE_MAX_CHANNELS && m->index != WIRE_URGENT_CHANNEL)
 			return fail(err, errlen,
@@ -301,25 +277,27 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 	}
 	case WIRE_DONE: {
 		struct msg_done *m = msg;
-		m->channels = get32(p);
+		m->channels = wire_get32(p);
 		if (!m->channels || m->channels > WIRE_MAX_CHANNELS)
 			return fail(err, errlen, "done for %u channels", m->channels);
 		for (unsigned i = 0; i < WIRE_MAX_CHANNELS; i++)
-			m->pages[i] = get64(p + 8 + 8 * i);
+			m->pages[i] = wire_get64(p + 8 + 8 * i);
 		return 0;
 	}
 	case WIRE_COMPLETE: {
 		struct msg_complete m;
 		static const char *const lat_names[4] = {"p50", "p90", "p99", "max"};
-		m.pages_received = get64(p);
-		m.postcopy_requests = get64(p + 8);
-		m.postcopy_faults = get64(p + 16);
-		m.postcopy_blocked_us = get64(p + 24);
+		m.pages_received = wire_get64(p);
+		m.postcopy_requests = wire_get64(p + 8);
+		m.postcopy_faults = wire_get64(p + 16);
+		m.postcopy_blocked_us = wire_get64(p + 24);
 		for (unsigned i = 0; i < 4; i++)
-			m.lat_us[i] = get64(p + 32 + 8 * i);
+			m.lat_us[i] = wire_get64(p + 32 + 8 * i);
 		for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
-			m.hist[i] = get64(p + 64 + 8 * i);
-		m.read_bytes = get64(p + 64 + 8 * WIRE_LAT_BUCKETS);
+			m.hist[i] = wire_get64(p + 64 + 8 * i);
+		m.read_bytes = wire_get64(p + 64 + 8 * WIRE_LAT_BUCKETS);
+		m.urgent_reads = wire_get64(p + 72 + 8 * WIRE_LAT_BUCKETS);
+		m.urgent_read_ns = wire_get64(p + 80 + 8 * WIRE_LAT_BUCKETS);
 		for (unsigned i = 1; i < 4; i++)
 			if (m.lat_us[i] < m.lat_us[i - 1])
 				return fail(err, errlen,
@@ -341,8 +319,8 @@ int wire_decode_state(const uint8_t *p, uint32_t len, const uint8_t **vcpu, uint
 
 	if (len < 8)
 		return fail(err, errlen, "state message of %u bytes", len);
-	vl = get32(p);
-	dl = get32(p + 4);
+	vl = wire_get32(p);
+	dl = wire_get32(p + 4);
 	if ((uint64_t)vl + dl + 8 != len)
 		return fail(err, errlen, "state blobs of %u + %u bytes in a %u-byte message", vl,
 			    dl, len);
@@ -372,10 +350,10 @@ int wire_encode_postcopy(const uint64_t *words, uint64_t npages, uint64_t nstale
 	if (!buf)
 		return -ENOMEM;
 	put_hdr(buf, WIRE_POSTCOPY, len);
-	put64(buf + 16, npages);
-	put64(buf + 24, nstale);
+	wire_put64(buf + 16, npages);
+	wire_put64(buf + 24, nstale);
 	for (uint64_t i = 0; i < nwords; i++)
-		put64(buf + 32 + 8 * i, words[i]);
+		wire_put64(buf + 32 + 8 * i, words[i]);
 	*out = buf;
 	return (int)(sizeof(struct wire_hdr) + len);
 }
@@ -387,8 +365,8 @@ int wire_decode_postcopy(const uint8_t *p, uint32_t len, uint64_t npages, uint64
 
 	if (len < 16)
 		return fail(err, errlen, "postcopy message of %u bytes", len);
-	n = get64(p);
-	stale = get64(p + 8);
+	n = wire_get64(p);
+	stale = wire_get64(p + 8);
 	if (n != npages)
 		return fail(err, errlen,
 			    "postcopy stale set covers %llu pages, this guest has %llu",
@@ -397,16 +375,16 @@ int wire_decode_postcopy(const uint8_t *p, uint32_t len, uint64_t npages, uint64
 		return fail(err, errlen,
 			    "postcopy message of %u bytes for %llu pages (expected %llu)", len,
 			    (unsigned long long)npages, (unsigned long long)(16 + 8 * nwords));
-	if (npages % 64 && get64(p + 16 + 8 * (nwords - 1)) >> (npages % 64))
+	if (npages % 64 && wire_get64(p + 16 + 8 * (nwords - 1)) >> (npages % 64))
 		return fail(err, errlen, "postcopy stale set marks pages beyond the %llu of RAM",
 			    (unsigned long long)npages);
 	for (uint64_t i = 0; i < nwords; i++)
-		count += (uint64_t)__builtin_popcountll(get64(p + 16 + 8 * i));
+		count += (uint64_t)__builtin_popcountll(wire_get64(p + 16 + 8 * i));
 	if (count != stale)
 		return fail(err, errlen, "postcopy stale set announces %llu pages but marks %llu",
 			    (unsigned long long)stale, (unsigned long long)count);
 	for (uint64_t i = 0; i < nwords; i++)
-		words_out[i] = get64(p + 16 + 8 * i);
+		words_out[i] = wire_get64(p + 16 + 8 * i);
 	*nstale = stale;
 	return 0;
 }

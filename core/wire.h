@@ -9,7 +9,9 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <endian.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "ram.h"
 
@@ -57,8 +59,8 @@ _Static_assert(sizeof(struct wire_hdr) == 16, "wire header is 16 bytes");
 /* POSTCOPY covers postcopy and hybrid: the destination prepares for a switch (urgent
  * channel, fault handling) that a converging hybrid migration never makes. */
 enum wire_mode { WIRE_MODE_PRECOPY = 1, WIRE_MODE_COLD = 2, WIRE_MODE_POSTCOPY = 3 };
-#define WIRE_F_PSK    1u /* the sender holds a pre-shared key */
-#define WIRE_F_RESUME 2u /* hello only: resume the post-copy paused at the destination */
+#define WIRE_F_PSK	  1u /* the sender holds a pre-shared key */
+#define WIRE_F_RESUME	  2u /* hello only: resume the post-copy paused at the destination */
 #define WIRE_F_PC_MISSING 4u /* hello only: post-copy faults by MISSING + COPY */
 #define WIRE_F_BUSY_POLL  8u /* hello only: RDMA completions are busy-polled */
 
@@ -130,7 +132,8 @@ struct msg_complete {
 	uint64_t postcopy_blocked_us; /* summed over faulting threads */
 	uint64_t lat_us[4];	      /* p50, p90, p99, max */
 	uint64_t hist[WIRE_LAT_BUCKETS];
-	uint64_t read_bytes; /* pulled by one-sided reads (post-copy, RDMA) */
+	uint64_t read_bytes;		       /* pulled by one-sided reads (post-copy, RDMA) */
+	uint64_t urgent_reads, urgent_read_ns; /* their urgent part: count, summed time */
 };
 
 /* POSTCOPY's payload (variable, like STATE): le64 npages, le64 nstale, then
@@ -138,6 +141,33 @@ struct msg_complete {
 
 /* Control messages that carry nothing (heartbeat, commit, resumed) have an empty
  * payload. STATE's payload is: le32 vcpu_len, le32 dev_len, vcpu blob, device blob. */
+
+/* Little-endian fields of wire messages, at any alignment. */
+static inline void wire_put32(uint8_t *p, uint32_t v)
+{
+	v = htole32(v);
+	memcpy(p, &v, 4);
+}
+
+static inline void wire_put64(uint8_t *p, uint64_t v)
+{
+	v = htole64(v);
+	memcpy(p, &v, 8);
+}
+
+static inline uint32_t wire_get32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return le32toh(v);
+}
+
+static inline uint64_t wire_get64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return le64toh(v);
+}
 
 /* Encoders write header + payload into buf (cap bytes) and return the total length,
  * or -ENOSPC. */

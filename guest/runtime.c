@@ -358,7 +358,8 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 		else if (!strcmp(v, "missing"))
 			cfg.postcopy_mech = HM_PC_MISSING;
 		else if (strcmp(v, "auto")) {
-			snprintf(err, errlen, "unknown post-copy mechanism '%s' (minor, missing or auto)", v);
+			snprintf(err, errlen,
+				 "unknown post-copy mechanism '%s' (minor, missing or auto)", v);
 			return -EINVAL;
 		}
 	}
@@ -496,12 +497,15 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_u64(w, "channels", st->channels);
 	if (st->postcopy_mechanism)
 		jw_str(w, "postcopy_mechanism", st->postcopy_mechanism);
+	if (st->registration_ms > 0)
+		jw_f64(w, "registration_ms", st->registration_ms);
 	if (st->op_write_bytes || st->op_read_bytes) {
 		jw_obj_begin(w, "bytes_by_op");
 		jw_u64(w, "rdma_write", st->op_write_bytes);
 		jw_u64(w, "rdma_read", st->op_read_bytes);
 		jw_u64(w, "send", st->op_send_bytes);
 		jw_obj_end(w);
+		jw_f64(w, "urgent_read_avg_us", st->urgent_read_avg_us);
 	}
 	jw_str(w, "switch_reason", st->switch_reason);
 	jw_u64(w, "precopy_bytes", st->precopy_bytes);

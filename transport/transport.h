@@ -45,6 +45,10 @@ struct tp_bulk {
 	/* One-sided transports: page bytes moved by RDMA WRITE (source) and READ
 	 * (destination), and bytes of two-sided messages (markers, tables). */
 	atomic_uint_fast64_t write_bytes, read_bytes, send_bytes;
+	double registration_ms; /* transports that register RAM: how long it took here */
+	/* Destination, one-sided reads: urgent reads done and their summed time from
+	 * posting to completion. */
+	atomic_uint_fast64_t urgent_reads, urgent_read_ns;
 };
 
 /* A contiguous run of pages inside one region. */

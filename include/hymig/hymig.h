@@ -142,6 +142,8 @@ struct hm_stats {
 	/* Page and message bytes by operation, for transports with one-sided operations
 	 * (RDMA): written by the source, read by the destination, sent as messages. */
 	uint64_t op_write_bytes, op_read_bytes, op_send_bytes;
+	double registration_ms; /* registering (pinning) the source's RAM, when needed */
+	double urgent_read_avg_us; /* one-sided post-copy: an urgent read, posted to done */
 };
 
 /* Starts migrating the running guest. ram and the callbacks must outlive the migration.

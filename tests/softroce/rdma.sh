@@ -12,7 +12,7 @@ BUILD=$(cd "${1:?build directory}" && pwd)
 shift
 PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(conformance migrate)
-export HYMIG=$BUILD/tools/hymig SCHEME=${SCHEME:-rdma}
+export HYMIG=$BUILD/tools/hymig SCHEME=${SCHEME:-rdma} ONLY=${ONLY:-}
 BED=$HERE/bed.sh
 
 if [ "$(id -u)" != 0 ]; then
@@ -36,7 +36,7 @@ for part in "${PARTS[@]}"; do
 		;;
 	migrate)
 		echo "== migrations between two VMs over $SCHEME" >&2
-		BED_ENV="HYMIG SCHEME" "$BED" run2 --timeout 1500 --share "$SYNC" -- \
+		BED_ENV="HYMIG SCHEME ONLY" "$BED" run2 --timeout 1500 --share "$SYNC" -- \
 			"$HERE/migrate.sh a $SYNC" -- "$HERE/migrate.sh b $SYNC"
 		;;
 	*)

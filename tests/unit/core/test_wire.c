@@ -21,7 +21,7 @@
 static const uint32_t fixed_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	   [WIRE_CHALLENGE] = 88,  [WIRE_AUTH] = 32,	 [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200,   [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_DONE] = 136,
-    [WIRE_COMPLETE] = 264, [WIRE_COMMIT] = 0,	   [WIRE_RESUMED] = 0,	 [WIRE_ABORT] = 200,
+    [WIRE_COMPLETE] = 280, [WIRE_COMMIT] = 0,	   [WIRE_RESUMED] = 0,	 [WIRE_ABORT] = 200,
     [WIRE_RUNNING] = 0,
 };
 
@@ -371,6 +371,8 @@ static struct msg_complete sample_complete(void)
 	    .postcopy_blocked_us = 0x99990000aaaabbbbULL,
 	    .lat_us = {120, 950, 4100, 0x100000000ULL},
 	    .read_bytes = 0xcccc0000ddddeeeeULL,
+	    .urgent_reads = 77,
+	    .urgent_read_ns = 0x1234567890ULL,
 	};
 
 	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
@@ -397,10 +399,12 @@ static void test_complete_roundtrip(void **state)
 	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
 		assert_int_equal(out.hist[i], in.hist[i]);
 	assert_int_equal(out.read_bytes, in.read_bytes);
+	assert_int_equal(out.urgent_reads, in.urgent_reads);
+	assert_int_equal(out.urgent_read_ns, in.urgent_read_ns);
 
-	/* layout: le64 each, in order; 8 * (4 + 4 + 24 + 1) bytes and nothing past them */
-	assert_int_equal(n, HDR + 264);
-	assert_int_equal(buf[8], 0x08);
+	/* layout: le64 each, in order; 8 * (4 + 4 + 24 + 3) bytes and nothing past them */
+	assert_int_equal(n, HDR + 280);
+	assert_int_equal(buf[8], 0x18);
 	assert_int_equal(buf[9], 0x01);
 	assert_int_equal(buf[HDR + 0], 0xef);
 	assert_int_equal(buf[HDR + 7], 0x01);
@@ -416,6 +420,8 @@ static void test_complete_roundtrip(void **state)
 	for (unsigned i = 0; i < WIRE_LAT_BUCKETS; i++)
 		assert_int_equal(get64(buf + HDR + 64 + 8 * i), in.hist[i]);
 	assert_int_equal(get64(buf + HDR + 256), in.read_bytes);
+	assert_int_equal(get64(buf + HDR + 264), in.urgent_reads);
+	assert_int_equal(get64(buf + HDR + 272), in.urgent_read_ns);
 	assert_int_equal(buf[n], 0xee);
 
 	/* a migration without post-copy: all its fields 0, equal latencies allowed */
@@ -440,18 +446,18 @@ static void test_complete_malformed(void **state)
 
 	/* each latency below the one before it */
 	for (unsigned i = 1; i < 4; i++) {
-		assert_int_equal(wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf)), (int)HDR + 264);
+		assert_int_equal(wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf)), (int)HDR + 280);
 		put64(buf + HDR + 32 + 8 * i, get64(buf + HDR + 32 + 8 * (i - 1)) - 1);
-		decode_bad(WIRE_COMPLETE, buf + HDR, 264);
+		decode_bad(WIRE_COMPLETE, buf + HDR, 280);
 	}
 	/* p50 above everything else */
 	wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf));
 	put64(buf + HDR + 32, UINT64_MAX);
-	decode_bad(WIRE_COMPLETE, buf + HDR, 264);
+	decode_bad(WIRE_COMPLETE, buf + HDR, 280);
 	/* max of 0 after non-zero percentiles */
 	wire_encode(WIRE_COMPLETE, &m, buf, sizeof(buf));
 	put64(buf + HDR + 56, 0);
-	decode_bad(WIRE_COMPLETE, buf + HDR, 264);
+	decode_bad(WIRE_COMPLETE, buf + HDR, 280);
 	/* the old 16-byte complete */
 	decode_bad(WIRE_COMPLETE, buf + HDR, 16);
 }

@@ -41,10 +41,16 @@ static const char *parse_bad(const char *uri)
 	return err;
 }
 
+#ifdef HAVE_RDMA
+#define BUILT_IN "tcp,rdma"
+#else
+#define BUILT_IN "tcp"
+#endif
+
 static void test_built_in(void **state)
 {
-	assert_string_equal(tp_built_in(), "tcp");
-	assert_string_equal(tp_built_in(), "tcp"); /* stable across calls */
+	assert_string_equal(tp_built_in(), BUILT_IN);
+	assert_string_equal(tp_built_in(), BUILT_IN); /* stable across calls */
 }
 
 static void test_accepts(void **state)
@@ -92,10 +98,18 @@ static void test_unknown_scheme(void **state)
 	err = parse_bad("udp://1.2.3.4:5");
 	assert_non_null(strstr(err, "udp"));
 	assert_non_null(strstr(err, tp_built_in()));
-	assert_non_null(strstr(err, "built in: tcp"));
-	err = parse_bad("rdma://h:5");
-	assert_non_null(strstr(err, "'rdma'"));
-	assert_non_null(strstr(err, "built in: tcp"));
+	assert_non_null(strstr(err, "built in: " BUILT_IN));
+	err = parse_bad("dpdk://h:5");
+	assert_non_null(strstr(err, "'dpdk'"));
+	assert_non_null(strstr(err, "built in: " BUILT_IN));
+#ifdef HAVE_RDMA
+	struct tp_addr a;
+	char e[256];
+	assert_int_equal(tp_parse_uri("rdma://10.77.0.2:7000", &a, e, sizeof(e)), 0);
+	assert_string_equal(a.ops->name, "rdma");
+	assert_string_equal(a.host, "10.77.0.2");
+	assert_string_equal(a.port, "7000");
+#endif
 	parse_bad("://h:5");
 	parse_bad("tc://h:5");
 	parse_bad("tcpx://h:5");

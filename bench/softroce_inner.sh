@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs inside the Soft-RoCE bed for bench/softroce.sh (not by hand):
+#   softroce_inner.sh single|a|b OUT_DIR
+# single: perftest ceilings on rxe0 (ib_write_bw at its default 64 KiB, ib_read_lat
+# -s 4096), then an idle guest's pre-copy over rdma and over tcp, then a post-copy at
+# once of a dirtier over rdma and over tcp, all inside the one VM (rxe loopback).
+# a, b: the same post-copy between two VMs; a (the source) records its guest process's
+# CPU time from the switch to the end, and the VM's kernel time (rxe's work).
+# Each result is one JSON line appended to OUT_DIR/results.jsonl.
+set -euo pipefail
+ROLE=${1:?single, a or b}
+OUT=${2:?output directory}
+HYMIG=${HYMIG:?}
+MEM=${BENCH_MEM:-64M}
+POLL=${BENCH_POLL:-event}
+IP=${BED_IP:?}
+PEER=${BED_PEER_IP:-$IP}
+WORK=$(mktemp -d)
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
+
+emit() { echo "$1" >>"$OUT/results.jsonl"; echo "result: $1"; }
+status() { "$HYMIG" status --ctl "$WORK/$1.sock" --json 2>/dev/null || true; }
+start_guest() { # NAME ARGS...
+	local name=$1
+	shift
+	"$HYMIG" guest --ctl "$WORK/$name.sock" "$@" 2>>"$WORK/$name.log" &
+	PIDS+=($!)
+	eval "PID_$name=$!"
+	for _ in $(seq 600); do
+		case $(status "$name") in *'"ready":true'* | *'"state":"incoming"'*) return 0 ;; esac
+		sleep 0.1
+	done
+	echo "guest $name did not start: $(tail -3 "$WORK/$name.log")" >&2
+	exit 1
+}
+quit_guest() { "$HYMIG" quit --ctl "$WORK/$1.sock" >/dev/null 2>&1 || true; }
+# cpu_ticks PID: utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# kernel_ticks: system + irq + softirq ticks of the whole VM.
+kernel_ticks() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
+perftest() { # NAME CMD...: runs a perftest server and client here, prints the client's output
+	"$@" >"$WORK/server.out" 2>&1 &
+	local s=$!
+	sleep 2
+	"$@" "$IP" 2>&1 | tee "$WORK/client.out" >&2 || true
+	wait "$s" || true
+	cat "$WORK/client.out"
+}
+
+# migrate_once KIND SCHEME PORT WORKLOAD MIGRATE_ARGS...: a fresh pair in this VM.
+migrate_once() {
+	local kind=$1 scheme=$2 port=$3 wl=$4 out
+	shift 4
+	start_guest dst --mem "$MEM" --incoming "$scheme://$IP:$port"
+	start_guest src --mem "$MEM" --workload "$wl"
+	sleep 1
+	out=$("$HYMIG" migrate --ctl "$WORK/src.sock" --to "$scheme://$IP:$port" --json "$@") || true
+	quit_guest src
+	quit_guest dst
+	wait 2>/dev/null || true
+	emit "{\"kind\":\"$kind\",\"transport\":\"$scheme\",\"poll\":\"$POLL\",\"result\":$out}"
+}
+
+case $ROLE in
+single)
+	bw=$(perftest ib_write_bw -d rxe0 -x 1 -D 5 | awk '/^ *65536 /{print $4}')
+	emit "{\"kind\":\"ib_write_bw\",\"bytes\":65536,\"mb_per_s\":${bw:-null}}"
+	lat=$(perftest ib_read_lat -d rxe0 -x 1 -s 4096 | awk '/^ *4096 /{print $5, $6}')
+	read -r typ avg <<<"${lat:-null null}"
+	emit "{\"kind\":\"ib_read_lat\",\"bytes\":4096,\"typical_us\":$typ,\"avg_us\":$avg}"
+	migrate_once precopy-idle rdma 7400 idle --mode precopy --rdma-poll "$POLL"
+	migrate_once precopy-idle tcp 7401 idle --mode precopy
+	migrate_once postcopy-faults rdma 7402 dirtier:rate=20M,pattern=uniform \
+		--mode postcopy --precopy-rounds 0 --rdma-poll "$POLL"
+	migrate_once postcopy-faults tcp 7403 dirtier:rate=20M,pattern=uniform \
+		--mode postcopy --precopy-rounds 0
+	;;
+a)
+	i=0
+	for scheme in rdma tcp; do
+		port=$((7410 + i))
+		i=$((i + 1))
+		until [ -e "$OUT/b.$scheme.ready" ]; do sleep 0.2; done
+		start_guest src --mem "$MEM" --workload dirtier:rate=20M,pattern=uniform
+		sleep 1
+		"$HYMIG" migrate --ctl "$WORK/src.sock" --to "$scheme://$PEER:$port" --json \
+			--mode postcopy --precopy-rounds 0 --keep-source --rdma-poll "$POLL" \
+			>"$WORK/result.json" &
+		mig=$!
+		until status src | grep -q '"phase":"postcopy"'; do sleep 0.05; done
+		c0=$(cpu_ticks "$PID_src") k0=$(kernel_ticks)
+		wait "$mig" || true
+		c1=$(cpu_ticks "$PID_src") k1=$(kernel_ticks)
+		hz=$(getconf CLK_TCK)
+		emit "{\"kind\":\"postcopy-source-cpu\",\"transport\":\"$scheme\",\"poll\":\"$POLL\",\"source_cpu_ms\":$(((c1 - c0) * 1000 / hz)),\"vm_kernel_ms\":$(((k1 - k0) * 1000 / hz)),\"result\":$(cat "$WORK/result.json")}"
+		quit_guest src
+		touch "$OUT/a.$scheme.done"
+	done
+	;;
+b)
+	i=0
+	for scheme in rdma tcp; do
+		port=$((7410 + i))
+		i=$((i + 1))
+		start_guest dst --mem "$MEM" --incoming "$scheme://$IP:$port"
+		touch "$OUT/b.$scheme.ready"
+		until [ -e "$OUT/a.$scheme.done" ]; do sleep 0.2; done
+		quit_guest dst
+	done
+	;;
+esac

@@ -1,0 +1,274 @@
+/* RDMA completions: one thread per bulk polls the CQ every QP shares (busy, or asleep on
+ * a completion channel) and the session's rdma_cm events. It lands READs through pc,
+ * takes markers and the peer's region table, and turns a failed completion or a
+ * disconnect into the channel's error: a QP in error is a lost link. */
+#include "rdma.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <numa.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "../../core/log.h"
+#include "../../core/prio.h"
+
+#define POLL_BATCH 32
+/* Busy polling looks at rdma_cm events once per this many empty polls. */
+#define BUSY_CM_EVERY 4096
+
+const char *rdt_chan_name(const struct rdt_bulk *b, const struct rdt_chan *c, char *buf, size_t len)
+{
+	if (c->urgent)
+		snprintf(buf, len, "urgent channel");
+	else
+		snprintf(buf, len, "bulk channel %u", (unsigned)(c - b->ch));
+	return buf;
+}
+
+/* Records why channel c stopped (the first reason only), and wakes every waiter. A
+ * channel that delivered its end is finished: its later teardown is no error. Returns
+ * whether this was the channel's first error. */
+bool rdt_chan_fail(struct rdt_bulk *b, struct rdt_chan *c, int rc, const char *fmt, ...)
+{
+	bool first;
+	char name[32];
+	va_list ap;
+
+	atomic_store(&b->lost, true);
+	pthread_mutex_lock(&b->lock);
+	first = !c->error && !c->ended;
+	if (first) {
+		int n = snprintf(c->reason, sizeof(c->reason),
+				 "%s: ", rdt_chan_name(b, c, name, sizeof(name)));
+		va_start(ap, fmt);
+		vsnprintf(c->reason + n, sizeof(c->reason) - (size_t)n, fmt, ap);
+		va_end(ap);
+		c->error = rc;
+	}
+	pthread_cond_broadcast(&b->changed);
+	pthread_mutex_unlock(&b->lock);
+	return first;
+}
+
+int rdt_post_recv(struct rdt_bulk *b, unsigned ch, unsigned slot)
+{
+	struct ibv_sge sge = {
+	    .addr =
+		(uint64_t)(uintptr_t)(b->msg + ((size_t)ch * RDT_RECV_SLOTS + slot) * RDT_MSG_MAX),
+	    .length = RDT_MSG_MAX,
+	    .lkey = b->msg_mr->lkey,
+	};
+	struct ibv_recv_wr wr = {.wr_id = rdt_wr_id(RDT_WK_RECV, ch, slot),
+				 .sg_list = &sge,
+				 .num_sge = 1},
+			   *bad;
+
+	return -ibv_post_recv(b->ch[ch].id->qp, &wr, &bad);
+}
+
+/* A SEND arrived on channel ch: a marker, or (channel 0, once) the peer's table. */
+static void on_msg(struct rdt_bulk *b, unsigned ch, unsigned slot, uint32_t len)
+{
+	struct rdt_chan *c = &b->ch[ch];
+	const uint8_t *p = b->msg + ((size_t)ch * RDT_RECV_SLOTS + slot) * RDT_MSG_MAX;
+	struct rdt_msg m;
+	const char *bad = NULL;
+	int rc;
+
+	if (len < sizeof(m)) {
+		rdt_chan_fail(b, c, -EPROTO, "a message of %u bytes", len);
+		return;
+	}
+	memcpy(&m, p, sizeof(m));
+	m.magic = le32toh(m.magic);
+	m.type = le32toh(m.type);
+	m.value = le64toh(m.value);
+	pthread_mutex_lock(&b->lock);
+	if (m.magic != RDT_MSG_MAGIC)
+		bad = "a message with a bad magic";
+	else if (m.type == RDT_MSG_TABLE && (ch != 0 || b->peer_table_len))
+		bad = "an unexpected region table";
+	else if (m.type == RDT_MSG_TABLE)
+		memcpy(b->peer_table, p, b->peer_table_len = len);
+	else if ((m.type != RDT_MSG_SWITCH && m.type != RDT_MSG_END) || b->source || c->urgent ||
+		 c->ended || (m.type == RDT_MSG_SWITCH && c->switched))
+		bad = "an unexpected marker";
+	else if (m.type == RDT_MSG_SWITCH)
+		c->switched = true;
+	else
+		c->ended = true;
+	if (!bad && m.type != RDT_MSG_TABLE)
+		c->pages = m.value;
+	pthread_cond_broadcast(&b->changed);
+	pthread_mutex_unlock(&b->lock);
+	if (bad) {
+		rdt_chan_fail(b, c, -EPROTO, "%s", bad);
+		return;
+	}
+	if ((rc = rdt_post_recv(b, ch, slot)) < 0)
+		rdt_chan_fail(b, c, rc, "re-posting a receive: %s", strerror(-rc));
+}
+
+static const char *const wk_names[] = {"?", "RDMA WRITE or SEND", "RECV", "RDMA READ"};
+
+static void on_wc(struct rdt_bulk *b, const struct ibv_wc *wc)
+{
+	unsigned kind = (unsigned)(wc->wr_id >> 56), ch = (unsigned)(wc->wr_id >> 48) & 0xff;
+	uint64_t val = wc->wr_id & ((1ULL << 48) - 1);
+	struct rdt_chan *c = &b->ch[ch < RDT_NCH ? ch : 0];
+	bool ok = wc->status == IBV_WC_SUCCESS;
+
+	if (kind == RDT_WK_READ)
+		rdt_read_done(b, ch, (unsigned)val, ok);
+	if (!ok) {
+		/* A queue flushed at teardown is no error; anything else is a lost link. */
+		if (wc->status == IBV_WC_WR_FLUSH_ERR && atomic_load(&b->shut)) {
+			pthread_mutex_lock(&b->lock);
+			pthread_cond_broadcast(&b->changed);
+			pthread_mutex_unlock(&b->lock);
+			return;
+		}
+		/* Flushes follow an error or a peer's disconnect: only the cause is logged
+		 * (the peer's own teardown shows up here too). */
+		if (rdt_chan_fail(b, c, -ENOTCONN, "%s failed: %s (status %d, vendor error 0x%x)",
+				  wk_names[kind < 4 ? kind : 0], ibv_wc_status_str(wc->status),
+				  wc->status, wc->vendor_err) &&
+		    wc->status != IBV_WC_WR_FLUSH_ERR)
+			log_err("rdma: %s", c->reason);
+		return;
+	}
+	if (kind == RDT_WK_SQ) {
+		pthread_mutex_lock(&b->lock);
+		c->done = val;
+		pthread_cond_broadcast(&b->changed);
+		pthread_mutex_unlock(&b->lock);
+	} else if (kind == RDT_WK_RECV) {
+		on_msg(b, ch, (unsigned)val, wc->byte_len);
+	}
+}
+
+/* Polls until the CQ is empty; returns how many completions there were. */
+static int poll_cq(struct rdt_bulk *b)
+{
+	struct ibv_wc wc[POLL_BATCH];
+	int n, total = 0;
+
+	while ((n = ibv_poll_cq(b->cq, POLL_BATCH, wc)) > 0) {
+		for (int i = 0; i < n; i++)
+			on_wc(b, &wc[i]);
+		total += n;
+	}
+	if (n < 0)
+		rdt_chan_fail(b, &b->ch[0], -EIO, "polling the completion queue failed");
+	return total;
+}
+
+/* rdma_cm events after setup: a disconnect or a removed device is a lost link. */
+static void cm_events(struct rdt_bulk *b)
+{
+	struct rdma_cm_event *ev;
+
+	while (rdma_get_cm_event(b->ec, &ev) == 0) {
+		struct rdt_chan *c = ev->id ? ev->id->context : NULL;
+		enum rdma_cm_event_type type = ev->event;
+
+		rdma_ack_cm_event(ev);
+		if (!c || atomic_load(&b->shut))
+			continue;
+		/* What completed before the peer left is taken first (its last message). */
+		poll_cq(b);
+		if (type == RDMA_CM_EVENT_DISCONNECTED)
+			rdt_chan_fail(b, c, -ECONNRESET, "the peer disconnected");
+		else if (type == RDMA_CM_EVENT_DEVICE_REMOVAL)
+			rdt_chan_fail(b, c, -ENODEV, "the RDMA device was removed");
+	}
+}
+
+static void *cq_main(void *arg)
+{
+	struct rdt_bulk *b = arg;
+	unsigned idle = 0;
+
+	/* A spinning thread keeps the priority it has: above the others it would starve
+	 * them, and the kernel threads that do Soft-RoCE's work, on a small host. */
+	if (!b->busy_poll)
+		prio_set_nice(PRIO_URGENT_NICE);
+	if (b->numa_node >= 0 && numa_available() >= 0)
+		numa_run_on_node(b->numa_node);
+	while (!atomic_load(&b->stop)) {
+		struct pollfd p[3] = {{.fd = b->cc ? b->cc->fd : -1, .events = POLLIN},
+				      {.fd = b->ec->fd, .events = POLLIN},
+				      {.fd = b->wakefd, .events = POLLIN}};
+		struct ibv_cq *cq;
+		void *ctx;
+
+		if (b->busy_poll) {
+			/* Spinning, but a runnable thread on this CPU goes first: on a
+			 * small host the guest and the senders need it. */
+			if (poll_cq(b)) {
+				idle = 0;
+			} else {
+				if (++idle % BUSY_CM_EVERY == 0)
+					cm_events(b);
+				sched_yield();
+			}
+			continue;
+		}
+		/* Armed before this poll, so a completion after it raises an event. */
+		poll_cq(b);
+		if (poll(p, 3, -1) < 0)
+			continue;
+		if (p[1].revents)
+			cm_events(b);
+		if (p[0].revents && ibv_get_cq_event(b->cc, &cq, &ctx) == 0) {
+			/* Acks are batched: each takes a lock in the library. */
+			if (++b->cq_unacked >= 64) {
+				ibv_ack_cq_events(b->cq, b->cq_unacked);
+				b->cq_unacked = 0;
+			}
+			ibv_req_notify_cq(b->cq, 0);
+		}
+	}
+	return NULL;
+}
+
+int rdt_cq_start(struct rdt_bulk *b, char *err, size_t errlen)
+{
+	int rc;
+
+	b->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (b->wakefd < 0 || (b->cc && ibv_req_notify_cq(b->cq, 0))) {
+		rc = -errno;
+		snprintf(err, errlen, "arming the completion queue: %s", strerror(errno));
+		return rc;
+	}
+	rc = -pthread_create(&b->thread, NULL, cq_main, b);
+	if (rc < 0) {
+		snprintf(err, errlen, "cannot start the completion thread: %s", strerror(-rc));
+		return rc;
+	}
+	b->thread_started = true;
+	return 0;
+}
+
+void rdt_cq_stop(struct rdt_bulk *b)
+{
+	if (b->thread_started) {
+		atomic_store(&b->stop, true);
+		eventfd_write(b->wakefd, 1);
+		pthread_join(b->thread, NULL);
+		b->thread_started = false;
+	}
+	if (b->cq_unacked)
+		ibv_ack_cq_events(b->cq, b->cq_unacked);
+	b->cq_unacked = 0;
+	if (b->wakefd >= 0)
+		close(b->wakefd);
+	b->wakefd = -1;
+}

@@ -1,0 +1,417 @@
+/* RDMA data path. Source: pre-copy runs go by RDMA WRITE straight from its migrator view
+ * into the destination's, posted in chains with one signalled WR each, the send queue
+ * kept full; markers are SENDs after them on the same QP. Destination: post-copy pages
+ * come by RDMA READ from the paused source's RAM, each claimed through pc first. */
+#include "rdma.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../core/clock.h"
+#include "../../core/log.h"
+#include "../../core/postcopy.h"
+
+static const bool all_claimed[WIRE_MAX_RUN] = {[0 ... WIRE_MAX_RUN - 1] = true};
+
+/* Test-only hook (see RDT_TEST_BAD_RKEY_ENV): never set it in production. */
+bool rdt_test_bad_rkey(void)
+{
+	const char *v = getenv(RDT_TEST_BAD_RKEY_ENV);
+
+	return v && *v && strcmp(v, "0");
+}
+
+static uint32_t rkey_of(const struct rdt_bulk *b, unsigned region)
+{
+	/* The low byte is the key's variant part: flipping it never names a valid key. */
+	return b->peer[region].rkey ^ (b->bad_rkey ? 0xffu : 0);
+}
+
+static int gate(struct rdt_bulk *b)
+{
+	if (atomic_load(&b->shut))
+		return -ECANCELED;
+	return atomic_load(&b->lost) ? -ENOTCONN : 0;
+}
+
+/* Posts k chained WRs on c, signalling the last, once the send queue has room. */
+static int post_chain(struct rdt_bulk *b, struct rdt_chan *c, struct ibv_send_wr *wr, unsigned k,
+		      uint64_t bytes)
+{
+	struct ibv_send_wr *bad;
+	int rc;
+
+	for (unsigned i = 0; i + 1 < k; i++)
+		wr[i].next = &wr[i + 1];
+	wr[k - 1].next = NULL;
+	wr[k - 1].send_flags |= IBV_SEND_SIGNALED;
+	pthread_mutex_lock(&b->lock);
+	while (!(rc = gate(b)) && c->posted + k - c->done > b->sq_depth)
+		pthread_cond_wait(&b->changed, &b->lock);
+	pthread_mutex_unlock(&b->lock);
+	if (rc)
+		return rc;
+	wr[k - 1].wr_id = rdt_wr_id(RDT_WK_SQ, (unsigned)(c - b->ch), c->posted + k);
+	rc = ibv_post_send(c->id->qp, wr, &bad);
+	if (rc) {
+		rdt_chan_fail(b, c, -ENOTCONN, "posting %u work requests: %s", k, strerror(rc));
+		return -ENOTCONN;
+	}
+	c->posted += k;
+	b->base.wire_bytes += bytes;
+	return 0;
+}
+
+int rdt_post_send_msg(struct rdt_bulk *b, struct rdt_chan *c, const void *buf, uint32_t len,
+		      uint32_t lkey)
+{
+	struct ibv_sge sge = {.addr = (uint64_t)(uintptr_t)buf, .length = len, .lkey = lkey};
+	/* Without a key the message is small and goes inline: buf may be reused at once. */
+	struct ibv_send_wr wr = {.sg_list = &sge,
+				 .num_sge = 1,
+				 .opcode = IBV_WR_SEND,
+				 .send_flags = lkey ? 0 : IBV_SEND_INLINE};
+	int rc = post_chain(b, c, &wr, 1, len);
+
+	if (rc == 0)
+		b->base.send_bytes += len;
+	return rc;
+}
+
+int rdt_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigned n)
+{
+	struct rdt_bulk *b = (struct rdt_bulk *)bb;
+	struct rdt_chan *c = &b->ch[ch < RDT_NCH ? ch : 0];
+	struct ibv_send_wr wr[RDT_CHAIN];
+	struct ibv_sge sge[RDT_CHAIN][RDT_ZERO_SGES];
+	uint64_t wr_max =
+	    (b->max_msg < RDT_WR_MAX_BYTES ? b->max_msg : RDT_WR_MAX_BYTES) & ~(HM_PAGE_SIZE - 1);
+	uint64_t zero_max = (uint64_t)RDT_ZERO_BYTES * b->max_sge, bytes = 0;
+	unsigned k = 0;
+	int rc = gate(b);
+
+	if (rc)
+		return rc;
+	if (ch >= b->base.channels || !b->source)
+		return -EINVAL;
+	if (c->switched) {
+		/* The destination's guest may have written the page since: only a READ that
+		 * claimed it through pc may land it now. */
+		log_err("rdma: bulk channel %u: no WRITE after the switch; the destination "
+			"pulls post-copy pages",
+			ch);
+		return -ENOTSUP;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t pg = runs[i].first_page, left = runs[i].npages;
+
+		c->pages += runs[i].npages;
+		while (left) {
+			const struct ram_region *r = ram_region_of(b->ram, pg);
+			unsigned ri;
+			uint64_t off, len;
+			struct ibv_send_wr *w = &wr[k];
+
+			if (!r)
+				return -EINVAL;
+			ri = (unsigned)(r - b->ram->r);
+			off = (pg - r->first_page) << HM_PAGE_SHIFT;
+			len = left << HM_PAGE_SHIFT;
+			if (len > r->size - off)
+				len = r->size - off;
+			if (len > (runs[i].zero ? zero_max : wr_max))
+				len = runs[i].zero ? zero_max : wr_max;
+			*w = (struct ibv_send_wr){
+			    .sg_list = sge[k],
+			    .opcode = IBV_WR_RDMA_WRITE,
+			    .wr.rdma = {.remote_addr = b->peer[ri].addr + off,
+					.rkey = rkey_of(b, ri)},
+			};
+			if (runs[i].zero) {
+				/* A WRITE of zeros, not a SEND: it keeps its place among the
+				 * WRITEs, so it never lands over a newer copy of the page. */
+				for (uint64_t o = 0; o < len; o += RDT_ZERO_BYTES)
+					sge[k][w->num_sge++] = (struct ibv_sge){
+					    .addr = (uint64_t)(uintptr_t)b->zero,
+					    .length = (uint32_t)(len - o < RDT_ZERO_BYTES
+								     ? len - o
+								     : RDT_ZERO_BYTES),
+					    .lkey = b->zero_mr->lkey};
+			} else {
+				sge[k][0] =
+				    (struct ibv_sge){.addr = (uint64_t)(uintptr_t)r->mig + off,
+						     .length = (uint32_t)len,
+						     .lkey = b->mr[ri]->lkey};
+				w->num_sge = 1;
+			}
+			b->base.write_bytes += len;
+			bytes += len;
+			pg += len >> HM_PAGE_SHIFT;
+			left -= len >> HM_PAGE_SHIFT;
+			if (++k == RDT_CHAIN) {
+				if ((rc = post_chain(b, c, wr, k, bytes)) < 0)
+					return rc;
+				k = 0;
+				bytes = 0;
+			}
+		}
+	}
+	return k ? post_chain(b, c, wr, k, bytes) : 0;
+}
+
+static int send_marker(struct tp_bulk *bb, unsigned ch, enum rdt_msg_type type)
+{
+	struct rdt_bulk *b = (struct rdt_bulk *)bb;
+	struct rdt_chan *c = &b->ch[ch < RDT_NCH ? ch : 0];
+	struct rdt_msg m = {htole32(RDT_MSG_MAGIC), htole32(type), htole64(c->pages)};
+	int rc = gate(b);
+
+	if (rc)
+		return rc;
+	if (ch >= b->base.channels || !b->source)
+		return -EINVAL;
+	/* After the channel's WRITEs on the same QP: RC places them before this arrives. */
+	rc = rdt_post_send_msg(b, c, &m, sizeof(m), 0);
+	if (rc == 0 && type == RDT_MSG_SWITCH)
+		c->switched = true;
+	return rc;
+}
+
+int rdt_push_switch(struct tp_bulk *b, unsigned ch)
+{
+	return send_marker(b, ch, RDT_MSG_SWITCH);
+}
+
+int rdt_push_end(struct tp_bulk *b, unsigned ch)
+{
+	return send_marker(b, ch, RDT_MSG_END);
+}
+
+int rdt_drain(struct tp_bulk *bb, unsigned ch)
+{
+	struct rdt_bulk *b = (struct rdt_bulk *)bb;
+	struct rdt_chan *c = &b->ch[ch < RDT_NCH ? ch : 0];
+	int rc;
+
+	if (ch >= b->base.channels)
+		return -EINVAL;
+	/* The last WR of every chain is signalled: when its completion is in, all are. */
+	pthread_mutex_lock(&b->lock);
+	while (!(rc = gate(b)) && c->done < c->posted)
+		pthread_cond_wait(&b->changed, &b->lock);
+	if (rc == -ENOTCONN && c->done == c->posted)
+		rc = 0; /* everything pushed arrived before the link went */
+	pthread_mutex_unlock(&b->lock);
+	return rc;
+}
+
+int rdt_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, uint64_t *pages,
+		  char *err, size_t errlen)
+{
+	struct rdt_bulk *b = (struct rdt_bulk *)bb;
+	struct timespec dl = deadline_after_ms(timeout_ms);
+	int rc = 0;
+
+	pthread_mutex_lock(&b->lock);
+	for (;;) {
+		unsigned n = 0;
+
+		for (unsigned i = 0; i < RDT_NCH; i++) {
+			if (b->ch[i].error) {
+				rc = b->ch[i].error;
+				snprintf(err, errlen, "%s", b->ch[i].reason);
+				goto out;
+			}
+			if (i < b->base.channels)
+				n += until == TP_LAND_END ? b->ch[i].ended : b->ch[i].switched;
+		}
+		if (n == b->base.channels)
+			break;
+		if (atomic_load(&b->shut)) {
+			snprintf(err, errlen, "the bulk channels were shut down");
+			rc = -ECANCELED;
+			goto out;
+		}
+		if (pthread_cond_timedwait(&b->changed, &b->lock, &dl) == ETIMEDOUT) {
+			snprintf(err, errlen, "%u of %u bulk channels reached their %s in time", n,
+				 b->base.channels, until == TP_LAND_END ? "end" : "switch marker");
+			rc = -ETIMEDOUT;
+			goto out;
+		}
+	}
+	for (unsigned i = 0; i < b->base.channels; i++)
+		pages[i] = b->ch[i].pages;
+out:
+	pthread_mutex_unlock(&b->lock);
+	return rc;
+}
+
+/* READ slots: the urgent QP has its own, so a fault never waits behind the background.
+ * With a staging ring (PC_MISSING) every slot owns one of its slots, which bounds how
+ * many READs are in flight. */
+void rdt_reads_init(struct rdt_bulk *b, bool staged)
+{
+	unsigned nu = staged ? RDT_STAGE_URGENT : RDT_URGENT_WINDOW;
+	unsigned np = staged ? RDT_STAGE_PULL : RDT_PULL_WINDOW * WIRE_MAX_CHANNELS;
+
+	b->free_urgent = b->free_pull = -1;
+	for (unsigned i = nu; i-- > 0;) {
+		b->rd[i].next = b->free_urgent;
+		b->free_urgent = (int)i;
+	}
+	for (unsigned i = np; i-- > 0;) {
+		b->rd[RDT_URGENT_WINDOW + i].next = b->free_pull;
+		b->free_pull = (int)(RDT_URGENT_WINDOW + i);
+	}
+}
+
+static uint8_t *stage_of(struct rdt_bulk *b, unsigned idx)
+{
+	unsigned slot = idx < RDT_URGENT_WINDOW ? idx : RDT_STAGE_URGENT + idx - RDT_URGENT_WINDOW;
+
+	return b->stage ? b->stage + (size_t)slot * WIRE_MAX_RUN * HM_PAGE_SIZE : NULL;
+}
+
+/* Called by the completion thread, never under a lock the fault handler takes: the
+ * claimed pages go clean (and get mapped) only after a READ that completed. A failed
+ * one leaves them landing: the link is lost, and a resume requeues them. */
+void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
+{
+	struct rdt_read *e = &b->rd[idx];
+	struct rdt_chan *c = &b->ch[ch];
+	int *list = c->urgent ? &b->free_urgent : &b->free_pull;
+
+	if (ok) {
+		if (c->urgent) {
+			b->base.urgent_reads++;
+			b->base.urgent_read_ns += now_ns() - e->t_posted_ns;
+		}
+		pc_landed(b->pc, e->first, e->n, all_claimed, e->stage);
+		b->base.read_bytes += (uint64_t)e->n << HM_PAGE_SHIFT;
+		b->base.wire_bytes += (uint64_t)e->n << HM_PAGE_SHIFT;
+	}
+	pthread_mutex_lock(&b->lock);
+	c->reads--;
+	e->next = *list;
+	*list = (int)idx;
+	pthread_cond_broadcast(&b->changed);
+	pthread_mutex_unlock(&b->lock);
+}
+
+/* Waits until c may take one more READ. */
+static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
+{
+	int rc;
+
+	pthread_mutex_lock(&b->lock);
+	while (!(rc = gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window))
+		pthread_cond_wait(&b->changed, &b->lock);
+	pthread_mutex_unlock(&b->lock);
+	return rc;
+}
+
+/* Reads pages [first, first + n), claimed already and inside one region, on c. */
+static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uint32_t n)
+{
+	const struct ram_region *r = ram_region_of(b->ram, first);
+	unsigned ri = (unsigned)(r - b->ram->r), ch = (unsigned)(c - b->ch);
+	uint64_t off = (first - r->first_page) << HM_PAGE_SHIFT;
+	int *list = c->urgent ? &b->free_urgent : &b->free_pull;
+	struct ibv_send_wr wr, *bad;
+	struct ibv_sge sge;
+	struct rdt_read *e;
+	int idx, rc;
+
+	pthread_mutex_lock(&b->lock);
+	while (!(rc = gate(b)) && (*list < 0 || c->reads >= c->read_window))
+		pthread_cond_wait(&b->changed, &b->lock);
+	if (rc == 0) {
+		idx = *list;
+		*list = b->rd[idx].next;
+		c->reads++;
+	}
+	pthread_mutex_unlock(&b->lock);
+	if (rc)
+		return rc;
+	e = &b->rd[idx];
+	*e = (struct rdt_read){
+	    .first = first, .n = n, .stage = stage_of(b, (unsigned)idx), .t_posted_ns = now_ns()};
+	sge = (struct ibv_sge){
+	    .addr = (uint64_t)(uintptr_t)(e->stage ? e->stage : r->mig + off),
+	    .length = n << HM_PAGE_SHIFT,
+	    .lkey = e->stage ? b->stage_mr->lkey : b->mr[ri]->lkey,
+	};
+	wr = (struct ibv_send_wr){
+	    .wr_id = rdt_wr_id(RDT_WK_READ, ch, (unsigned)idx),
+	    .sg_list = &sge,
+	    .num_sge = 1,
+	    .opcode = IBV_WR_RDMA_READ,
+	    .send_flags = IBV_SEND_SIGNALED,
+	    .wr.rdma = {.remote_addr = b->peer[ri].addr + off, .rkey = rkey_of(b, ri)},
+	};
+	rc = ibv_post_send(c->id->qp, &wr, &bad);
+	if (rc) {
+		rdt_read_done(b, ch, (unsigned)idx, false);
+		rdt_chan_fail(b, c, -ENOTCONN, "posting an RDMA READ: %s", strerror(rc));
+		return -ENOTCONN;
+	}
+	return 0;
+}
+
+/* Claims [first, first + n) piece by piece and READs each claimed sub-run: on the urgent
+ * QP, or round robin over the bulk QPs. Pages claimed already are skipped. */
+static int read_range(struct rdt_bulk *b, bool urgent, uint64_t first, uint32_t n)
+{
+	uint32_t piece_max = urgent ? WIRE_MAX_RUN : RDT_PULL_PIECE;
+	int rc = gate(b);
+
+	if (rc)
+		return rc;
+	if (!b->pc || b->source || first >= b->ram->npages || b->ram->npages - first < n)
+		return -EINVAL;
+	while (n) {
+		const struct ram_region *r = ram_region_of(b->ram, first);
+		uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE;
+		uint32_t piece = n < piece_max ? n : piece_max;
+		bool claimed[WIRE_MAX_RUN];
+
+		if (piece > rend - first)
+			piece = (uint32_t)(rend - first);
+		/* A background piece is claimed only once its QP has room: claimed pages
+		 * that wait for a slot would make a vCPU faulting on them wait too. */
+		if (!urgent && (rc = wait_room(b, &b->ch[b->next_pull % b->base.channels])) < 0)
+			return rc;
+		pc_claim(b->pc, first, piece, claimed);
+		for (uint32_t i = 0, j; i < piece; i = j) {
+			struct rdt_chan *c;
+
+			for (j = i; j < piece && claimed[j] == claimed[i];)
+				j++;
+			if (!claimed[i])
+				continue;
+			c = urgent ? &b->ch[RDT_URGENT] : &b->ch[b->next_pull++ % b->base.channels];
+			if ((rc = post_read(b, c, first + i, j - i)) < 0)
+				return rc;
+		}
+		first += piece;
+		n -= piece;
+	}
+	return 0;
+}
+
+int rdt_fetch(struct tp_bulk *bb, uint64_t first_page, uint32_t npages)
+{
+	struct rdt_bulk *b = (struct rdt_bulk *)bb;
+
+	if (!b->ch[RDT_URGENT].id)
+		return -ENOTCONN;
+	return read_range(b, true, first_page, npages);
+}
+
+int rdt_pull(struct tp_bulk *bb, uint64_t first_page, uint32_t npages)
+{
+	return read_range((struct rdt_bulk *)bb, false, first_page, npages);
+}
