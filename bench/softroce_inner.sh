@@ -88,7 +88,10 @@ a)
 			--mode postcopy --precopy-rounds 0 --keep-source --rdma-poll "$POLL" \
 			>"$WORK/result.json" &
 		mig=$!
-		until status src | grep -q '"phase":"postcopy"'; do sleep 0.05; done
+		# The switch, or the end if it came and went between two looks.
+		until status src | grep -q '"phase":"postcopy"' || ! kill -0 "$mig" 2>/dev/null; do
+			sleep 0.05
+		done
 		c0=$(cpu_ticks "$PID_src") k0=$(kernel_ticks)
 		wait "$mig" || true
 		c1=$(cpu_ticks "$PID_src") k1=$(kernel_ticks)
