@@ -1,6 +1,6 @@
 /* The ops table a transport implements. An operation a transport lacks points to a
- * tp_enotsup_* stub, never NULL; the capability flags match the wired ops. Every call returns 0 (or a count) or a negative errno, and writes a readable
- * reason into err where it has one. */
+ * tp_enotsup_* stub, never NULL; the capability flags match the wired ops. Every call returns 0 (or
+ * a count) or a negative errno, and writes a readable reason into err where it has one. */
 #ifndef HYMIG_TRANSPORT_OPS_H
 #define HYMIG_TRANSPORT_OPS_H
 

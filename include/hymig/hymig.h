@@ -66,9 +66,9 @@ struct hm_vm_ops {
 };
 
 struct hm_migrate_cfg {
-	const char *uri;	    /* "tcp://HOST:PORT" */
-	enum hm_mode mode;	    /* default HM_MODE_HYBRID */
-	unsigned precopy_rounds;    /* postcopy mode: rounds before the switch; default 1 */
+	const char *uri;	 /* "tcp://HOST:PORT" */
+	enum hm_mode mode;	 /* default HM_MODE_HYBRID */
+	unsigned precopy_rounds; /* postcopy mode: rounds before the switch; default 1 */
 	enum hm_postcopy_mech postcopy_mech; /* default HM_PC_AUTO */
 	bool rdma_busy_poll; /* RDMA: busy-poll completions on both sides (default: events) */
 	unsigned downtime_limit_ms; /* default 50 */
@@ -129,20 +129,20 @@ struct hm_stats {
 	/* Post-copy (0 when the migration never switched). */
 	const char *postcopy_mechanism; /* "minor" or "missing" when it may switch, else
 					   NULL */
-	char switch_reason[256];     /* why it switched; empty when it did not */
-	uint64_t precopy_bytes;	     /* sent before the source paused */
-	uint64_t downtime_bytes;     /* sent while the guest ran nowhere */
-	uint64_t postcopy_bytes;     /* sent while the guest ran on the destination */
-	uint64_t postcopy_requests;  /* urgent page requests served */
-	uint64_t postcopy_faults;    /* destination vCPU faults that waited for a page */
-	double postcopy_blocked_ms;  /* time vCPUs waited for pages, summed over them */
-	uint64_t fault_lat_us[4];    /* p50, p90, p99, max of those waits */
-	uint64_t fault_lat_hist[24]; /* bucket i: waits in [2^i, 2^(i+1)) us */
+	char switch_reason[256];	/* why it switched; empty when it did not */
+	uint64_t precopy_bytes;		/* sent before the source paused */
+	uint64_t downtime_bytes;	/* sent while the guest ran nowhere */
+	uint64_t postcopy_bytes;	/* sent while the guest ran on the destination */
+	uint64_t postcopy_requests;	/* urgent page requests served */
+	uint64_t postcopy_faults;	/* destination vCPU faults that waited for a page */
+	double postcopy_blocked_ms;	/* time vCPUs waited for pages, summed over them */
+	uint64_t fault_lat_us[4];	/* p50, p90, p99, max of those waits */
+	uint64_t fault_lat_hist[24];	/* bucket i: waits in [2^i, 2^(i+1)) us */
 
 	/* Page and message bytes by operation, for transports with one-sided operations
 	 * (RDMA): written by the source, read by the destination, sent as messages. */
 	uint64_t op_write_bytes, op_read_bytes, op_send_bytes;
-	double registration_ms; /* registering (pinning) the source's RAM, when needed */
+	double registration_ms;	   /* registering (pinning) the source's RAM, when needed */
 	double urgent_read_avg_us; /* one-sided post-copy: an urgent read, posted to done */
 };
 
