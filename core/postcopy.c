@@ -201,8 +201,7 @@ int pc_mark_stale(struct postcopy *pc, const uint64_t *words)
  * skipped and their waiters woken. Every page of the range must be clean. */
 static void map_pages(struct postcopy *pc, uint64_t first, uint64_t n)
 {
-	const struct ram_region *r = ram_region_of(pc->ram, first);
-	uint64_t base = (uint64_t)(uintptr_t)r->guest + ((first - r->first_page) << HM_PAGE_SHIFT);
+	uint64_t base = (uint64_t)(uintptr_t)ram_guest_page(pc->ram, first);
 	uint64_t len = n << HM_PAGE_SHIFT, done = 0;
 
 	while (done < len) {
@@ -232,8 +231,7 @@ static void map_pages(struct postcopy *pc, uint64_t first, uint64_t n)
  * the vCPUs waiting there. Every page of the range is claimed, so none is present. */
 static void install_pages(struct postcopy *pc, uint64_t first, uint64_t n, const uint8_t *staged)
 {
-	const struct ram_region *r = ram_region_of(pc->ram, first);
-	uint64_t base = (uint64_t)(uintptr_t)r->guest + ((first - r->first_page) << HM_PAGE_SHIFT);
+	uint64_t base = (uint64_t)(uintptr_t)ram_guest_page(pc->ram, first);
 	uint64_t len = n << HM_PAGE_SHIFT, done = 0;
 
 	while (done < len) {
