@@ -55,25 +55,20 @@ guest() {
 	"${netns[@]}" "$HYMIG" guest --ctl "$WORK/$name.sock" "$@" 2>"$WORK/$name.log" &
 	PIDS+=($!)
 	eval "PID_$name=$!"
-	wait_for "$name" 'ready' 60 || true
+	# Ready: the workload runs, or the guest waits for an incoming migration.
+	wait_status "$name" '"ready":true|"state":"incoming"' 60
 }
 
-# wait_for NAME FIELD TIMEOUT: waits until the control socket answers (and for FIELD
-# "ready", until the workload is ready or the guest waits for an incoming migration).
-wait_for() {
-	local name=$1 t=$((${3} * 10))
+# wait_status NAME ERE SECONDS: waits until the guest's status (JSON) matches ERE.
+wait_status() {
+	local t=$(($3 * 10)) s=
 	while [ $t -gt 0 ]; do
-		if [ -S "$WORK/$name.sock" ]; then
-			local s
-			s=$("$HYMIG" status --ctl "$WORK/$name.sock" --json 2>/dev/null) || s=
-			case $s in
-			*'"ready":true'* | *'"state":"incoming"'*) return 0 ;;
-			esac
-		fi
+		s=$("$HYMIG" status --ctl "$WORK/$1.sock" --json 2>/dev/null) || s=
+		grep -Eq "$2" <<<"$s" && return 0
 		sleep 0.1
 		t=$((t - 1))
 	done
-	fail "guest $name did not become ready"
+	fail "$1 never reached $2 (last status: $s)"
 }
 
 ctl() { echo "$WORK/$1.sock"; }

@@ -34,18 +34,6 @@ ram_sum() {
 	ram_fds "$1" | while read -r _ fd; do cat "/proc/$1/fd/$fd"; done | sha256sum | cut -d' ' -f1
 }
 
-# wait_state NAME JSON_SUBSTRING SECONDS
-wait_state() {
-	local t=$(($3 * 10)) s
-	while [ $t -gt 0 ]; do
-		s=$("$HYMIG" status --ctl "$(ctl "$1")" --json 2>/dev/null) || s=
-		case $s in *"$2"*) return 0 ;; esac
-		sleep 0.1
-		t=$((t - 1))
-	done
-	fail "$1 never reached $2 (last status: $s)"
-}
-
 # Scenario table: name, dirty rate, migrate arguments; the name says what else is
 # checked. A link of the bed carries some 20 MB/s and a dirty scan with synchronous
 # write-protection under TCG takes tens of ms: pre-copy gets a guest it can catch and a
@@ -66,7 +54,7 @@ side_b() { # destination
 	say "b.$i.ready"
 	case $name in
 	teardown)
-		wait_state "$dst" '"incoming":"receiving"' 120
+		wait_status "$dst" '"incoming":"receiving"' 120
 		sleep 1
 		eval "kill -9 \$PID_$dst"
 		say "b.$i.result"
@@ -74,12 +62,12 @@ side_b() { # destination
 		;;
 	postcopy-source-stopped)
 		# The source process is stopped: every page still arrives, by one-sided reads.
-		wait_state "$dst" '"remaining_bytes":0' 240
+		wait_status "$dst" '"remaining_bytes":0' 240
 		say "b.$i.complete"
 		;;
 	esac
 	hear "a.$i.done" >/dev/null
-	wait_state "$dst" '"incoming":"arrived"' 60
+	wait_status "$dst" '"incoming":"arrived"' 60
 	verify_ok "$dst"
 	case $name in *-sums) eval "ram_sum \$PID_$dst" >"$SYNC/b.$i.sum" ;; esac
 	"$HYMIG" quit --ctl "$(ctl "$dst")"
@@ -94,7 +82,7 @@ side_a() { # source
 	sleep 1
 	if [ "$name" = postcopy-source-stopped ]; then
 		(
-			wait_state "$src" '"phase":"postcopy"' 240
+			wait_status "$src" '"phase":"postcopy"' 240
 			eval "kill -STOP \$PID_$src"
 			echo "source stopped after the switch" >&2
 			hear "b.$i.complete" >/dev/null
