@@ -440,6 +440,10 @@ static void test_destroy_cleans_up(void **state)
 	dirty_destroy(t); /* while still armed */
 	dirty_destroy(NULL);
 	assert_int_equal(count_dir("/proc/self/fd"), fds);
+	/* pthread_join returns when the thread clears its tid, a moment before
+	 * the kernel drops it from /proc/self/task: give it up to a second. */
+	for (int i = 0; i < 1000 && count_dir("/proc/self/task") != tasks; i++)
+		usleep(1000);
 	assert_int_equal(count_dir("/proc/self/task"), tasks);
 	assert_int_equal(count_protected(ram), 0);
 	alarm(30);
