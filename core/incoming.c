@@ -316,6 +316,7 @@ static int accept_source(struct session *s)
 		return -EBUSY;
 	}
 	bc.busy_poll = hello.flags & WIRE_F_BUSY_POLL;
+	bc.reg_chunks = hello.reg_chunks;
 	if (hello.flags & WIRE_F_RESUME) {
 		bool same = hello.nregions == in->pc_ram->nregions;
 		for (unsigned i = 0; same && i < hello.nregions; i++)

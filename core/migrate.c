@@ -75,6 +75,7 @@ struct hm_migration {
 	bool destroying;	 /* hm_migration_destroy: stop waiting for a resume */
 	uint64_t bulk_bytes_old; /* wire bytes of bulk connections closed before */
 	uint64_t write_bytes_old, send_bytes_old; /* their one-sided writes and messages */
+	uint64_t chunk_pins_old;
 	atomic_uint_fast64_t hint_page, hint_gen;
 	atomic_uint_fast64_t served; /* urgent requests answered */
 
@@ -399,6 +400,13 @@ static void stats_bytes(struct hm_migration *m)
 	m->st.op_write_bytes =
 	    m->write_bytes_old + (m->bulk ? atomic_load(&m->bulk->write_bytes) : 0);
 	m->st.op_send_bytes = m->send_bytes_old + (m->bulk ? atomic_load(&m->bulk->send_bytes) : 0);
+	if (m->bulk) {
+		/* Chunked registration goes on all along (read unlocked: a figure). */
+		m->st.registration_ms = m->bulk->registration_ms;
+		if (m->bulk->pinned_peak_bytes > m->st.pinned_peak_bytes)
+			m->st.pinned_peak_bytes = m->bulk->pinned_peak_bytes;
+		m->st.chunk_pins = m->chunk_pins_old + m->bulk->chunk_pins;
+	}
 	pthread_mutex_unlock(&m->lock);
 }
 
@@ -587,6 +595,7 @@ static int handshake(struct hm_migration *m, bool resume, char *err, size_t errl
 						   : WIRE_MODE_PRECOPY;
 	bc.urgent = may_switch(m->cfg.mode);
 	bc.busy_poll = m->cfg.rdma_busy_poll;
+	bc.reg_chunks = hello.reg_chunks = (unsigned)(m->cfg.rdma_reg_cap >> TP_REG_CHUNK_SHIFT);
 	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0) |
 		      (m->cfg.postcopy_mech == HM_PC_MISSING ? WIRE_F_PC_MISSING : 0) |
 		      (m->cfg.rdma_busy_poll ? WIRE_F_BUSY_POLL : 0);
@@ -1047,6 +1056,7 @@ static void close_links(struct hm_migration *m)
 	if (m->bulk) {
 		m->bulk_bytes_old += atomic_load(&m->bulk->wire_bytes);
 		m->write_bytes_old += atomic_load(&m->bulk->write_bytes);
+		m->chunk_pins_old += m->bulk->chunk_pins;
 		m->send_bytes_old += atomic_load(&m->bulk->send_bytes);
 		m->bulk->ops->bulk_close(m->bulk);
 		m->bulk = NULL;
@@ -1283,6 +1293,12 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	rc = tp_parse_uri(m->uri, &m->addr, err, errlen);
 	if (rc < 0)
 		goto free;
+	if (cfg->rdma_reg_cap && !(m->addr.ops->caps & TP_CAP_NEEDS_REG)) {
+		snprintf(err, errlen, "chunked registration is for rdma://, not %s://",
+			 m->addr.ops->scheme);
+		rc = -EINVAL;
+		goto free;
+	}
 	rc = bitmap_init(&m->send, ram->npages);
 	if (rc == 0)
 		rc = bitmap_init(&m->sent_once, ram->npages);

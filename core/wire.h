@@ -71,6 +71,7 @@ struct msg_hello {
 	uint32_t channels;
 	uint32_t flags;
 	uint32_t nregions;
+	uint32_t reg_chunks; /* RDMA: chunked registration's cap (tp_bulk_cfg); 0: pin-all */
 	uint64_t region_size[HM_MAX_REGIONS];
 	uint8_t nonce[WIRE_NONCE_LEN];
 };

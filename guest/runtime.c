@@ -384,6 +384,8 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 		}
 	}
 	cfg.keep_source = json_get_bool(req, "keep_source", false);
+	if (json_get_u64(req, "rdma_reg_cap", &x) == 0)
+		cfg.rdma_reg_cap = x;
 	if ((v = json_get(req, "rdma_poll"))) {
 		if (strcmp(v, "busy") && strcmp(v, "event")) {
 			snprintf(err, errlen, "unknown RDMA poll mode '%s' (busy or event)", v);
@@ -499,6 +501,10 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 		jw_str(w, "postcopy_mechanism", st->postcopy_mechanism);
 	if (st->registration_ms > 0)
 		jw_f64(w, "registration_ms", st->registration_ms);
+	if (st->pinned_peak_bytes)
+		jw_u64(w, "pinned_peak_bytes", st->pinned_peak_bytes);
+	if (st->chunk_pins)
+		jw_u64(w, "chunk_pins", st->chunk_pins);
 	if (st->op_write_bytes || st->op_read_bytes) {
 		jw_obj_begin(w, "bytes_by_op");
 		jw_u64(w, "rdma_write", st->op_write_bytes);

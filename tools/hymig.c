@@ -32,6 +32,7 @@ static const char usage[] =
     "  hymig migrate --ctl PATH --to URI\n"
     "                [--mode hybrid|precopy|postcopy|cold] [--precopy-rounds N]\n"
     "                [--postcopy-mechanism auto|minor|missing] [--rdma-poll event|busy]\n"
+    "                [--rdma-reg pin-all|chunked] [--rdma-reg-cap SIZE]\n"
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
     "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
@@ -59,6 +60,10 @@ static const char usage[] =
     "transport (minor for tcp).\n"
     "--rdma-poll: how both sides wait for RDMA completions: event (sleep on a\n"
     "completion channel, the default) or busy (poll, lower latency, a core busy).\n"
+    "--rdma-reg: pin-all (the default) pins all RAM on both sides before the first\n"
+    "page moves; chunked pins 2 MiB chunks on demand, at most --rdma-reg-cap (default\n"
+    "256M) at once on each side, for RAM larger than the memlock limit or the HCA;\n"
+    "then each side's CPU pins the chunks the other asks for, post-copy included.\n"
     "migrate --ctl SRC --resume [--to URI] resumes a post-copy whose link broke\n"
     "(status postcopy-paused), to the same or a new address.\n"
     "Transports built in: %s.\n"
@@ -401,6 +406,8 @@ static int cmd_migrate(int argc, char **argv)
 	    {"precopy-rounds", required_argument, 0, 'P'},
 	    {"postcopy-mechanism", required_argument, 0, 'M'},
 	    {"rdma-poll", required_argument, 0, 'p'},
+	    {"rdma-reg", required_argument, 0, 'g'},
+	    {"rdma-reg-cap", required_argument, 0, 'G'},
 	    {"resume", no_argument, 0, 'R'},
 	    {"downtime-limit", required_argument, 0, 'd'},
 	    {"max-rounds", required_argument, 0, 'r'},
@@ -418,9 +425,9 @@ static int cmd_migrate(int argc, char **argv)
 	const char *ctl = NULL;
 	struct jw w;
 	struct reader r = {0};
-	bool json = false, tty = isatty(2), cancel_sent = false;
+	bool json = false, tty = isatty(2), cancel_sent = false, chunked = false, cap_given = false;
 	unsigned u;
-	uint64_t x;
+	uint64_t x, reg_cap = 256ull << 20;
 	int o, rc;
 
 	jw_init(&w, req, sizeof(req));
@@ -466,6 +473,19 @@ static int cmd_migrate(int argc, char **argv)
 				return usage_error("--rdma-poll '%s': expected event or busy",
 						   optarg);
 			jw_str(&w, "rdma_poll", optarg);
+			break;
+		case 'g':
+			if (strcmp(optarg, "pin-all") && strcmp(optarg, "chunked"))
+				return usage_error("--rdma-reg '%s': expected pin-all or chunked",
+						   optarg);
+			chunked = !strcmp(optarg, "chunked");
+			break;
+		case 'G':
+			if (parse_scaled(optarg, true, &reg_cap) < 0 || reg_cap < (8 << 20))
+				return usage_error("--rdma-reg-cap '%s': expected a size of at "
+						   "least 8M",
+						   optarg);
+			cap_given = true;
 			break;
 		case 'd':
 			if (parse_uint(optarg, 3600000, &u) < 0)
@@ -528,6 +548,10 @@ static int cmd_migrate(int argc, char **argv)
 	if (!ctl || (!strstr(req, "\"to\"") && !strstr(req, "\"resume\"")))
 		return usage_error("%s",
 				   "hymig migrate needs --ctl PATH and --to URI (or --resume)");
+	if (cap_given && !chunked)
+		return usage_error("%s", "--rdma-reg-cap goes with --rdma-reg chunked");
+	if (chunked)
+		jw_u64(&w, "rdma_reg_cap", reg_cap);
 	if (!jw_finish(&w))
 		return usage_error("%s", "request too long");
 	r.fd = ctl_connect(ctl);

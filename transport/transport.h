@@ -45,7 +45,10 @@ struct tp_bulk {
 	/* One-sided transports: page bytes moved by RDMA WRITE (source) and READ
 	 * (destination), and bytes of two-sided messages (markers, tables). */
 	atomic_uint_fast64_t write_bytes, read_bytes, send_bytes;
-	double registration_ms; /* transports that register RAM: how long it took here */
+	/* Transports that register RAM: how long it took here (summed over chunks when
+	 * registered on demand), the most RAM pinned at once, and chunks pinned. */
+	double registration_ms;
+	uint64_t pinned_peak_bytes, chunk_pins;
 	/* Destination, one-sided reads: urgent reads done and their summed time from
 	 * posting to completion. */
 	atomic_uint_fast64_t urgent_reads, urgent_read_ns;
@@ -59,6 +62,8 @@ struct tp_run {
 };
 
 struct postcopy;
+
+#define TP_REG_CHUNK_SHIFT 21 /* chunked RDMA registration: 2 MiB chunks */
 
 /* How far tp_ops.land_wait waits. */
 enum tp_land_until {
@@ -79,6 +84,9 @@ struct tp_bulk_cfg {
 	size_t psk_len;
 	int timeout_ms; /* a silent peer is dead after this long */
 	bool busy_poll; /* RDMA: poll completion queues instead of sleeping on events */
+	/* RDMA: register RAM in chunks of 1 << TP_REG_CHUNK_SHIFT bytes on demand, at most
+	 * this many at once on each side; 0: pin all of it at the start. */
+	unsigned reg_chunks;
 };
 
 /* Parses "tcp://HOST:PORT" (HOST may be [v6]). Names the problem in err on failure. */

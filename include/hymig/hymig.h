@@ -71,6 +71,9 @@ struct hm_migrate_cfg {
 	unsigned precopy_rounds; /* postcopy mode: rounds before the switch; default 1 */
 	enum hm_postcopy_mech postcopy_mech; /* default HM_PC_AUTO */
 	bool rdma_busy_poll; /* RDMA: busy-poll completions on both sides (default: events) */
+	/* RDMA: pin RAM in chunks on demand, at most this many bytes at once on each side
+	 * (at least 8 MiB); 0 (the default): pin all of it at the start. */
+	uint64_t rdma_reg_cap;
 	unsigned downtime_limit_ms; /* default 50 */
 	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
@@ -143,6 +146,8 @@ struct hm_stats {
 	 * (RDMA): written by the source, read by the destination, sent as messages. */
 	uint64_t op_write_bytes, op_read_bytes, op_send_bytes;
 	double registration_ms;	   /* registering (pinning) the source's RAM, when needed */
+	uint64_t pinned_peak_bytes; /* the most of the source's RAM pinned at once */
+	uint64_t chunk_pins;	    /* chunked registration: chunks the source pinned */
 	double urgent_read_avg_us; /* one-sided post-copy: an urgent read, posted to done */
 };
 

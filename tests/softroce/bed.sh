@@ -63,6 +63,10 @@ EOF
 
 die() { echo "bed: $*" >&2; exit 125; }
 log() { echo "bed: $*" >&2; }
+# mawk (Debian's awk) reads its input in blocks unless told otherwise: the console
+# would show up only at the end.
+AWK_LINES=
+awk -W version 2>/dev/null | grep -q mawk && AWK_LINES="-W interactive"
 
 # Single-quote a string for POSIX sh (busybox sh sources the config).
 shq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
@@ -333,7 +337,7 @@ start_vm() { # role ip peer_role peer_ip netdev prefix
       "${share_args[@]}" \
       -netdev "$netdev" -device "virtio-net-pci,netdev=n0,mac=$mac,romfile=,rx_queue_size=1024" \
       </dev/null 2>"$d/qemu.err" \
-    | awk -v logf="$d/console.log" -v pre="$prefix" -v verbose="${BED_VERBOSE:-}" '
+    | awk $AWK_LINES -v logf="$d/console.log" -v pre="$prefix" -v verbose="${BED_VERBOSE:-}" '
         { sub(/\r$/, ""); print > logf; fflush(logf) }
         state == 0 && verbose != "" { print pre $0; fflush() }
         state == 0 && $0 == "HYMIG_BED_READY" { state = 1; next }

@@ -3,12 +3,14 @@
  * number. Pre-copy pushes with RDMA WRITE from the source's migrator view into the
  * destination's; a SEND after a channel's WRITEs marks its switch or end (RC ordering
  * places the data first). Post-copy reads with RDMA READ from the paused source's RAM,
- * whose CPU takes no part. Both sides register (pin) all of RAM and swap region tables.
+ * whose CPU takes no part. Both sides register (pin) all of RAM and swap region tables,
+ * or, with chunked registration, pin RAM in chunks on demand (see struct rdt_chunk).
  *
  * Names start with rdt_: librdmacm owns the rdma_ prefix. */
 #ifndef HYMIG_TRANSPORT_RDMA_H
 #define HYMIG_TRANSPORT_RDMA_H
 
+#include <errno.h>
 #include <infiniband/verbs.h>
 #include <pthread.h>
 #include <rdma/rdma_cma.h>
@@ -16,11 +18,15 @@
 
 #include "../transport_ops.h"
 
-#define RDT_URGENT	  WIRE_MAX_CHANNELS /* index of the urgent QP in rdt_bulk.ch */
-#define RDT_NCH		  (WIRE_MAX_CHANNELS + 1)
-#define RDT_SQ_DEPTH	  256	      /* send queue WRs per QP */
-#define RDT_CHAIN	  16	      /* WRs posted at once; the last one is signalled */
-#define RDT_RECV_SLOTS	  4	      /* RECVs per QP: table, switch, end and a spare */
+#define RDT_URGENT    WIRE_MAX_CHANNELS	      /* index of the urgent QP in rdt_bulk.ch */
+#define RDT_REGQ      (WIRE_MAX_CHANNELS + 1) /* ... and of the registration QP */
+#define RDT_NCH	      (WIRE_MAX_CHANNELS + 2)
+#define RDT_REG_INDEX 254 /* the registration QP's channel number on the wire */
+#define RDT_SQ_DEPTH  256 /* send queue WRs per QP */
+#define RDT_CHAIN     16  /* WRs posted at once; the last one is signalled */
+/* RECVs per QP: table, switch, end and spares; on the registration QP the peer's
+ * requests and the replies to ours, RDT_REG_INFLIGHT each at most. */
+#define RDT_RECV_SLOTS	  8
 #define RDT_MSG_MAX	  2048	      /* largest two-sided message (the region table) */
 #define RDT_WR_MAX_BYTES  (1u << 20)  /* one WRITE carries at most this */
 #define RDT_ZERO_BYTES	  (64u << 10) /* the zero buffer zero runs are written from */
@@ -38,14 +44,23 @@
 #define RDT_TABLE_ENTRY	 24    /* le64 addr, le64 len, le32 rkey, le32 zero */
 #define RDT_REJECT_LEN	 140   /* a refusal's reason (IB CM REJ carries 148 bytes) */
 #define RDT_TIMEOUT_MS	 10000 /* setup steps, when the caller gave no timeout */
+#define RDT_CHUNK_SHIFT	 TP_REG_CHUNK_SHIFT
+#define RDT_REG_INFLIGHT 3  /* registration requests awaiting their reply, per side */
+#define RDT_REG_RING	 8  /* send buffers for registration messages */
+#define RDT_REG_MSG	 64 /* bytes in one: header and two entries */
+#define RDT_REG_ENTRY	 16 /* le64 chunk, le32 rkey, le32 op or status */
+#define RDT_MIN_CHUNKS	 4  /* the smallest cap: chunks the posting threads hold */
 /* Test-only: when set at bulk setup, every READ and WRITE is posted with a corrupted
  * rkey, so the tests can check that a QP error is reported as link loss. */
 #define RDT_TEST_BAD_RKEY_ENV "HYMIG_TEST_RDMA_BAD_RKEY"
 
 /* A two-sided message (little-endian on the wire). TABLE: value = nregions, then per
  * region an RDT_TABLE_ENTRY, then the MAC. SWITCH, END: value = pages pushed on the
- * channel so far. */
-enum rdt_msg_type { RDT_MSG_TABLE = 1, RDT_MSG_SWITCH, RDT_MSG_END };
+ * channel so far. REG (registration QP): value = entries, each a chunk, the sender's
+ * rkey for it and RDT_REG_PIN or RDT_REG_UNPIN (unpins first); REG_ACK: value =
+ * entries, each a pinned chunk, the replier's rkey and 0 or a positive errno. */
+enum rdt_msg_type { RDT_MSG_TABLE = 1, RDT_MSG_SWITCH, RDT_MSG_END, RDT_MSG_REG, RDT_MSG_REG_ACK };
+enum { RDT_REG_PIN = 1, RDT_REG_UNPIN };
 struct rdt_msg {
 	uint32_t magic, type;
 	uint64_t value;
@@ -67,11 +82,32 @@ struct rdt_peer_region {
 	uint32_t rkey;
 };
 
+/* Chunked registration (--rdma-reg chunked): RAM is pinned in chunks of
+ * 1 << RDT_CHUNK_SHIFT bytes, on demand, and both sides hold the same set of chunks, at
+ * most cap of them. The side that posts (the source before the switch, the destination
+ * after it) pins a chunk locally and asks the peer, on the registration QP, to pin its
+ * copy; both swap rkeys, so after the switch the other side finds every chunk usable.
+ * The poster also picks the chunk to unpin when the set is full: the least recently
+ * used one that no posted WR still uses. The peer's CPU serves these requests (as in
+ * QEMU); with pin-all it serves nothing. */
+enum rdt_chunk_state { RDT_CH_FREE, RDT_CH_PENDING, RDT_CH_READY, RDT_CH_FAILED };
+struct rdt_chunk {
+	uint64_t id; /* region << 32 | chunk within the region */
+	enum rdt_chunk_state state;
+	struct ibv_mr *mr;
+	uint32_t peer_rkey;
+	int status;	       /* RDT_CH_FAILED: the peer's errno */
+	uint64_t used;	       /* LRU stamp */
+	uint64_t seq[RDT_NCH]; /* the last WR posted on each QP that uses it */
+	unsigned holds;	       /* WRs built but not posted, and READs in flight, using it */
+};
+
 /* A READ in flight: pages [first, first + n), every one claimed through pc. */
 struct rdt_read {
 	uint64_t first;
 	uint32_t n;
-	uint8_t *stage; /* PC_MISSING: where it lands before UFFDIO_COPY; NULL: in place */
+	struct rdt_chunk *chunk; /* chunked registration: the chunk it reads */
+	uint8_t *stage;		 /* PC_MISSING: where it lands before UFFDIO_COPY; NULL: in place */
 	uint64_t t_posted_ns;
 	int next; /* free list */
 };
@@ -101,7 +137,7 @@ struct rdt_bulk {
 	struct postcopy *pc;
 	bool source;
 	bool urgent;  /* the urgent QP is wanted */
-	unsigned nqp; /* channels, plus the urgent QP */
+	unsigned nqp; /* channels, plus the urgent and the registration QP */
 	bool busy_poll;
 	bool bad_rkey; /* RDT_TEST_BAD_RKEY_ENV */
 	int timeout_ms;
@@ -117,7 +153,15 @@ struct rdt_bulk {
 	unsigned cq_unacked;
 
 	/* Registration (rdma_mr.c). */
-	struct ibv_mr *mr[HM_MAX_REGIONS];
+	struct ibv_mr *mr[HM_MAX_REGIONS]; /* pin-all */
+	unsigned cap;			   /* chunked: chunks at most; 0: pin-all */
+	struct rdt_chunk *chunks;	   /* cap of them */
+	int32_t *chunk_at[HM_MAX_REGIONS]; /* chunk within a region -> index in chunks */
+	unsigned pinned;		   /* chunks not free; guarded by lock */
+	uint64_t pinned_bytes;		   /* their bytes; guarded by lock */
+	uint64_t lru_clock;
+	unsigned reg_inflight;	/* our requests awaiting a reply; guarded by lock */
+	unsigned reg_ring_next; /* next send buffer for registration messages */
 	struct ibv_mr *msg_mr, *zero_mr, *stage_mr;
 	uint8_t *msg; /* RDT_RECV_SLOTS receive buffers per channel, then the table */
 	size_t msg_len;
@@ -150,8 +194,30 @@ struct rdt_listener {
 	struct rdma_cm_id *id; /* bound to the same address and port number */
 };
 
+/* Whether the bulk may still post: -ECANCELED after shutdown, -ENOTCONN once lost. */
+static inline int rdt_gate(struct rdt_bulk *b)
+{
+	if (atomic_load(&b->shut))
+		return -ECANCELED;
+	return atomic_load(&b->lost) ? -ENOTCONN : 0;
+}
+
 /* rdma_mr.c */
 int rdt_register(struct rdt_bulk *b, char *err, size_t errlen);
+/* Chunked registration: holds the chunk of region ri holding byte off, pinned on both
+ * sides, asking the peer first when needed. RDT_GET_TRY returns -EAGAIN instead of
+ * waiting for a chunk to come free (the caller posts what it holds, then waits);
+ * RDT_GET_PREFETCH only asks for the chunk, if there is room, and holds nothing. */
+enum rdt_get { RDT_GET_WAIT, RDT_GET_TRY, RDT_GET_PREFETCH };
+int rdt_chunk_get(struct rdt_bulk *b, unsigned ri, uint64_t off, enum rdt_get how,
+		  struct rdt_chunk **out);
+/* Lets go of one hold, by a WR posted as number seq on QP ch (seq 0: completed).
+ * Called with b->lock held. */
+void rdt_chunk_release_locked(struct rdt_bulk *b, struct rdt_chunk *e, unsigned ch, uint64_t seq);
+/* A REG or REG_ACK on the registration QP (the completion thread). Returns what was
+ * wrong with it, or NULL. */
+const char *rdt_reg_on_msg(struct rdt_bulk *b, uint32_t type, uint64_t n, const uint8_t *p,
+			   uint32_t len);
 void rdt_deregister(struct rdt_bulk *b);
 int rdt_table_exchange(struct rdt_bulk *b, const struct tp_bulk_cfg *cfg, char *err, size_t errlen);
 

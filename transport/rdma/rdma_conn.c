@@ -192,7 +192,8 @@ static struct rdt_bulk *bulk_new(const struct tp_bulk_cfg *cfg, bool source)
 	b->pc = cfg->pc;
 	b->source = source;
 	b->urgent = cfg->urgent;
-	b->nqp = cfg->channels + (cfg->urgent ? 1 : 0);
+	b->cap = cfg->reg_chunks;
+	b->nqp = cfg->channels + (cfg->urgent ? 1 : 0) + (b->cap ? 1 : 0);
 	b->busy_poll = cfg->busy_poll;
 	b->bad_rkey = rdt_test_bad_rkey();
 	b->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : RDT_TIMEOUT_MS;
@@ -209,7 +210,7 @@ static struct rdt_bulk *bulk_new(const struct tp_bulk_cfg *cfg, bool source)
 
 static bool wanted(const struct rdt_bulk *b, unsigned i)
 {
-	return i < b->base.channels || (i == RDT_URGENT && b->urgent);
+	return i < b->base.channels || (i == RDT_URGENT && b->urgent) || (i == RDT_REGQ && b->cap);
 }
 
 static int numa_node_of(struct ibv_context *verbs)
@@ -333,7 +334,8 @@ static int connect_chan(struct rdt_bulk *b, const struct tp_addr *a, struct sock
 	static const enum rdma_cm_event_type steps[] = {
 	    RDMA_CM_EVENT_ADDR_RESOLVED, RDMA_CM_EVENT_ROUTE_RESOLVED, RDMA_CM_EVENT_ESTABLISHED};
 	struct rdt_chan *c = &b->ch[i];
-	uint32_t index = i == RDT_URGENT ? WIRE_URGENT_CHANNEL : i, le = htole32(index);
+	uint32_t index = i == RDT_URGENT ? WIRE_URGENT_CHANNEL : i == RDT_REGQ ? RDT_REG_INDEX : i;
+	uint32_t le = htole32(index);
 	uint8_t priv[RDT_PRIV_LEN];
 	struct rdma_conn_param cp = {
 	    .private_data = priv,
@@ -512,10 +514,14 @@ static int take_request(struct rdt_bulk *b, const struct tp_bulk_cfg *cfg, struc
 		memcpy(&index, p + WIRE_SID_LEN, sizeof(index));
 		index = le32toh(index);
 		auth_chan_mac(cfg->psk, cfg->psk_len, cfg->sid, index, mac);
-		slot = index == WIRE_URGENT_CHANNEL && cfg->urgent ? RDT_URGENT : index;
-		if (memcmp(p, cfg->sid, WIRE_SID_LEN) ||
-		    !auth_equal(p + WIRE_SID_LEN + 4, mac, sizeof(mac)) ||
-		    (slot >= cfg->channels && slot != RDT_URGENT) || b->ch[slot].id)
+		if (index < cfg->channels)
+			slot = index;
+		else if (index == WIRE_URGENT_CHANNEL && cfg->urgent)
+			slot = RDT_URGENT;
+		else if (index == RDT_REG_INDEX && cfg->reg_chunks)
+			slot = RDT_REGQ;
+		if (slot == RDT_NCH || memcmp(p, cfg->sid, WIRE_SID_LEN) ||
+		    !auth_equal(p + WIRE_SID_LEN + 4, mac, sizeof(mac)) || b->ch[slot].id)
 			slot = RDT_NCH;
 	}
 	if (slot == RDT_NCH) {

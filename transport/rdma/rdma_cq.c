@@ -26,6 +26,8 @@ const char *rdt_chan_name(const struct rdt_bulk *b, const struct rdt_chan *c, ch
 {
 	if (c->urgent)
 		snprintf(buf, len, "urgent channel");
+	else if (c == &b->ch[RDT_REGQ])
+		snprintf(buf, len, "registration channel");
 	else
 		snprintf(buf, len, "bulk channel %u", (unsigned)(c - b->ch));
 	return buf;
@@ -89,6 +91,11 @@ static void on_msg(struct rdt_bulk *b, unsigned ch, unsigned slot, uint32_t len)
 	m.magic = le32toh(m.magic);
 	m.type = le32toh(m.type);
 	m.value = le64toh(m.value);
+	if (m.magic == RDT_MSG_MAGIC && ch == RDT_REGQ &&
+	    (m.type == RDT_MSG_REG || m.type == RDT_MSG_REG_ACK)) {
+		bad = rdt_reg_on_msg(b, m.type, m.value, p, len);
+		goto repost;
+	}
 	pthread_mutex_lock(&b->lock);
 	if (m.magic != RDT_MSG_MAGIC)
 		bad = "a message with a bad magic";
@@ -96,8 +103,8 @@ static void on_msg(struct rdt_bulk *b, unsigned ch, unsigned slot, uint32_t len)
 		bad = "an unexpected region table";
 	else if (m.type == RDT_MSG_TABLE)
 		memcpy(b->peer_table, p, b->peer_table_len = len);
-	else if ((m.type != RDT_MSG_SWITCH && m.type != RDT_MSG_END) || b->source || c->urgent ||
-		 c->ended || (m.type == RDT_MSG_SWITCH && c->switched))
+	else if ((m.type != RDT_MSG_SWITCH && m.type != RDT_MSG_END) || b->source ||
+		 ch >= b->base.channels || c->ended || (m.type == RDT_MSG_SWITCH && c->switched))
 		bad = "an unexpected marker";
 	else if (m.type == RDT_MSG_SWITCH)
 		c->switched = true;
@@ -107,6 +114,7 @@ static void on_msg(struct rdt_bulk *b, unsigned ch, unsigned slot, uint32_t len)
 		c->pages = m.value;
 	pthread_cond_broadcast(&b->changed);
 	pthread_mutex_unlock(&b->lock);
+repost:
 	if (bad) {
 		rdt_chan_fail(b, c, -EPROTO, "%s", bad);
 		return;

@@ -24,22 +24,30 @@ bool rdt_test_bad_rkey(void)
 	return v && *v && strcmp(v, "0");
 }
 
-static uint32_t rkey_of(const struct rdt_bulk *b, unsigned region)
+/* The peer's key for its copy of region (pin-all) or of chunk e (chunked). */
+static uint32_t rkey_of(const struct rdt_bulk *b, unsigned region, const struct rdt_chunk *e)
 {
 	/* The low byte is the key's variant part: flipping it never names a valid key. */
-	return b->peer[region].rkey ^ (b->bad_rkey ? 0xffu : 0);
+	return (e ? e->peer_rkey : b->peer[region].rkey) ^ (b->bad_rkey ? 0xffu : 0);
 }
 
-static int gate(struct rdt_bulk *b)
+/* Lets go of the chunks held by k WRs (NULL: none), posted up to number seq. */
+static void release_chunks(struct rdt_bulk *b, struct rdt_chan *c, struct rdt_chunk **held,
+			   unsigned k, uint64_t seq)
 {
-	if (atomic_load(&b->shut))
-		return -ECANCELED;
-	return atomic_load(&b->lost) ? -ENOTCONN : 0;
+	if (!held)
+		return;
+	pthread_mutex_lock(&b->lock);
+	for (unsigned i = 0; i < k; i++)
+		if (held[i])
+			rdt_chunk_release_locked(b, held[i], (unsigned)(c - b->ch), seq);
+	pthread_mutex_unlock(&b->lock);
 }
 
-/* Posts k chained WRs on c, signalling the last, once the send queue has room. */
+/* Posts k chained WRs on c, signalling the last, once the send queue has room. held:
+ * the chunk each WR uses (chunked registration), or NULL. */
 static int post_chain(struct rdt_bulk *b, struct rdt_chan *c, struct ibv_send_wr *wr, unsigned k,
-		      uint64_t bytes)
+		      uint64_t bytes, struct rdt_chunk **held)
 {
 	struct ibv_send_wr *bad;
 	int rc;
@@ -49,19 +57,23 @@ static int post_chain(struct rdt_bulk *b, struct rdt_chan *c, struct ibv_send_wr
 	wr[k - 1].next = NULL;
 	wr[k - 1].send_flags |= IBV_SEND_SIGNALED;
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = gate(b)) && c->posted + k - c->done > b->sq_depth)
+	while (!(rc = rdt_gate(b)) && c->posted + k - c->done > b->sq_depth)
 		pthread_cond_wait(&b->changed, &b->lock);
 	pthread_mutex_unlock(&b->lock);
-	if (rc)
+	if (rc) {
+		release_chunks(b, c, held, k, 0);
 		return rc;
+	}
 	wr[k - 1].wr_id = rdt_wr_id(RDT_WK_SQ, (unsigned)(c - b->ch), c->posted + k);
 	rc = ibv_post_send(c->id->qp, wr, &bad);
 	if (rc) {
+		release_chunks(b, c, held, k, 0);
 		rdt_chan_fail(b, c, -ENOTCONN, "posting %u work requests: %s", k, strerror(rc));
 		return -ENOTCONN;
 	}
 	c->posted += k;
 	b->base.wire_bytes += bytes;
+	release_chunks(b, c, held, k, c->posted);
 	return 0;
 }
 
@@ -74,11 +86,30 @@ int rdt_post_send_msg(struct rdt_bulk *b, struct rdt_chan *c, const void *buf, u
 				 .num_sge = 1,
 				 .opcode = IBV_WR_SEND,
 				 .send_flags = lkey ? 0 : IBV_SEND_INLINE};
-	int rc = post_chain(b, c, &wr, 1, len);
+	int rc = post_chain(b, c, &wr, 1, len, NULL);
 
 	if (rc == 0)
 		b->base.send_bytes += len;
 	return rc;
+}
+
+/* Chunked registration: asks for the chunk the WRITEs go to after the one ending at
+ * byte cend of region r (the rest of the current run ends before page run_end; then
+ * come runs[1..n)), so its pinning overlaps this chunk's transfer. */
+static void prefetch_next(struct rdt_bulk *b, const struct tp_run *runs, unsigned n,
+			  const struct ram_region *r, uint64_t cend, uint64_t run_end)
+{
+	uint64_t next = r->first_page + (cend >> HM_PAGE_SHIFT);
+	const struct ram_region *nr;
+
+	if (next >= run_end) {
+		if (n < 2)
+			return;
+		next = runs[1].first_page;
+	}
+	if ((nr = ram_region_of(b->ram, next)))
+		rdt_chunk_get(b, (unsigned)(nr - b->ram->r),
+			      (next - nr->first_page) << HM_PAGE_SHIFT, RDT_GET_PREFETCH, NULL);
 }
 
 int rdt_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigned n)
@@ -87,11 +118,12 @@ int rdt_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigne
 	struct rdt_chan *c = &b->ch[ch < RDT_NCH ? ch : 0];
 	struct ibv_send_wr wr[RDT_CHAIN];
 	struct ibv_sge sge[RDT_CHAIN][RDT_ZERO_SGES];
+	struct rdt_chunk *held[RDT_CHAIN], *e = NULL;
 	uint64_t wr_max =
 	    (b->max_msg < RDT_WR_MAX_BYTES ? b->max_msg : RDT_WR_MAX_BYTES) & ~(HM_PAGE_SIZE - 1);
 	uint64_t zero_max = (uint64_t)RDT_ZERO_BYTES * b->max_sge, bytes = 0;
 	unsigned k = 0;
-	int rc = gate(b);
+	int rc = rdt_gate(b);
 
 	if (rc)
 		return rc;
@@ -124,11 +156,40 @@ int rdt_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigne
 				len = r->size - off;
 			if (len > (runs[i].zero ? zero_max : wr_max))
 				len = runs[i].zero ? zero_max : wr_max;
+			if (b->cap) {
+				/* One WR, one chunk, and one chain, one chunk: the chunk goes
+				 * idle (may be unpinned) as soon as its WRs are done. Before
+				 * waiting for a chunk to come free, the chain built so far
+				 * goes out: its chunk may be the one to free. */
+				uint64_t cend = (off | ((1ull << RDT_CHUNK_SHIFT) - 1)) + 1;
+				int prc;
+				if (len > cend - off)
+					len = cend - off;
+				rc = rdt_chunk_get(b, ri, off, RDT_GET_TRY, &e);
+				if (rc == 0 && (!k || held[k - 1] != e))
+					prefetch_next(b, runs + i, n - i, r, cend, pg + left);
+				if (k && (rc == -EAGAIN || (rc == 0 && held[k - 1] != e))) {
+					if ((prc = post_chain(b, c, wr, k, bytes, held)) < 0) {
+						release_chunks(b, c, &e, rc == 0, 0);
+						return prc;
+					}
+					k = 0;
+					bytes = 0;
+					w = &wr[0];
+				}
+				if (rc == -EAGAIN)
+					rc = rdt_chunk_get(b, ri, off, RDT_GET_WAIT, &e);
+				if (rc < 0) {
+					release_chunks(b, c, held, k, 0);
+					return rc;
+				}
+			}
+			held[k] = e;
 			*w = (struct ibv_send_wr){
 			    .sg_list = sge[k],
 			    .opcode = IBV_WR_RDMA_WRITE,
 			    .wr.rdma = {.remote_addr = b->peer[ri].addr + off,
-					.rkey = rkey_of(b, ri)},
+					.rkey = rkey_of(b, ri, e)},
 			};
 			if (runs[i].zero) {
 				/* A WRITE of zeros, not a SEND: it keeps its place among the
@@ -144,7 +205,7 @@ int rdt_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigne
 				sge[k][0] =
 				    (struct ibv_sge){.addr = (uint64_t)(uintptr_t)r->mig + off,
 						     .length = (uint32_t)len,
-						     .lkey = b->mr[ri]->lkey};
+						     .lkey = e ? e->mr->lkey : b->mr[ri]->lkey};
 				w->num_sge = 1;
 			}
 			b->base.write_bytes += len;
@@ -152,14 +213,14 @@ int rdt_push(struct tp_bulk *bb, unsigned ch, const struct tp_run *runs, unsigne
 			pg += len >> HM_PAGE_SHIFT;
 			left -= len >> HM_PAGE_SHIFT;
 			if (++k == RDT_CHAIN) {
-				if ((rc = post_chain(b, c, wr, k, bytes)) < 0)
+				if ((rc = post_chain(b, c, wr, k, bytes, held)) < 0)
 					return rc;
 				k = 0;
 				bytes = 0;
 			}
 		}
 	}
-	return k ? post_chain(b, c, wr, k, bytes) : 0;
+	return k ? post_chain(b, c, wr, k, bytes, held) : 0;
 }
 
 static int send_marker(struct tp_bulk *bb, unsigned ch, enum rdt_msg_type type)
@@ -167,7 +228,7 @@ static int send_marker(struct tp_bulk *bb, unsigned ch, enum rdt_msg_type type)
 	struct rdt_bulk *b = (struct rdt_bulk *)bb;
 	struct rdt_chan *c = &b->ch[ch < RDT_NCH ? ch : 0];
 	struct rdt_msg m = {htole32(RDT_MSG_MAGIC), htole32(type), htole64(c->pages)};
-	int rc = gate(b);
+	int rc = rdt_gate(b);
 
 	if (rc)
 		return rc;
@@ -200,7 +261,7 @@ int rdt_drain(struct tp_bulk *bb, unsigned ch)
 		return -EINVAL;
 	/* The last WR of every chain is signalled: when its completion is in, all are. */
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = gate(b)) && c->done < c->posted)
+	while (!(rc = rdt_gate(b)) && c->done < c->posted)
 		pthread_cond_wait(&b->changed, &b->lock);
 	if (rc == -ENOTCONN && c->done == c->posted)
 		rc = 0; /* everything pushed arrived before the link went */
@@ -294,6 +355,8 @@ void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
 		b->base.wire_bytes += (uint64_t)e->n << HM_PAGE_SHIFT;
 	}
 	pthread_mutex_lock(&b->lock);
+	if (e->chunk)
+		rdt_chunk_release_locked(b, e->chunk, ch, 0);
 	c->reads--;
 	e->next = *list;
 	*list = (int)idx;
@@ -307,14 +370,16 @@ static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
 	int rc;
 
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window))
+	while (!(rc = rdt_gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window))
 		pthread_cond_wait(&b->changed, &b->lock);
 	pthread_mutex_unlock(&b->lock);
 	return rc;
 }
 
-/* Reads pages [first, first + n), claimed already and inside one region, on c. */
-static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uint32_t n)
+/* Reads pages [first, first + n), claimed already and inside one region (and chunk ck,
+ * with chunked registration), on c. */
+static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uint32_t n,
+		     struct rdt_chunk *ck)
 {
 	const struct ram_region *r = ram_region_of(b->ram, first);
 	unsigned ri = (unsigned)(r - b->ram->r), ch = (unsigned)(c - b->ch);
@@ -326,23 +391,30 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
 	int idx, rc;
 
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = gate(b)) && (*list < 0 || c->reads >= c->read_window))
+	while (!(rc = rdt_gate(b)) && (*list < 0 || c->reads >= c->read_window))
 		pthread_cond_wait(&b->changed, &b->lock);
 	if (rc == 0) {
 		idx = *list;
 		*list = b->rd[idx].next;
 		c->reads++;
+		if (ck)
+			ck->holds++; /* until the READ completes */
 	}
 	pthread_mutex_unlock(&b->lock);
 	if (rc)
 		return rc;
 	e = &b->rd[idx];
-	*e = (struct rdt_read){
-	    .first = first, .n = n, .stage = stage_of(b, (unsigned)idx), .t_posted_ns = now_ns()};
+	*e = (struct rdt_read){.first = first,
+			       .n = n,
+			       .chunk = ck,
+			       .stage = stage_of(b, (unsigned)idx),
+			       .t_posted_ns = now_ns()};
 	sge = (struct ibv_sge){
 	    .addr = (uint64_t)(uintptr_t)(e->stage ? e->stage : r->mig + off),
 	    .length = n << HM_PAGE_SHIFT,
-	    .lkey = e->stage ? b->stage_mr->lkey : b->mr[ri]->lkey,
+	    .lkey = e->stage ? b->stage_mr->lkey
+		    : ck     ? ck->mr->lkey
+			     : b->mr[ri]->lkey,
 	};
 	wr = (struct ibv_send_wr){
 	    .wr_id = rdt_wr_id(RDT_WK_READ, ch, (unsigned)idx),
@@ -350,7 +422,7 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
 	    .num_sge = 1,
 	    .opcode = IBV_WR_RDMA_READ,
 	    .send_flags = IBV_SEND_SIGNALED,
-	    .wr.rdma = {.remote_addr = b->peer[ri].addr + off, .rkey = rkey_of(b, ri)},
+	    .wr.rdma = {.remote_addr = b->peer[ri].addr + off, .rkey = rkey_of(b, ri, ck)},
 	};
 	rc = ibv_post_send(c->id->qp, &wr, &bad);
 	if (rc) {
@@ -366,7 +438,7 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
 static int read_range(struct rdt_bulk *b, bool urgent, uint64_t first, uint32_t n)
 {
 	uint32_t piece_max = urgent ? WIRE_MAX_RUN : RDT_PULL_PIECE;
-	int rc = gate(b);
+	int rc = rdt_gate(b);
 
 	if (rc)
 		return rc;
@@ -375,14 +447,23 @@ static int read_range(struct rdt_bulk *b, bool urgent, uint64_t first, uint32_t 
 	while (n) {
 		const struct ram_region *r = ram_region_of(b->ram, first);
 		uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE;
+		uint64_t cpages = 1ull << (RDT_CHUNK_SHIFT - HM_PAGE_SHIFT);
 		uint32_t piece = n < piece_max ? n : piece_max;
+		struct rdt_chunk *ck = NULL;
 		bool claimed[WIRE_MAX_RUN];
 
 		if (piece > rend - first)
 			piece = (uint32_t)(rend - first);
-		/* A background piece is claimed only once its QP has room: claimed pages
-		 * that wait for a slot would make a vCPU faulting on them wait too. */
+		if (b->cap && piece > cpages - (first - r->first_page) % cpages)
+			piece = (uint32_t)(cpages - (first - r->first_page) % cpages);
+		/* A background piece is claimed only once its QP has room, and its chunk is
+		 * pinned: claimed pages that wait would make a vCPU faulting on them wait
+		 * too. */
 		if (!urgent && (rc = wait_room(b, &b->ch[b->next_pull % b->base.channels])) < 0)
+			return rc;
+		if (b->cap && (rc = rdt_chunk_get(b, (unsigned)(r - b->ram->r),
+						  (first - r->first_page) << HM_PAGE_SHIFT,
+						  RDT_GET_WAIT, &ck)) < 0)
 			return rc;
 		pc_claim(b->pc, first, piece, claimed);
 		for (uint32_t i = 0, j; i < piece; i = j) {
@@ -393,9 +474,16 @@ static int read_range(struct rdt_bulk *b, bool urgent, uint64_t first, uint32_t 
 			if (!claimed[i])
 				continue;
 			c = urgent ? &b->ch[RDT_URGENT] : &b->ch[b->next_pull++ % b->base.channels];
-			if ((rc = post_read(b, c, first + i, j - i)) < 0)
-				return rc;
+			if ((rc = post_read(b, c, first + i, j - i, ck)) < 0)
+				break;
 		}
+		if (ck) {
+			pthread_mutex_lock(&b->lock);
+			rdt_chunk_release_locked(b, ck, 0, 0);
+			pthread_mutex_unlock(&b->lock);
+		}
+		if (rc < 0)
+			return rc;
 		first += piece;
 		n -= piece;
 	}

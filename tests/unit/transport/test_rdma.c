@@ -35,6 +35,7 @@
 #define BLOCK	   64 /* pages; block b goes on channel b % 2, as the engine maps them */
 #define TIMEOUT_MS 30000
 #define OLD	   0xee /* what a destination page holds before its copy lands */
+#define CAP	   4	/* chunks, in the chunked cases: RAM has 5, so chunks get unpinned */
 
 static char ip[INET_ADDRSTRLEN];
 static unsigned next_port;
@@ -252,9 +253,23 @@ static void assert_same(struct hm_ram *a, struct hm_ram *b, uint64_t from, uint6
 	}
 }
 
+/* Chunked registration kept to its cap on both sides, and had to unpin to get there. */
+static void assert_chunked(const struct pair *p)
+{
+	print_message("chunked: %llu chunk pins at the source, %llu at the destination; peak "
+		      "%llu and %llu bytes pinned; %.1f and %.1f ms registering\n",
+		      (unsigned long long)p->sb->chunk_pins, (unsigned long long)p->db->chunk_pins,
+		      (unsigned long long)p->sb->pinned_peak_bytes,
+		      (unsigned long long)p->db->pinned_peak_bytes, p->sb->registration_ms,
+		      p->db->registration_ms);
+	assert_true(p->sb->pinned_peak_bytes <= (uint64_t)CAP << TP_REG_CHUNK_SHIFT);
+	assert_true(p->db->pinned_peak_bytes <= (uint64_t)CAP << TP_REG_CHUNK_SHIFT);
+	assert_true(p->sb->chunk_pins > CAP && p->db->chunk_pins > CAP);
+}
+
 /* Data and zero runs on two channels, then the end markers: the destination holds the
  * source's bytes and land_wait reports each channel's pages. */
-static void push_end_case(bool busy)
+static void push_end_case(bool busy, unsigned cap)
 {
 	struct hm_ram *src = ram_new(R0, R1), *dst = ram_new(R0, R1);
 	uint64_t pages[2] = {0}, got[2] = {0};
@@ -265,10 +280,19 @@ static void push_end_case(bool busy)
 	fill_old(dst);
 	pair_init(&p, src, dst, 2);
 	p.scfg.busy_poll = p.dcfg.busy_poll = busy;
+	p.scfg.reg_chunks = p.dcfg.reg_chunks = cap;
 	pair_open_ok(&p);
 	assert_true(p.sb->registration_ms >= 0 && p.db->registration_ms >= 0);
 	push_both(&p, 0, NPAGES, pages);
-	assert_int_equal(pages[0] + pages[1], NPAGES);
+	/* Once more, in reverse: chunks unpinned on the way come back. */
+	if (cap) {
+		uint64_t again[2] = {0};
+		for (uint64_t b = NPAGES; b > 0; b -= BLOCK)
+			push_both(&p, b - BLOCK, b, again);
+		pages[0] += again[0];
+		pages[1] += again[1];
+	}
+	assert_int_equal(pages[0] + pages[1], cap ? 2 * NPAGES : NPAGES);
 	for (unsigned i = 0; i < 2; i++)
 		assert_int_equal(rdma_ops.push_end(p.sb, i), 0);
 	if (rdma_ops.land_wait(p.db, TP_LAND_END, TIMEOUT_MS, got, err, sizeof(err)) < 0)
@@ -276,10 +300,13 @@ static void push_end_case(bool busy)
 	assert_int_equal(got[0], pages[0]);
 	assert_int_equal(got[1], pages[1]);
 	assert_same(src, dst, 0, NPAGES, false);
-	assert_int_equal(p.sb->write_bytes, NPAGES * HM_PAGE_SIZE);
-	/* The table and two end markers; the destination sent its table only. */
+	assert_int_equal(p.sb->write_bytes, (cap ? 2 : 1) * NPAGES * HM_PAGE_SIZE);
+	/* The table and two end markers; the destination sent its table (and answered
+	 * registration requests) only. */
 	assert_true(p.sb->send_bytes > 2 * sizeof(struct rdt_msg));
 	assert_true(p.db->send_bytes > 0 && p.db->write_bytes == 0 && p.db->read_bytes == 0);
+	if (cap)
+		assert_chunked(&p);
 	for (unsigned i = 0; i < 2; i++)
 		assert_int_equal(rdma_ops.drain(p.sb, i), 0);
 	pair_close(&p);
@@ -289,12 +316,17 @@ static void push_end_case(bool busy)
 
 static void test_push_end(void **state)
 {
-	push_end_case(false);
+	push_end_case(false, 0);
 }
 
 static void test_push_end_busy_poll(void **state)
 {
-	push_end_case(true);
+	push_end_case(true, 0);
+}
+
+static void test_push_end_chunked(void **state)
+{
+	push_end_case(false, CAP);
 }
 
 /* Pre-switch pushes, drain, switch markers, land_wait SWITCH; after the switch a WRITE
@@ -363,8 +395,10 @@ static void *reader_main(void *arg)
 }
 
 /* Post-copy: stale pages come by READ, urgently when the reader faults on them, and in
- * the background by pull (from the top down, racing the faults). */
-static void postcopy_case(enum pc_mech mech)
+ * the background by pull (from the top down, racing the faults). With chunked
+ * registration (cap) pre-copy WRITEs every page first, so chunks pinned at the source's
+ * request serve the destination's READs after the switch. */
+static void postcopy_case(enum pc_mech mech, unsigned cap)
 {
 	struct hm_ram *src = ram_new(R0, R1), *dst = ram_new(R0, R1);
 	uint64_t *words = calloc((NPAGES + 63) / 64, 8), nstale = 0;
@@ -379,20 +413,31 @@ static void postcopy_case(enum pc_mech mech)
 	fill_src(src);
 	if (pc_create(dst, mech, &pc, err, sizeof(err)) < 0)
 		fail_msg("pc_create: %s", err);
+	pair_init(&p, src, dst, 2);
+	p.scfg.urgent = p.dcfg.urgent = true;
+	p.scfg.reg_chunks = p.dcfg.reg_chunks = cap;
+	p.dcfg.pc = pc;
+	pair_open_ok(&p);
+	if (cap) {
+		uint64_t pages[2] = {0}, got[2];
+		push_both(&p, 0, NPAGES, pages);
+		for (unsigned i = 0; i < 2; i++) {
+			assert_int_equal(rdma_ops.drain(p.sb, i), 0);
+			assert_int_equal(rdma_ops.push_switch(p.sb, i), 0);
+		}
+		if (rdma_ops.land_wait(p.db, TP_LAND_SWITCH, TIMEOUT_MS, got, err, sizeof(err)) < 0)
+			fail_msg("land_wait: %s", err);
+	}
 	/* Pre-copy landed every page once; the stale ones changed at the source since. */
 	for (uint64_t q = 0; q < NPAGES; q++) {
 		if (is_stale(q)) {
 			memset(ram_mig_page(dst, q), OLD, HM_PAGE_SIZE);
 			words[q / 64] |= 1ULL << (q % 64);
 			nstale++;
-		} else {
+		} else if (!cap) {
 			memcpy(ram_mig_page(dst, q), ram_mig_page(src, q), HM_PAGE_SIZE);
 		}
 	}
-	pair_init(&p, src, dst, 2);
-	p.scfg.urgent = p.dcfg.urgent = true;
-	p.dcfg.pc = pc;
-	pair_open_ok(&p);
 	assert_int_equal(pc_mark_stale(pc, words), 0);
 	assert_int_equal(pc_start(pc, fetch_fn, p.db), 0);
 	assert_int_equal(pthread_create(&t, NULL, reader_main, &r), 0);
@@ -422,9 +467,12 @@ static void postcopy_case(enum pc_mech mech)
 		      (unsigned long long)st.requests, (unsigned long long)st.faults_stale,
 		      (unsigned long long)st.lat_us[0], (unsigned long long)st.lat_us[3]);
 	assert_true(st.requests >= 1 && st.faults_stale >= 1);
-	/* Each stale page was read exactly once; the source's CPU sent nothing. */
+	/* Each stale page was read exactly once; the source's CPU sent no page after the
+	 * switch. */
 	assert_int_equal(p.db->read_bytes, nstale * HM_PAGE_SIZE);
-	assert_int_equal(p.sb->write_bytes, 0);
+	assert_int_equal(p.sb->write_bytes, cap ? NPAGES * HM_PAGE_SIZE : 0);
+	if (cap)
+		assert_chunked(&p);
 	/* A late pull of clean pages claims nothing and reads nothing. */
 	assert_int_equal(rdma_ops.pull(p.db, 0, 64), 0);
 	assert_int_equal(rdma_ops.fetch(p.db, 0, 8), 0);
@@ -438,12 +486,17 @@ static void postcopy_case(enum pc_mech mech)
 
 static void test_postcopy_minor(void **state)
 {
-	postcopy_case(PC_MINOR);
+	postcopy_case(PC_MINOR, 0);
 }
 
 static void test_postcopy_missing(void **state)
 {
-	postcopy_case(PC_MISSING);
+	postcopy_case(PC_MISSING, 0);
+}
+
+static void test_postcopy_chunked(void **state)
+{
+	postcopy_case(PC_MINOR, CAP);
 }
 
 /* Connects that cannot work fail with a reason that says what failed. */
@@ -668,7 +721,9 @@ static void test_throughput(void **state)
 
 	for (unsigned i = 0; i < src->nregions; i++)
 		memset(src->r[i].mig, 0x5a, src->r[i].size);
-	for (int busy = 0; busy < 2; busy++) {
+	for (int mode = 0; mode < 3; mode++) { /* pin-all, chunked (next to it), busy */
+		bool busy = mode == 2;
+		unsigned cap = mode == 1 ? 8 : 0; /* 16 MiB of the 64 */
 		struct tp_run run[2] = {
 		    {.first_page = 0, .npages = (uint32_t)(half / HM_PAGE_SIZE)},
 		    {.first_page = half / HM_PAGE_SIZE, .npages = (uint32_t)(half / HM_PAGE_SIZE)}};
@@ -678,6 +733,7 @@ static void test_throughput(void **state)
 
 		pair_init(&p, src, dst, 2);
 		p.scfg.busy_poll = p.dcfg.busy_poll = busy;
+		p.scfg.reg_chunks = p.dcfg.reg_chunks = cap;
 		pair_open_ok(&p);
 		t0 = now_ns();
 		for (unsigned i = 0; i < 2; i++)
@@ -689,8 +745,10 @@ static void test_throughput(void **state)
 		ms = ms_between(t0, now_ns());
 		print_message("64 MiB by RDMA WRITE on 2 channels (%s): %.0f ms, %.1f MB/s; "
 			      "registration %.1f ms (source), %.1f ms (destination)\n",
-			      busy ? "busy polling" : "completion events", ms,
-			      (double)size / 1e3 / ms, p.sb->registration_ms,
+			      cap    ? "chunked, 16 MiB cap"
+			      : busy ? "busy polling"
+				     : "completion events",
+			      ms, (double)size / 1e3 / ms, p.sb->registration_ms,
 			      p.db->registration_ms);
 		assert_same(src, dst, 0, size / HM_PAGE_SIZE, false);
 		pair_close(&p);
@@ -763,9 +821,11 @@ int main(void)
 	    cmocka_unit_test(test_control),
 	    cmocka_unit_test(test_push_end),
 	    cmocka_unit_test(test_push_end_busy_poll),
+	    cmocka_unit_test(test_push_end_chunked),
 	    cmocka_unit_test(test_switch_drain),
 	    cmocka_unit_test(test_postcopy_minor),
 	    cmocka_unit_test(test_postcopy_missing),
+	    cmocka_unit_test(test_postcopy_chunked),
 	    cmocka_unit_test(test_connect_errors),
 	    cmocka_unit_test(test_bad_table),
 	    cmocka_unit_test(test_wrong_key),
