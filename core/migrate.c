@@ -701,13 +701,17 @@ static int commit(struct hm_migration *m)
 	struct msg_complete complete;
 	int rc;
 
-	set_state(m, HM_MIG_COMMIT);
-	/* The destination lands what is in flight first (in post-copy: every stale page);
-	 * its heartbeats keep arriving meanwhile. */
+	/* The destination lands what is in flight first (in post-copy: every stale page,
+	 * which a destination that reads them itself may still be reading: the phase says
+	 * post-copy until it is done); its heartbeats keep arriving meanwhile. */
+	if (!m->postcopy)
+		set_state(m, HM_MIG_COMMIT);
 	rc = ctl_expect_alive(m->ctl, WIRE_COMPLETE, m->cfg.dead_peer_ms, buf, sizeof(buf),
 			      &complete, why, sizeof(why));
 	if (rc < 0)
 		return fail(m, rc, "destination did not confirm a complete guest: %s", why);
+	if (m->postcopy)
+		set_state(m, HM_MIG_COMMIT);
 	pthread_mutex_lock(&m->lock);
 	m->st.postcopy_faults = complete.postcopy_faults;
 	m->st.postcopy_blocked_ms = complete.postcopy_blocked_us / 1000.0;

@@ -63,7 +63,8 @@ guest() {
 wait_status() {
 	local t=$(($3 * 10)) s=
 	while [ $t -gt 0 ]; do
-		s=$("$HYMIG" status --ctl "$WORK/$1.sock" --json 2>/dev/null) || s=
+		# A guest that does not answer (stopped, hung) must not stall the wait.
+		s=$(timeout 20 "$HYMIG" status --ctl "$WORK/$1.sock" --json 2>/dev/null) || s=
 		grep -Eq "$2" <<<"$s" && return 0
 		sleep 0.1
 		t=$((t - 1))
