@@ -6,7 +6,8 @@
 #
 # One VM (rxe loopback): ib_write_bw at its default 64 KiB and ib_read_lat -s 4096, then
 # an idle guest's pre-copy over rdma and over tcp, and a post-copy at once of a 20 MB/s
-# dirtier over rdma and over tcp. Two VMs: the same post-copy over rdma and over tcp,
+# dirtier over rdma and over tcp, and an idle 1 GiB guest's pre-copy with pin-all and with
+# chunked registration (256 MiB cap). Two VMs: the same post-copy over rdma and over tcp,
 # with the source guest process's CPU time from the switch to the end and the source
 # VM's kernel time (where rxe works). A table goes to stderr, one JSON object to stdout.
 set -euo pipefail
@@ -31,7 +32,7 @@ trap 'rm -rf "$OUT"' EXIT
 export HYMIG=$BUILD/tools/hymig BENCH_MEM=$MEM BENCH_POLL=$POLL
 cd "$ROOT"
 echo "== one VM: perftest, pre-copy and post-copy, rdma and tcp ($MEM guest, --rdma-poll $POLL)" >&2
-BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run --timeout 1200 --share "$OUT" -- \
+BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run --mem 3072 --timeout 1800 --share "$OUT" -- \
 	"$HERE/softroce_inner.sh single $OUT" >&2 || echo "one-VM part failed (rc $?)" >&2
 echo "== two VMs: post-copy source CPU, rdma and tcp" >&2
 BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run2 --timeout 1200 --share "$OUT" -- \
@@ -76,6 +77,9 @@ out = {
     "source_cpu_ms": {t: cpu[t].get("source_cpu_ms") for t in ("rdma", "tcp")},
     "source_vm_kernel_ms": {t: cpu[t].get("vm_kernel_ms") for t in ("rdma", "tcp")},
     "source_cpu_rdma_over_tcp": ratio(cpu["rdma"].get("source_cpu_ms"), cpu["tcp"].get("source_cpu_ms")),
+    "registration": {k: {f: res("registration-" + k, "rdma", f) for f in
+                         ("registration_ms", "pinned_peak_bytes", "chunk_pins", "throughput_mb_per_s", "ram_bytes")}
+                     for k in ("pin-all", "chunked")},
     "runs": rows,
 }
 e = sys.stderr
@@ -86,5 +90,10 @@ print(f"urgent RDMA READ, posted to done: {out['urgent_read_avg_us']} us avg ({o
 for t in ("rdma", "tcp"):
     print(f"post-copy fault (vCPU blocked) over {t}: {out['fault_latency_us'][t]}; blocked {out['postcopy_blocked_ms'][t]} ms", file=e)
 print(f"source process CPU during post-copy (two VMs): rdma {out['source_cpu_ms']['rdma']} ms, tcp {out['source_cpu_ms']['tcp']} ms -> {out['source_cpu_rdma_over_tcp']}x; source VM kernel time: {out['source_vm_kernel_ms']}", file=e)
+reg = out["registration"]
+out["chunked_over_pin_all_throughput"] = ratio(reg["chunked"]["throughput_mb_per_s"], reg["pin-all"]["throughput_mb_per_s"])
+for k in ("pin-all", "chunked"):
+    print(f"registration, {k}, idle {reg[k]['ram_bytes']} B guest: {reg[k]['registration_ms']} ms registering, peak {reg[k]['pinned_peak_bytes']} B pinned, {reg[k]['chunk_pins']} chunk pins, pre-copy {reg[k]['throughput_mb_per_s']} MB/s", file=e)
+print(f"chunked over pin-all pre-copy throughput: {out['chunked_over_pin_all_throughput']}x", file=e)
 print(json.dumps(out))
 PY

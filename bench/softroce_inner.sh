@@ -12,6 +12,7 @@ ROLE=${1:?single, a or b}
 OUT=${2:?output directory}
 HYMIG=${HYMIG:?}
 MEM=${BENCH_MEM:-64M}
+REG_MEM=${BENCH_REG_MEM:-1G} # the registration figures' guest (needs a VM of 3 GiB)
 POLL=${BENCH_POLL:-event}
 IP=${BED_IP:?}
 PEER=${BED_PEER_IP:-$IP}
@@ -48,12 +49,13 @@ perftest() { # NAME CMD...: runs a perftest server and client here, prints the c
 	cat "$WORK/client.out"
 }
 
-# migrate_once KIND SCHEME PORT WORKLOAD MIGRATE_ARGS...: a fresh pair in this VM.
+# migrate_once KIND SCHEME PORT WORKLOAD MIGRATE_ARGS...: a fresh pair in this VM, of
+# $GMEM (default $MEM) guests.
 migrate_once() {
-	local kind=$1 scheme=$2 port=$3 wl=$4 out
+	local kind=$1 scheme=$2 port=$3 wl=$4 out mem=${GMEM:-$MEM}
 	shift 4
-	start_guest dst --mem "$MEM" --incoming "$scheme://$IP:$port"
-	start_guest src --mem "$MEM" --workload "$wl"
+	start_guest dst --mem "$mem" --incoming "$scheme://$IP:$port"
+	start_guest src --mem "$mem" --workload "$wl"
 	sleep 1
 	out=$("$HYMIG" migrate --ctl "$WORK/src.sock" --to "$scheme://$IP:$port" --json "$@") || true
 	quit_guest src
@@ -66,7 +68,10 @@ case $ROLE in
 single)
 	bw=$(perftest ib_write_bw -d rxe0 -x 1 -D 5 | awk '/^ *65536 /{print $4}')
 	emit "{\"kind\":\"ib_write_bw\",\"bytes\":65536,\"mb_per_s\":${bw:-null}}"
-	lat=$(perftest ib_read_lat -d rxe0 -x 1 -s 4096 | awk '/^ *4096 /{print $5, $6}')
+	# In the poll mode the migrations use: -e sleeps on a completion channel.
+	evt=()
+	[ "$POLL" = busy ] || evt=(-e)
+	lat=$(perftest ib_read_lat -d rxe0 -x 1 -s 4096 "${evt[@]}" | awk '/^ *4096 /{print $5, $6}')
 	read -r typ avg <<<"${lat:-null null}"
 	emit "{\"kind\":\"ib_read_lat\",\"bytes\":4096,\"typical_us\":$typ,\"avg_us\":$avg}"
 	migrate_once precopy-idle rdma 7400 idle --mode precopy --rdma-poll "$POLL"
@@ -75,6 +80,12 @@ single)
 		--mode postcopy --precopy-rounds 0 --rdma-poll "$POLL"
 	migrate_once postcopy-faults tcp 7403 dirtier:rate=20M,pattern=uniform \
 		--mode postcopy --precopy-rounds 0
+	# Registration: all of a large guest pinned at once, against 256 MiB chunks on
+	# demand, and what each leaves of pre-copy throughput.
+	GMEM=$REG_MEM migrate_once registration-pin-all rdma 7404 idle --mode precopy \
+		--rdma-poll "$POLL"
+	GMEM=$REG_MEM migrate_once registration-chunked rdma 7405 idle --mode precopy \
+		--rdma-poll "$POLL" --rdma-reg chunked --rdma-reg-cap 256M
 	;;
 a)
 	i=0

@@ -364,13 +364,16 @@ void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
 	pthread_mutex_unlock(&b->lock);
 }
 
-/* Waits until c may take one more READ. */
+/* Waits until c may take one more background READ, and no urgent READ is in flight:
+ * the responder serves READs in the order they come, so a background READ posted now
+ * would delay the urgent one's answer. */
 static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
 {
 	int rc;
 
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = rdt_gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window))
+	while (!(rc = rdt_gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window ||
+				       b->ch[RDT_URGENT].reads))
 		pthread_cond_wait(&b->changed, &b->lock);
 	pthread_mutex_unlock(&b->lock);
 	return rc;
