@@ -665,8 +665,11 @@ static void *incoming_main(void *arg)
 			s.bulk->ops->bulk_shutdown(s.bulk);
 		set_fetch_bulk(in, NULL);
 		stop_puller(&s);
-		if (s.bulk)
+		if (s.bulk) {
+			/* Post-copy pauses: the resume may reuse what the transport pinned. */
+			s.bulk->keep_registration = rc < 0 && s.switched && !pc_complete(s.pc);
 			s.bulk->ops->bulk_close(s.bulk);
+		}
 		s.ctl->ops->conn_close(s.ctl);
 		free(s.state);
 		free(s.msg);

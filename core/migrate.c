@@ -1062,6 +1062,7 @@ static void close_links(struct hm_migration *m)
 		m->write_bytes_old += atomic_load(&m->bulk->write_bytes);
 		m->chunk_pins_old += m->bulk->chunk_pins;
 		m->send_bytes_old += atomic_load(&m->bulk->send_bytes);
+		m->bulk->keep_registration = true; /* for the resume */
 		m->bulk->ops->bulk_close(m->bulk);
 		m->bulk = NULL;
 	}

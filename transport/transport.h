@@ -49,6 +49,10 @@ struct tp_bulk {
 	 * registered on demand), the most RAM pinned at once, and chunks pinned. */
 	double registration_ms;
 	uint64_t pinned_peak_bytes, chunk_pins;
+	/* Set before bulk_close when post-copy pauses: a transport that registers RAM keeps
+	 * that registration for the next session on the same RAM (the resume), which
+	 * re-sends the keys instead of pinning again. */
+	bool keep_registration;
 	/* Destination, one-sided reads: urgent reads done and their summed time from
 	 * posting to completion. */
 	atomic_uint_fast64_t urgent_reads, urgent_read_ns;

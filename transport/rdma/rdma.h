@@ -203,6 +203,12 @@ static inline int rdt_gate(struct rdt_bulk *b)
 }
 
 /* rdma_mr.c */
+/* Takes the pin-all registration a paused post-copy kept for this RAM and device, if
+ * any (a registration kept for anything else is released). */
+bool rdt_reg_adopt(struct rdt_bulk *b);
+/* At close: keeps b's pin-all registration when b->base.keep_registration says so, else
+ * releases any kept for b's RAM (the migration ended). */
+void rdt_reg_keep_or_release(struct rdt_bulk *b);
 int rdt_register(struct rdt_bulk *b, char *err, size_t errlen);
 /* Chunked registration: holds the chunk of region ri holding byte off, pinned on both
  * sides, asking the peer first when needed. RDT_GET_TRY returns -EAGAIN instead of

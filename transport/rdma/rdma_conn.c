@@ -248,7 +248,8 @@ static int dev_setup(struct rdt_bulk *b, struct ibv_context *verbs, uint8_t port
 	    (unsigned)b->dev.max_qp_wr < RDT_SQ_DEPTH ? (unsigned)b->dev.max_qp_wr : RDT_SQ_DEPTH;
 	b->max_sge = b->dev.max_sge < RDT_ZERO_SGES ? (unsigned)b->dev.max_sge : RDT_ZERO_SGES;
 	b->numa_node = numa_node_of(verbs);
-	b->pd = ibv_alloc_pd(verbs);
+	if (!rdt_reg_adopt(b))
+		b->pd = ibv_alloc_pd(verbs);
 	if (!b->pd) {
 		snprintf(err, errlen, "RDMA device %s: no protection domain: %s", dev,
 			 strerror(errno));
@@ -682,6 +683,7 @@ void rdt_bulk_close(struct tp_bulk *bb)
 		ibv_destroy_cq(b->cq);
 	if (b->cc)
 		ibv_destroy_comp_channel(b->cc);
+	rdt_reg_keep_or_release(b);
 	rdt_deregister(b);
 	if (b->pd)
 		ibv_dealloc_pd(b->pd);

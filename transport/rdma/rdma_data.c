@@ -372,8 +372,8 @@ static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
 	int rc;
 
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = rdt_gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window ||
-				       b->ch[RDT_URGENT].reads))
+	while (!(rc = rdt_gate(b)) &&
+	       (b->free_pull < 0 || c->reads >= c->read_window || b->ch[RDT_URGENT].reads))
 		pthread_cond_wait(&b->changed, &b->lock);
 	pthread_mutex_unlock(&b->lock);
 	return rc;

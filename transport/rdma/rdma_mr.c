@@ -105,6 +105,7 @@ int rdt_register(struct rdt_bulk *b, char *err, size_t errlen)
 	struct hm_ram *ram = b->ram;
 	bool staged = !b->source && b->pc && pc_staged(b->pc);
 	uint64_t t0 = now_ns(), need;
+	bool adopted = b->mr[0] != NULL; /* kept by a paused session: pinned already */
 	int rc;
 
 	b->msg_len = ((size_t)RDT_NCH * RDT_RECV_SLOTS + 1) * RDT_MSG_MAX +
@@ -115,7 +116,7 @@ int rdt_register(struct rdt_bulk *b, char *err, size_t errlen)
 	       RDT_ZERO_BYTES + b->stage_len;
 	if (b->cap && (rc = chunks_init(b, err, errlen)) < 0)
 		return rc;
-	for (unsigned i = 0; i < ram->nregions && !b->cap; i++) {
+	for (unsigned i = 0; i < ram->nregions && !b->cap && !adopted; i++) {
 		b->mr[i] = ibv_reg_mr(b->pd, ram->r[i].mig, ram->r[i].size,
 				      b->source ? ACCESS_SRC : ACCESS_DST);
 		if (!b->mr[i]) {
@@ -125,9 +126,10 @@ int rdt_register(struct rdt_bulk *b, char *err, size_t errlen)
 			return reg_fail(what, need, errno, err, errlen);
 		}
 	}
-	if (!b->cap) {
-		b->base.registration_ms = ms_between(t0, now_ns());
+	if (!b->cap)
 		b->base.pinned_peak_bytes = ram->size;
+	if (!b->cap && !adopted) {
+		b->base.registration_ms = ms_between(t0, now_ns());
 		log_info("rdma: registered %llu MiB of RAM in %.1f ms",
 			 (unsigned long long)(ram->size >> 20), b->base.registration_ms);
 	}
@@ -147,6 +149,77 @@ int rdt_register(struct rdt_bulk *b, char *err, size_t errlen)
 	    !(b->stage_mr = ibv_reg_mr(b->pd, b->stage, b->stage_len, IBV_ACCESS_LOCAL_WRITE)))
 		return reg_fail("the staging ring", need, errno, err, errlen);
 	return 0;
+}
+
+/* Pin-all registrations kept while post-copy is paused, one per RAM (a process holds
+ * one guest, two in the conformance tests): the old QPs are gone, so nothing can use
+ * the keys until a new, authenticated session swaps region tables again. */
+#define KEPT_MAX 2
+static struct kept {
+	const struct hm_ram *ram;
+	struct ibv_context *verbs;
+	bool source;
+	struct ibv_pd *pd;
+	struct ibv_mr *mr[HM_MAX_REGIONS];
+} kept[KEPT_MAX];
+static pthread_mutex_t kept_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void kept_release(struct kept *k)
+{
+	for (unsigned i = 0; i < HM_MAX_REGIONS; i++)
+		if (k->mr[i])
+			ibv_dereg_mr(k->mr[i]);
+	if (k->pd)
+		ibv_dealloc_pd(k->pd);
+	*k = (struct kept){0};
+}
+
+bool rdt_reg_adopt(struct rdt_bulk *b)
+{
+	bool got = false;
+
+	pthread_mutex_lock(&kept_lock);
+	for (unsigned i = 0; i < KEPT_MAX; i++) {
+		struct kept *k = &kept[i];
+		if (k->ram != b->ram)
+			continue;
+		if (!b->cap && k->verbs == b->verbs && k->source == b->source) {
+			b->pd = k->pd;
+			memcpy(b->mr, k->mr, sizeof(b->mr));
+			*k = (struct kept){0};
+			got = true;
+		} else {
+			kept_release(k); /* another device, role or registration mode */
+		}
+	}
+	pthread_mutex_unlock(&kept_lock);
+	if (got)
+		log_info("rdma: reusing the registration kept while post-copy was paused");
+	return got;
+}
+
+void rdt_reg_keep_or_release(struct rdt_bulk *b)
+{
+	bool keep = b->base.keep_registration && !b->cap && b->pd && b->mr[0];
+
+	pthread_mutex_lock(&kept_lock);
+	for (unsigned i = 0; i < KEPT_MAX; i++)
+		if (kept[i].ram == b->ram)
+			kept_release(&kept[i]);
+	for (unsigned i = 0; keep && i < KEPT_MAX; i++) {
+		struct kept *k = &kept[i];
+		if (k->ram)
+			continue;
+		*k = (struct kept){.ram = b->ram, .verbs = b->verbs, .source = b->source};
+		/* The session's buffers are registered in this PD too: they go with the
+		 * session (rdt_deregister), the PD stays. */
+		k->pd = b->pd;
+		memcpy(k->mr, b->mr, sizeof(k->mr));
+		memset(b->mr, 0, sizeof(b->mr));
+		b->pd = NULL;
+		break;
+	}
+	pthread_mutex_unlock(&kept_lock);
 }
 
 void rdt_deregister(struct rdt_bulk *b)

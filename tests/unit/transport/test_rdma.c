@@ -367,6 +367,46 @@ static void test_switch_drain(void **state)
 	ram_destroy(dst);
 }
 
+/* A session closed with keep_registration (post-copy paused) leaves its pin-all
+ * registration to the next one on the same RAM: no pinning again, new keys swapped,
+ * pages land as before. */
+static void test_keep_registration(void **state)
+{
+	struct hm_ram *src = ram_new(R0, R1), *dst = ram_new(R0, R1);
+	uint64_t pages[2] = {0}, got[2] = {0};
+	char err[512];
+	struct pair p;
+
+	fill_src(src);
+	fill_old(dst);
+	pair_init(&p, src, dst, 2);
+	pair_open_ok(&p);
+	assert_true(p.sb->registration_ms > 0 && p.db->registration_ms > 0);
+	push_both(&p, 0, NPAGES / 2, pages);
+	for (unsigned i = 0; i < 2; i++)
+		assert_int_equal(rdma_ops.drain(p.sb, i), 0);
+	p.sb->keep_registration = p.db->keep_registration = true;
+	pair_close(&p);
+
+	pair_init(&p, src, dst, 2);
+	pair_open_ok(&p);
+	assert_true(p.sb->registration_ms == 0 && p.db->registration_ms == 0);
+	push_both(&p, NPAGES / 2, NPAGES, pages);
+	for (unsigned i = 0; i < 2; i++)
+		assert_int_equal(rdma_ops.push_end(p.sb, i), 0);
+	if (rdma_ops.land_wait(p.db, TP_LAND_END, TIMEOUT_MS, got, err, sizeof(err)) < 0)
+		fail_msg("land_wait: %s", err);
+	assert_same(src, dst, 0, NPAGES, false);
+	pair_close(&p);
+	/* Released at that close: the next session pins again. */
+	pair_init(&p, src, dst, 1);
+	pair_open_ok(&p);
+	assert_true(p.sb->registration_ms > 0 && p.db->registration_ms > 0);
+	pair_close(&p);
+	ram_destroy(src);
+	ram_destroy(dst);
+}
+
 static bool is_stale(uint64_t p)
 {
 	return p % 3 == 0 || (p >= 600 && p < 700) || p == NPAGES - 1;
@@ -823,6 +863,7 @@ int main(void)
 	    cmocka_unit_test(test_push_end_busy_poll),
 	    cmocka_unit_test(test_push_end_chunked),
 	    cmocka_unit_test(test_switch_drain),
+	    cmocka_unit_test(test_keep_registration),
 	    cmocka_unit_test(test_postcopy_minor),
 	    cmocka_unit_test(test_postcopy_missing),
 	    cmocka_unit_test(test_postcopy_chunked),
