@@ -43,13 +43,15 @@ static void *vcpu_main(void *arg)
 		uint64_t ns;
 
 		pthread_mutex_lock(&g->lock);
-		while (!g->run && !g->quit) {
-			/* A safe point: between pages. */
+		if (!g->run && !g->quit) {
+			/* A safe point: between pages. Counted once per pause, and told on
+			 * its own condition: parked vCPUs that woke each other would spin. */
 			if (++g->parked == g->nvcpus) {
 				g->parked_ns = now_ns();
-				pthread_cond_broadcast(&g->cv);
+				pthread_cond_broadcast(&g->parked_cv);
 			}
-			pthread_cond_wait(&g->cv, &g->lock);
+			while (!g->run && !g->quit)
+				pthread_cond_wait(&g->cv, &g->lock);
 			g->parked--;
 		}
 		pthread_mutex_unlock(&g->lock);
@@ -97,8 +99,8 @@ int guest_pause(struct guest *g, uint64_t *parked_ns)
 	pthread_mutex_lock(&g->lock);
 	g->run = false;
 	pthread_cond_broadcast(&g->cv); /* wakes sleeping vCPUs so they park now */
-	while (g->parked < g->nvcpus)
-		pthread_cond_wait(&g->cv, &g->lock);
+	while (g->parked < g->nvcpus && !g->quit)
+		pthread_cond_wait(&g->parked_cv, &g->lock);
 	if (parked_ns)
 		*parked_ns = g->parked_ns;
 	pthread_mutex_unlock(&g->lock);
@@ -596,6 +598,7 @@ int guest_main(const struct guest_cfg *cfg)
 	g->cfg = *cfg;
 	pthread_mutex_init(&g->lock, NULL);
 	pthread_cond_init(&g->cv, NULL);
+	pthread_cond_init(&g->parked_cv, NULL);
 	ram_cfg_init(&rc);
 	rc.size = cfg->mem;
 	rc.backing = cfg->backing;
@@ -636,6 +639,7 @@ out:
 	g->quit = true;
 	g->run = false;
 	pthread_cond_broadcast(&g->cv);
+	pthread_cond_broadcast(&g->parked_cv);
 	pthread_mutex_unlock(&g->lock);
 	if (g->vcpus_started)
 		for (unsigned i = 0; i < g->nvcpus; i++)

@@ -18,7 +18,8 @@ struct guest {
 
 	/* vCPUs; pause/resume go through lock. */
 	pthread_mutex_t lock;
-	pthread_cond_t cv;
+	pthread_cond_t cv;	  /* run, quit and the workload's changes */
+	pthread_cond_t parked_cv; /* the last vCPU parked */
 	unsigned nvcpus;
 	pthread_t vcpu_thread[WL_MAX_VCPUS];
 	struct wl_vcpu vcpu[WL_MAX_VCPUS];
