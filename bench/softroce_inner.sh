@@ -18,7 +18,7 @@ IP=${BED_IP:?}
 PEER=${BED_PEER_IP:-$IP}
 WORK=$(mktemp -d)
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
+trap 'for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 
 emit() { echo "$1" >>"$OUT/results.jsonl"; echo "result: $1"; }
 status() { "$HYMIG" status --ctl "$WORK/$1.sock" --json 2>/dev/null || true; }
@@ -57,7 +57,7 @@ migrate_once() {
 	start_guest dst --mem "$mem" --incoming "$scheme://$IP:$port"
 	start_guest src --mem "$mem" --workload "$wl"
 	sleep 1
-	out=$("$HYMIG" migrate --ctl "$WORK/src.sock" --to "$scheme://$IP:$port" --json "$@") || true
+	out=$("$HYMIG" migrate --ctl "$WORK/src.sock" --to "$scheme://$IP:$port" --json "$@" 2>>"$WORK/migrate.log") || true
 	quit_guest src
 	quit_guest dst
 	wait 2>/dev/null || true
@@ -97,7 +97,7 @@ a)
 		sleep 1
 		"$HYMIG" migrate --ctl "$WORK/src.sock" --to "$scheme://$PEER:$port" --json \
 			--mode postcopy --precopy-rounds 0 --keep-source --rdma-poll "$POLL" \
-			>"$WORK/result.json" &
+			>"$WORK/result.json" 2>>"$WORK/migrate.log" &
 		mig=$!
 		# The switch, or the end if it came and went between two looks.
 		until status src | grep -q '"phase":"postcopy"' || ! kill -0 "$mig" 2>/dev/null; do

@@ -364,17 +364,33 @@ void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
 	pthread_mutex_unlock(&b->lock);
 }
 
-/* Waits until c may take one more background READ, and no urgent READ is in flight:
- * the responder serves READs in the order they come, so a background READ posted now
- * would delay the urgent one's answer. */
+/* Whether an urgent READ went out lately (see RDT_FAULT_QUIET_NS). */
+static bool faults_lately(struct rdt_bulk *b)
+{
+	return now_ns() < atomic_load(&b->urgent_ns) + RDT_FAULT_QUIET_NS;
+}
+
+/* Waits until c may take one more background READ: none while an urgent READ is in
+ * flight (the responder would interleave the answers), one at a time per QP while
+ * faults come. */
 static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
 {
 	int rc;
 
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = rdt_gate(b)) &&
-	       (b->free_pull < 0 || c->reads >= c->read_window || b->ch[RDT_URGENT].reads))
-		pthread_cond_wait(&b->changed, &b->lock);
+	for (;;) {
+		bool quiet = faults_lately(b);
+
+		if ((rc = rdt_gate(b)) || (b->free_pull >= 0 && !b->ch[RDT_URGENT].reads &&
+					   c->reads < (quiet ? 1 : c->read_window)))
+			break;
+		if (quiet) { /* the quiet time ends without a completion to say so */
+			struct timespec dl = deadline_after_ms(1);
+			pthread_cond_timedwait(&b->changed, &b->lock, &dl);
+		} else {
+			pthread_cond_wait(&b->changed, &b->lock);
+		}
+	}
 	pthread_mutex_unlock(&b->lock);
 	return rc;
 }
@@ -406,6 +422,8 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
 	pthread_mutex_unlock(&b->lock);
 	if (rc)
 		return rc;
+	if (c->urgent)
+		atomic_store(&b->urgent_ns, now_ns());
 	e = &b->rd[idx];
 	*e = (struct rdt_read){.first = first,
 			       .n = n,
@@ -440,7 +458,9 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
  * QP, or round robin over the bulk QPs. Pages claimed already are skipped. */
 static int read_range(struct rdt_bulk *b, bool urgent, uint64_t first, uint32_t n)
 {
-	uint32_t piece_max = urgent ? WIRE_MAX_RUN : RDT_PULL_PIECE;
+	uint32_t piece_max = urgent		? WIRE_MAX_RUN
+			     : faults_lately(b) ? RDT_FAULT_QUIET_PIECE
+						: RDT_PULL_PIECE;
 	int rc = rdt_gate(b);
 
 	if (rc)
