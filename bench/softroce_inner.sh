@@ -5,7 +5,8 @@
 # -s 4096), then an idle guest's pre-copy over rdma and over tcp, then a post-copy at
 # once of a dirtier over rdma and over tcp, all inside the one VM (rxe loopback).
 # a, b: the same post-copy between two VMs; a (the source) records its guest process's
-# CPU time from the switch to the end, and the VM's kernel time (rxe's work).
+# CPU time from the switch until the destination holds every page, and the VM's kernel
+# time (rxe's work).
 # Each result is one JSON line appended to OUT_DIR/results.jsonl.
 set -euo pipefail
 ROLE=${1:?single, a or b}
@@ -104,8 +105,13 @@ a)
 			sleep 0.05
 		done
 		c0=$(cpu_ticks "$PID_src") k0=$(kernel_ticks)
-		wait "$mig" || true
+		# Serving ends when the destination holds every page: the phase leaves
+		# postcopy (commitment and teardown, unpinning included, come after).
+		while status src | grep -q '"phase":"postcopy"' && kill -0 "$mig" 2>/dev/null; do
+			sleep 0.2
+		done
 		c1=$(cpu_ticks "$PID_src") k1=$(kernel_ticks)
+		wait "$mig" || true
 		hz=$(getconf CLK_TCK)
 		emit "{\"kind\":\"postcopy-source-cpu\",\"transport\":\"$scheme\",\"poll\":\"$POLL\",\"source_cpu_ms\":$(((c1 - c0) * 1000 / hz)),\"vm_kernel_ms\":$(((k1 - k0) * 1000 / hz)),\"result\":$(cat "$WORK/result.json")}"
 		quit_guest src

@@ -14,7 +14,7 @@ ROLE=${1:?a or b}
 SYNC=${2:?sync directory}
 SCHEME=${SCHEME:-rdma}
 MEM=${BED_GUEST_MEM:-96M}
-PEER=10.77.0.2
+PEER=${RDMA_PEER:-10.77.0.2} # the destination's address (b's in the bed)
 WAIT=300 # seconds one side waits for the other's step
 
 # say FILE [TEXT]: tells the other side; hear FILE: waits for it, prints its text.

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The RDMA tests, inside the Soft-RoCE bed (or directly on a host with an RDMA device):
-# the transport conformance suite in one VM (two ends over rxe loopback), then the
-# migration scenarios of migrate.sh between two VMs. Needs root; `bed.sh setup` runs
-# first (it installs QEMU and fetches Debian's 6.1 kernel once).
+# The RDMA tests: the transport conformance suite (two ends in one process), then the
+# migration scenarios of migrate.sh (roles a and b). On a host with an RDMA device that
+# has an IPv4 address they run directly on it (a and b as two processes); otherwise in
+# the Soft-RoCE bed: the suite in one VM over rxe loopback, the scenarios between two
+# VMs (`bed.sh setup` runs first: it installs QEMU and fetches Debian's 6.1 kernel
+# once). RDMA_BED=1 uses the bed even where a device exists. Needs root.
 #   rdma.sh BUILD_DIR [conformance|migrate]...   (default: both)
 # SCHEME=tcp runs the same migrations over tcp (a check of the bed itself).
 set -euo pipefail
@@ -24,10 +26,45 @@ if [ ! -x "$BUILD/tests/test_rdma" ] && [ "$SCHEME" = rdma ]; then
 		"(libibverbs-dev and librdmacm-dev; meson -Drdma=enabled)" >&2
 	exit 1
 fi
-"$BED" setup
+# An IPv4 address of a local RDMA device (its IPv4-mapped GID), if there is one.
+local_rdma_ip() {
+	local g
+	for g in /sys/class/infiniband/*/ports/1/gids/*; do
+		[ -r "$g" ] || continue
+		case $(cat "$g" 2>/dev/null) in
+		0000:0000:0000:0000:0000:ffff:*)
+			python3 -c 'import ipaddress,sys; print(ipaddress.ip_address(sys.argv[1]).ipv4_mapped)' \
+				"$(cat "$g")" && return 0
+			;;
+		esac
+	done
+	return 1
+}
+DIRECT_IP=
+[ -n "${RDMA_BED:-}" ] || DIRECT_IP=$(local_rdma_ip) || DIRECT_IP=
 SYNC=$(mktemp -d /tmp/hymig-rdma-sync.XXXXXX)
 trap 'rm -rf "$SYNC"' EXIT
 cd "$ROOT"
+if [ -n "$DIRECT_IP" ]; then
+	echo "== RDMA device with address $DIRECT_IP here: running directly, not in the bed" >&2
+	for part in "${PARTS[@]}"; do
+		case $part in
+		conformance) "$BUILD/tests/test_rdma" ;;
+		migrate)
+			export RDMA_PEER=$DIRECT_IP
+			"$HERE/migrate.sh" b "$SYNC" &
+			b=$!
+			rc=0
+			"$HERE/migrate.sh" a "$SYNC" || rc=$?
+			wait "$b" || { [ "$rc" != 0 ] || rc=1; }
+			[ "$rc" = 0 ] || exit "$rc"
+			;;
+		*) echo "rdma.sh: unknown part '$part' (conformance or migrate)" >&2; exit 2 ;;
+		esac
+	done
+	exit 0
+fi
+"$BED" setup
 for part in "${PARTS[@]}"; do
 	case $part in
 	conformance)

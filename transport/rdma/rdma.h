@@ -34,27 +34,27 @@
 #define RDT_URGENT_WINDOW 16	      /* urgent READs in flight */
 /* Background READs in flight per bulk QP, and pages per READ: enough to keep the link
  * busy, little enough that an urgent READ's response does not queue behind much. */
-#define RDT_PULL_WINDOW 4
-#define RDT_PULL_PIECE	16
-/* For this long after an urgent READ the background keeps one small READ in flight
- * per QP: the responder interleaves every QP's answers, so background bytes in flight
- * delay the next fault's page too. */
-#define RDT_FAULT_QUIET_NS    2000000
-#define RDT_FAULT_QUIET_PIECE 4
-#define RDT_STAGE_URGENT      4 /* staging slots (WIRE_MAX_RUN pages) for urgent */
-#define RDT_STAGE_PULL	      8 /* ... and for background READs (PC_MISSING only) */
-#define RDT_READS	      (RDT_URGENT_WINDOW + RDT_PULL_WINDOW * WIRE_MAX_CHANNELS)
-#define RDT_PRIV_LEN	      (WIRE_SID_LEN + 4 + WIRE_MAC_LEN) /* connect private data */
-#define RDT_MSG_MAGIC	      0x4b524d48u			/* "HMRK" */
-#define RDT_TABLE_ENTRY	      24    /* le64 addr, le64 len, le32 rkey, le32 zero */
-#define RDT_REJECT_LEN	      140   /* a refusal's reason (IB CM REJ carries 148 bytes) */
-#define RDT_TIMEOUT_MS	      10000 /* setup steps, when the caller gave no timeout */
-#define RDT_CHUNK_SHIFT	      TP_REG_CHUNK_SHIFT
-#define RDT_REG_INFLIGHT      3	 /* registration requests awaiting their reply, per side */
-#define RDT_REG_RING	      8	 /* send buffers for registration messages */
-#define RDT_REG_MSG	      64 /* bytes in one: header and two entries */
-#define RDT_REG_ENTRY	      16 /* le64 chunk, le32 rkey, le32 op or status */
-#define RDT_MIN_CHUNKS	      4	 /* the smallest cap: chunks the posting threads hold */
+#define RDT_PULL_WINDOW	    4
+#define RDT_PULL_PIECE	    16
+#define RDT_URGENT_FIRST_NS 500000 /* see wait_room */
+/* Local ACK timeout, 4.096 us << this (16.8 ms). rdma_cm derives ~2 s for RoCE from
+ * the packet lifetime: a lost packet (the Soft-RoCE bed's UDP link loses some under
+ * load) would stall its QP that long. */
+#define RDT_ACK_TIMEOUT	 12
+#define RDT_STAGE_URGENT 4 /* staging slots (WIRE_MAX_RUN pages) for urgent */
+#define RDT_STAGE_PULL	 8 /* ... and for background READs (PC_MISSING only) */
+#define RDT_READS	 (RDT_URGENT_WINDOW + RDT_PULL_WINDOW * WIRE_MAX_CHANNELS)
+#define RDT_PRIV_LEN	 (WIRE_SID_LEN + 4 + WIRE_MAC_LEN) /* connect private data */
+#define RDT_MSG_MAGIC	 0x4b524d48u			   /* "HMRK" */
+#define RDT_TABLE_ENTRY	 24    /* le64 addr, le64 len, le32 rkey, le32 zero */
+#define RDT_REJECT_LEN	 140   /* a refusal's reason (IB CM REJ carries 148 bytes) */
+#define RDT_TIMEOUT_MS	 10000 /* setup steps, when the caller gave no timeout */
+#define RDT_CHUNK_SHIFT	 TP_REG_CHUNK_SHIFT
+#define RDT_REG_INFLIGHT 3  /* registration requests awaiting their reply, per side */
+#define RDT_REG_RING	 8  /* send buffers for registration messages */
+#define RDT_REG_MSG	 64 /* bytes in one: header and two entries */
+#define RDT_REG_ENTRY	 16 /* le64 chunk, le32 rkey, le32 op or status */
+#define RDT_MIN_CHUNKS	 4  /* the smallest cap: chunks the posting threads hold */
 /* Test-only: when set at bulk setup, every READ and WRITE is posted with a corrupted
  * rkey, so the tests can check that a QP error is reported as link loss. */
 #define RDT_TEST_BAD_RKEY_ENV "HYMIG_TEST_RDMA_BAD_RKEY"

@@ -311,6 +311,17 @@ static int chan_qp(struct rdt_bulk *b, struct rdt_chan *c, char *err, size_t err
 	return 0;
 }
 
+/* Sets RDT_ACK_TIMEOUT on a QP about to connect; a kernel that lacks the option keeps
+ * its own. */
+static void set_ack_timeout(struct rdma_cm_id *id)
+{
+	uint8_t t = RDT_ACK_TIMEOUT;
+
+	if (rdma_set_option(id, RDMA_OPTION_ID, RDMA_OPTION_ID_ACK_TIMEOUT, &t, sizeof(t)))
+		log_info("rdma: cannot set the ACK timeout (%s); keeping rdma_cm's",
+			 strerror(errno));
+}
+
 /* Why the destination refused a connect, from the REJECTED event. */
 static void rejected(const struct rdma_cm_event *ev, char *buf, size_t len)
 {
@@ -392,6 +403,7 @@ static int connect_chan(struct rdt_bulk *b, const struct tp_addr *a, struct sock
 			/* The destination READs from us: as many as the device serves. */
 			cp.responder_resources = clamp_u8(b->dev.max_qp_rd_atom);
 			cp.initiator_depth = clamp_u8(b->dev.max_qp_init_rd_atom);
+			set_ack_timeout(c->id);
 			if (rdma_connect(c->id, &cp)) {
 				rc = -errno;
 				snprintf(err, errlen, "%s: rdma_connect: %s", name,
@@ -552,6 +564,7 @@ static int take_request(struct rdt_bulk *b, const struct tp_bulk_cfg *cfg, struc
 					      : ev->param.conn.responder_resources);
 	window = c->urgent ? RDT_URGENT_WINDOW : RDT_PULL_WINDOW;
 	c->read_window = depth < window ? (depth ? depth : 1) : window;
+	set_ack_timeout(id);
 	if (rdma_accept(id, &cp)) {
 		rc = -errno;
 		snprintf(err, errlen, "accepting channel %u: %s", index, strerror(errno));

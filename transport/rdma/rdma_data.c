@@ -364,27 +364,25 @@ void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
 	pthread_mutex_unlock(&b->lock);
 }
 
-/* Whether an urgent READ went out lately (see RDT_FAULT_QUIET_NS). */
-static bool faults_lately(struct rdt_bulk *b)
-{
-	return now_ns() < atomic_load(&b->urgent_ns) + RDT_FAULT_QUIET_NS;
-}
-
-/* Waits until c may take one more background READ: none while an urgent READ is in
- * flight (the responder would interleave the answers), one at a time per QP while
- * faults come. */
+/* Waits until c may take one more background READ, and, for up to RDT_URGENT_FIRST_NS
+ * after an urgent READ went out, until it is done: the responder interleaves the answers
+ * of every QP, so background bytes in flight delay the faulting vCPU's page. The wait is
+ * bounded: where urgent READs take longer, a background that waited for each one would
+ * starve while faults go on. */
 static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
 {
 	int rc;
 
 	pthread_mutex_lock(&b->lock);
 	for (;;) {
-		bool quiet = faults_lately(b);
+		uint64_t last = atomic_load(&b->urgent_ns);
+		bool urgent_first =
+		    b->ch[RDT_URGENT].reads && now_ns() < last + RDT_URGENT_FIRST_NS;
 
-		if ((rc = rdt_gate(b)) || (b->free_pull >= 0 && !b->ch[RDT_URGENT].reads &&
-					   c->reads < (quiet ? 1 : c->read_window)))
+		if ((rc = rdt_gate(b)) ||
+		    (b->free_pull >= 0 && !urgent_first && c->reads < c->read_window))
 			break;
-		if (quiet) { /* the quiet time ends without a completion to say so */
+		if (urgent_first) { /* that time ends without a completion to say so */
 			struct timespec dl = deadline_after_ms(1);
 			pthread_cond_timedwait(&b->changed, &b->lock, &dl);
 		} else {
@@ -458,9 +456,7 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
  * QP, or round robin over the bulk QPs. Pages claimed already are skipped. */
 static int read_range(struct rdt_bulk *b, bool urgent, uint64_t first, uint32_t n)
 {
-	uint32_t piece_max = urgent		? WIRE_MAX_RUN
-			     : faults_lately(b) ? RDT_FAULT_QUIET_PIECE
-						: RDT_PULL_PIECE;
+	uint32_t piece_max = urgent ? WIRE_MAX_RUN : RDT_PULL_PIECE;
 	int rc = rdt_gate(b);
 
 	if (rc)
