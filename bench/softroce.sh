@@ -3,6 +3,7 @@
 # same run as the ceiling (root; `tests/softroce/bed.sh setup` runs first).
 #
 #   bench/softroce.sh [--mem SIZE(64M)] [--poll event|busy] [--build DIR(build)]
+#                     [--vms one|two|both]
 #
 # One VM (rxe loopback): ib_write_bw at its default 64 KiB and ib_read_lat -s 4096, then
 # an idle guest's pre-copy over rdma and over tcp, and a post-copy at once of a 20 MB/s
@@ -13,17 +14,19 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-MEM=64M POLL=event BUILD=$ROOT/build
+MEM=64M POLL=event BUILD=$ROOT/build VMS=both
 while [ $# -gt 0 ]; do
 	case $1 in
 	--mem) MEM=${2:?}; shift 2 ;;
 	--poll) POLL=${2:?}; shift 2 ;;
 	--build) BUILD=$(cd "${2:?}" && pwd); shift 2 ;;
-	-h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--vms) VMS=${2:?}; shift 2 ;;
+	-h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
 case $POLL in event | busy) ;; *) echo "--poll: event or busy" >&2; exit 2 ;; esac
+case $VMS in one | two | both) ;; *) echo "--vms: one, two or both" >&2; exit 2 ;; esac
 [ -x "$BUILD/tools/hymig" ] || { echo "no $BUILD/tools/hymig: build first" >&2; exit 1; }
 BED=$ROOT/tests/softroce/bed.sh
 "$BED" setup >&2
@@ -31,13 +34,17 @@ OUT=$(mktemp -d /tmp/hymig-softroce-bench.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 export HYMIG=$BUILD/tools/hymig BENCH_MEM=$MEM BENCH_POLL=$POLL
 cd "$ROOT"
-echo "== one VM: perftest, pre-copy and post-copy, rdma and tcp ($MEM guest, --rdma-poll $POLL)" >&2
-BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run --mem 3072 --timeout 1800 --share "$OUT" -- \
-	"$HERE/softroce_inner.sh single $OUT" >&2 || echo "one-VM part failed (rc $?)" >&2
-echo "== two VMs: post-copy source CPU, rdma and tcp" >&2
-BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run2 --timeout 1200 --share "$OUT" -- \
-	"$HERE/softroce_inner.sh a $OUT" -- "$HERE/softroce_inner.sh b $OUT" >&2 ||
-	echo "two-VM part failed (rc $?)" >&2
+if [ "$VMS" != two ]; then
+	echo "== one VM: perftest, pre-copy and post-copy, rdma and tcp ($MEM guest, --rdma-poll $POLL)" >&2
+	BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run --mem 3072 --timeout 1800 --share "$OUT" -- \
+		"$HERE/softroce_inner.sh single $OUT" >&2 || echo "one-VM part failed (rc $?)" >&2
+fi
+if [ "$VMS" != one ]; then
+	echo "== two VMs: post-copy source CPU, rdma and tcp" >&2
+	BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run2 --timeout 1200 --share "$OUT" -- \
+		"$HERE/softroce_inner.sh a $OUT" -- "$HERE/softroce_inner.sh b $OUT" >&2 ||
+		echo "two-VM part failed (rc $?)" >&2
+fi
 python3 - "$OUT/results.jsonl" "$MEM" "$POLL" <<'PY'
 import json, sys
 path, mem, poll = sys.argv[1:4]

@@ -105,10 +105,10 @@ a)
 			sleep 0.05
 		done
 		c0=$(cpu_ticks "$PID_src") k0=$(kernel_ticks)
-		# Serving ends when the destination holds every page: the phase leaves
-		# postcopy (commitment and teardown, unpinning included, come after).
-		while status src | grep -q '"phase":"postcopy"' && kill -0 "$mig" 2>/dev/null; do
-			sleep 0.2
+		# Serving ends when the destination holds every page (b says so: asking the
+		# source would spend its CPU); commitment and teardown come after.
+		until [ -e "$OUT/b.$scheme.complete" ] || ! kill -0 "$mig" 2>/dev/null; do
+			sleep 0.05
 		done
 		c1=$(cpu_ticks "$PID_src") k1=$(kernel_ticks)
 		wait "$mig" || true
@@ -125,6 +125,11 @@ b)
 		i=$((i + 1))
 		start_guest dst --mem "$MEM" --incoming "$scheme://$IP:$port"
 		touch "$OUT/b.$scheme.ready"
+		until status dst | grep -Eq '"remaining_bytes":0[,}]|"incoming":"arrived"' ||
+			[ -e "$OUT/a.$scheme.done" ]; do
+			sleep 0.05
+		done
+		touch "$OUT/b.$scheme.complete"
 		until [ -e "$OUT/a.$scheme.done" ]; do sleep 0.2; done
 		quit_guest dst
 	done
