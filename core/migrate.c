@@ -406,6 +406,12 @@ static void stats_bytes(struct hm_migration *m)
 		if (m->bulk->pinned_peak_bytes > m->st.pinned_peak_bytes)
 			m->st.pinned_peak_bytes = m->bulk->pinned_peak_bytes;
 		m->st.chunk_pins = m->chunk_pins_old + m->bulk->chunk_pins;
+		/* Of this session (a resume starts them again). */
+		m->st.frames_sent = m->bulk->frames_sent;
+		m->st.frames_received = m->bulk->frames_received;
+		m->st.frame_retransmissions = m->bulk->retransmissions;
+		m->st.frame_drops = m->bulk->drops;
+		m->st.window_stalls = m->bulk->window_stalls;
 	}
 	pthread_mutex_unlock(&m->lock);
 }

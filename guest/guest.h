@@ -21,6 +21,9 @@ struct guest_cfg {
 	enum ram_backing backing;
 	uint8_t psk[AUTH_MAX_KEY];
 	size_t psk_len;
+	/* EAL arguments: DPDK (EAL, first port, one net) starts with the process and
+	 * serves every dpdk:// migration; NULL: no DPDK. */
+	const char *dpdk_eal;
 };
 
 void guest_cfg_init(struct guest_cfg *cfg);

@@ -10,6 +10,9 @@
 #include "../core/engine.h"
 #include "../core/log.h"
 #include "runtime.h"
+#ifdef HAVE_DPDK
+#include "../transport/dpdk/dpdk_tp.h"
+#endif
 
 #define DEV_MAGIC     0x76656479u /* "ydev" */
 #define IDLE_SLEEP_NS 50000000ULL
@@ -515,6 +518,15 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 		jw_obj_end(w);
 		jw_f64(w, "urgent_read_avg_us", st->urgent_read_avg_us);
 	}
+	if (st->frames_sent || st->frames_received) {
+		jw_obj_begin(w, "frames");
+		jw_u64(w, "sent", st->frames_sent);
+		jw_u64(w, "received", st->frames_received);
+		jw_u64(w, "retransmissions", st->frame_retransmissions);
+		jw_u64(w, "drops", st->frame_drops);
+		jw_u64(w, "window_stalls", st->window_stalls);
+		jw_obj_end(w);
+	}
 	jw_str(w, "switch_reason", st->switch_reason);
 	jw_u64(w, "precopy_bytes", st->precopy_bytes);
 	jw_u64(w, "downtime_bytes", st->downtime_bytes);
@@ -604,6 +616,20 @@ int guest_main(const struct guest_cfg *cfg)
 	rc.backing = cfg->backing;
 	rc.dirtying = cfg->wl.kind == WL_DIRTIER;
 	rc.numa_node = cfg->numa_node;
+	/* DPDK first: its EAL and port belong to the process for its whole life, and the
+	 * vCPU threads started later keep this thread's affinity (dpdk_tp_start keeps it). */
+	if (cfg->dpdk_eal) {
+#ifdef HAVE_DPDK
+		if (dpdk_tp_start(cfg->dpdk_eal, err, sizeof(err)) < 0) {
+			fprintf(stderr, "hymig guest: %s\n", err);
+			goto out;
+		}
+#else
+		fprintf(stderr, "hymig guest: --dpdk-eal: this hymig was built without DPDK "
+				"(libdpdk-dev missing)\n");
+		goto out;
+#endif
+	}
 	/* A destination pre-faults its RAM now so pages land in warm memory. */
 	if (ram_create(&rc, cfg->incoming != NULL, &g->ram, err, sizeof(err)) < 0) {
 		fprintf(stderr, "hymig guest: %s\n", err);

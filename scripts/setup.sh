@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
 packages=(build-essential meson ninja-build pkg-config libcmocka-dev libnuma-dev libssl-dev
 	iproute2 iperf3 python3 clang-format libibverbs-dev librdmacm-dev ibverbs-providers)
+# DPDK transport: the PMD plugins (librte-net-memif23, ...) come as its dependencies.
+packages+=(libdpdk-dev)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

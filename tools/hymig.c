@@ -29,6 +29,7 @@ static const char usage[] =
     "  hymig guest   --mem SIZE --ctl PATH [--vcpus N] [--workload SPEC]\n"
     "                [--incoming URI] [--no-autostart] [--numa-node N]\n"
     "                [--hugepages auto|thp|hugetlb|off] [--psk-file F] [--verbose]\n"
+    "                [--dpdk-eal \"EAL ARGS\"]\n"
     "  hymig migrate --ctl PATH --to URI\n"
     "                [--mode hybrid|precopy|postcopy|cold] [--precopy-rounds N]\n"
     "                [--postcopy-mechanism auto|minor|missing] [--rdma-poll event|busy]\n"
@@ -43,7 +44,14 @@ static const char usage[] =
     "\n"
     "URI is tcp://HOST:PORT, or rdma://HOST:PORT where the RDMA transport is built\n"
     "(the control connection is tcp to that address, page data goes by RDMA WRITE\n"
-    "and READ over rdma_cm queue pairs).\n"
+    "and READ over rdma_cm queue pairs), or dpdk:// or dpdk://MAC where the DPDK\n"
+    "transport is built (raw Ethernet frames from user space on the guest's DPDK port;\n"
+    "the source without a MAC finds the listening destination by a broadcast hello).\n"
+    "--dpdk-eal \"EAL ARGS\": the guest starts DPDK with these EAL arguments and\n"
+    "opens the first port for its whole life; needed on both guests for dpdk://.\n"
+    "Without hugepages or a NIC, e.g. \"--no-huge -m 512 --no-pci --file-prefix NAME\n"
+    "--vdev net_memif0,role=server,socket=/run/hymig.memif\" (NAME differs per\n"
+    "process; the peer has role=client).\n"
     "SIZE takes binary suffixes (256M = 256 x 2^20 bytes); RATE decimal bytes per\n"
     "second (50M = 50 x 10^6 B/s). Workloads: idle, or\n"
     "dirtier:rate=RATE,pattern=uniform|hotspot|sequential[,hot=F][,seed=S].\n"
@@ -157,6 +165,7 @@ static int cmd_guest(int argc, char **argv)
 	    {"numa-node", required_argument, 0, 'n'},
 	    {"hugepages", required_argument, 0, 'H'},
 	    {"psk-file", required_argument, 0, 'k'},
+	    {"dpdk-eal", required_argument, 0, 'D'},
 	    {"verbose", no_argument, 0, 'V'},
 	    {"help", no_argument, 0, 'h'},
 	    {0, 0, 0, 0},
@@ -221,6 +230,9 @@ static int cmd_guest(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
+		case 'D':
+			cfg.dpdk_eal = optarg;
+			break;
 		case 'V':
 			hm_log_level = 2;
 			break;
@@ -233,6 +245,8 @@ static int cmd_guest(int argc, char **argv)
 	}
 	if (!cfg.mem || !cfg.ctl_path)
 		return usage_error("%s", "hymig guest needs --mem SIZE and --ctl PATH");
+	if (cfg.incoming && !strncmp(cfg.incoming, "dpdk:", 5) && !cfg.dpdk_eal)
+		return usage_error("%s", "--incoming dpdk:// needs --dpdk-eal \"EAL ARGS\"");
 	return guest_main(&cfg);
 }
 

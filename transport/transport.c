@@ -10,7 +10,33 @@ static const struct tp_ops *const transports[] = {
 #ifdef HAVE_RDMA
     &rdma_ops,
 #endif
+#ifdef HAVE_DPDK
+    &dpdk_ops,
+#endif
 };
+
+/* "dpdk://" (find the destination by broadcast) or "dpdk://aa:bb:cc:dd:ee:ff". */
+static int parse_mac_uri(const char *uri, const char *rest, struct tp_addr *out, char *err,
+			 size_t errlen)
+{
+	unsigned b[6];
+	int n = 0;
+
+	if (!*rest)
+		return 0;
+	if (strlen(rest) != 17 ||
+	    sscanf(rest, "%2x:%2x:%2x:%2x:%2x:%2x%n", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5],
+		   &n) != 6 ||
+	    n != 17 || strspn(rest, "0123456789abcdefABCDEF:") != 17) {
+		snprintf(err, errlen, "'%s': expected %s:// or %s://aa:bb:cc:dd:ee:ff", uri,
+			 out->ops->scheme, out->ops->scheme);
+		out->ops = NULL;
+		return -EINVAL;
+	}
+	snprintf(out->host, sizeof(out->host), "%02x:%02x:%02x:%02x:%02x:%02x", b[0], b[1], b[2],
+		 b[3], b[4], b[5]);
+	return 0;
+}
 
 int tp_enotsup_pull(struct tp_bulk *b, uint64_t first_page, uint32_t npages)
 {
@@ -62,6 +88,8 @@ int tp_parse_uri(const char *uri, struct tp_addr *out, char *err, size_t errlen)
 		return -EINVAL;
 	}
 	hp = sep + 3;
+	if (!strcmp(out->ops->scheme, "dpdk"))
+		return parse_mac_uri(uri, hp, out, err, errlen);
 	if (*hp == '[') {
 		const char *close = strchr(hp, ']');
 		if (!close || close[1] != ':')

@@ -56,6 +56,11 @@ struct tp_bulk {
 	/* Destination, one-sided reads: urgent reads done and their summed time from
 	 * posting to completion. */
 	atomic_uint_fast64_t urgent_reads, urgent_read_ns;
+	/* Transports with their own reliable protocol over frames (dpdk), updated at drain,
+	 * land_wait, serve_next timeouts and close: frames sent and received (data, acks,
+	 * keepalives), data frames sent again, frames dropped (bad, duplicate, out of
+	 * window, injected), sends that waited for the window. */
+	uint64_t frames_sent, frames_received, retransmissions, drops, window_stalls;
 };
 
 /* A contiguous run of pages inside one region. */
@@ -93,7 +98,9 @@ struct tp_bulk_cfg {
 	unsigned reg_chunks;
 };
 
-/* Parses "tcp://HOST:PORT" (HOST may be [v6]). Names the problem in err on failure. */
+/* Parses "tcp://HOST:PORT" (HOST may be [v6]), and "dpdk://" or "dpdk://MAC" (host: the
+ * MAC as aa:bb:cc:dd:ee:ff, or "" for discovery by broadcast; port: ""). Names the problem in err
+ * on failure. */
 int tp_parse_uri(const char *uri, struct tp_addr *out, char *err, size_t errlen);
 /* Comma-separated names of the transports built in. */
 const char *tp_built_in(void);

@@ -84,5 +84,8 @@ extern const struct tp_ops tcp_ops;
 #ifdef HAVE_RDMA
 extern const struct tp_ops rdma_ops;
 #endif
+#ifdef HAVE_DPDK
+extern const struct tp_ops dpdk_ops;
+#endif
 
 #endif

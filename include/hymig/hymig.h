@@ -145,9 +145,13 @@ struct hm_stats {
 	/* Page and message bytes by operation, for transports with one-sided operations
 	 * (RDMA): written by the source, read by the destination, sent as messages. */
 	uint64_t op_write_bytes, op_read_bytes, op_send_bytes;
-	double registration_ms;	   /* registering (pinning) the source's RAM, when needed */
+	double registration_ms;	    /* registering (pinning) the source's RAM, when needed */
 	uint64_t pinned_peak_bytes; /* the most of the source's RAM pinned at once */
 	uint64_t chunk_pins;	    /* chunked registration: chunks the source pinned */
+	/* Transports with their own protocol over frames (dpdk), the source's side: frames
+	 * sent and received, data frames sent again, frames dropped, sends that waited for
+	 * the window. */
+	uint64_t frames_sent, frames_received, frame_retransmissions, frame_drops, window_stalls;
 	double urgent_read_avg_us; /* one-sided post-copy: an urgent read, posted to done */
 };
 

@@ -1,0 +1,1709 @@
+/* The dpdk transport's reliable protocol: poller, hellos, links. See dpdk_net.h. */
+#include "dpdk_net.h"
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <rte_ethdev.h>
+#include <rte_lcore.h>
+#include <rte_mbuf.h>
+#include <rte_mempool.h>
+#include <rte_pause.h>
+#include <rte_ring.h>
+
+/* The poller's tx queue: frames waiting for tx_burst, leftovers of a short burst first.
+ * New DATA frames stop at TXQ_DATA_FILL and retransmissions at TXQ_RETX_FILL, so acks,
+ * hellos and urgent frames find room. */
+#define TXQ_CAP	      1024
+#define TXQ_DATA_FILL 128
+#define TXQ_RETX_FILL 768
+#define RX_BURST      64
+#define HELD_CAP      512 /* frames held back by reorder injection, per direction */
+#define LANE_TURN     32  /* frames a bulk lane sends before the next one's turn */
+/* Frames the first expiry of a lane's timer resends: a lost tail is recovered at once,
+ * and a peer that was only slow (descheduled) gets few copies it did not need. */
+#define RTO_BURST     32
+#define HELLO_RING    256
+#define KICK_EVERY    16	  /* frames a sender queues between wake-ups of the poller */
+#define POOL_WAIT_US  20	  /* a sender's sleep when the mbuf pool is empty */
+#define WAIT_SLICE_NS 50000000ull /* blocked callers re-check at least this often */
+
+enum { DIR_TX, DIR_RX };
+
+/* One DATA frame the sender keeps until it is acked. */
+struct tx_slot {
+	struct rte_mbuf *m; /* our reference; NULL once acked selectively */
+	uint64_t sent_ns;   /* its last transmission */
+	uint32_t tries;	    /* transmissions so far */
+};
+
+struct lane {
+	/* Senders' side. send_lock serialises messages; ring carries built frames to the
+	 * poller (single producer: send_lock's holder; single consumer: the poller). */
+	pthread_mutex_t send_lock;
+	struct rte_ring *ring;
+	atomic_uint queued; /* frames queued or unacked: senders add, the poller subtracts */
+	atomic_int waiters; /* threads blocked on the link's cond for this lane */
+	uint64_t window_stalls, pool_stalls; /* written by the send_lock holder */
+	bool urgent;
+
+	/* The poller's side; nobody else touches these while the link is attached. */
+	uint32_t snd_una, snd_nxt; /* oldest unacked, next to assign */
+	uint32_t sack_high;	   /* highest sequence acked selectively (if have_sack) */
+	bool have_sack;
+	uint32_t peer_credit; /* the receiver's advertised window */
+	uint64_t rto_next;    /* the retransmission timer: rto after the last progress */
+	unsigned backoff;     /* timer expiries since the last progress */
+	uint64_t hole_next;   /* when a frame presumed lost may be resent again */
+	struct tx_slot *tx;   /* by seq & mask */
+	uint32_t rcv_nxt;     /* next sequence to deliver */
+	uint32_t rx_high;     /* highest sequence held (if held) */
+	uint32_t held;	      /* out-of-order frames held */
+	struct rte_mbuf **rx; /* held frames, by seq & mask */
+	uint32_t ack_pending; /* frames received since our last ack */
+	bool ack_now;	      /* ack without delay (gap, duplicate, hole filled) */
+	uint64_t ack_since;   /* when the first unacked frame arrived */
+	bool in_msg;	      /* between a START and an END delivered */
+};
+
+struct dpdkt_link {
+	struct dpdkt_net *net;
+	struct rte_ether_addr peer;
+	uint64_t session;
+	unsigned nlanes;
+	struct dpdkt_link_cfg cfg;
+	uint32_t win, mask; /* window per lane, a power of two */
+	dpdkt_deliver_fn deliver;
+	void *ctx;
+
+	/* lock and cond: blocked senders and flushers; dead and queued change under it or
+	 * are followed by a broadcast under it. */
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	atomic_int dead;	/* 0 or why the link died */
+	atomic_bool want_reset; /* the poller owes the peer a RESET */
+	atomic_bool notify;	/* the poller owes the owner a dead_cb */
+
+	/* The poller's. */
+	uint64_t last_rx, last_tx;
+	uint64_t srtt, rttvar, rto; /* ns */
+	bool have_rtt;
+	unsigned rr;		    /* next bulk lane's turn */
+	struct dpdkt_link_stats st; /* written by the poller (and pool/window stalls) */
+
+	struct lane lanes[];
+};
+
+struct held {
+	struct rte_mbuf *m;
+	unsigned left; /* poller rounds before it goes */
+};
+
+struct dpdkt_net {
+	struct dpdkt_port *port;
+	struct rte_ether_addr mac;
+	unsigned payload_max;
+	struct dpdkt_net_cfg cfg;
+
+	/* lock guards links, nlinks, gen, seen_gen, win_frames, loss, seed, running and
+	 * thread; cond signals that the poller took a new generation (seen_gen) or stopped. */
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct dpdkt_link *links[DPDKT_MAX_LINKS];
+	unsigned nlinks;
+	uint32_t gen, seen_gen;
+	atomic_uint gen_pub; /* gen, for the poller's check without the lock */
+	uint64_t win_frames; /* mbufs the open links may hold, for dpdkt_link_open's check */
+	struct dpdkt_loss loss[2];
+	bool loss_on[2];
+	uint64_t seed;
+	bool running;
+	pthread_t thread;
+	atomic_bool stop;
+
+	struct rte_ring *hello_tx; /* built HELLO frames, any thread → poller */
+	/* hello_lock guards the received-hello queue; hello_cond: one arrived. */
+	pthread_mutex_t hello_lock;
+	pthread_cond_t hello_cond;
+	struct rte_mbuf **hello_q;
+	unsigned hello_head, hello_n;
+
+	/* Waking the poller: senders set kick; the poller sleeps on it when sleeping. */
+	atomic_uint kick;
+	atomic_uint sleeping;
+
+	struct dpdkt_net_stats st; /* written by the poller */
+
+	/* The poller's own state. */
+	struct dpdkt_link *pl[DPDKT_MAX_LINKS]; /* its copy of links */
+	unsigned npl;
+	uint32_t pgen;
+	struct dpdkt_loss ploss[2];
+	bool ploss_on[2];
+	uint64_t rng;
+	uint64_t now;
+	unsigned rr_link;
+	struct rte_mbuf *txq[TXQ_CAP];
+	unsigned txq_n;
+	struct held held[2][HELD_CAP];
+	unsigned nheld[2];
+};
+
+/* ---- Small helpers ---- */
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t deadline_after(int timeout_ms)
+{
+	return timeout_ms < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ms * 1000000ull;
+}
+
+/* Waits on cond until deadline, at most WAIT_SLICE_NS. Returns false after deadline. */
+static bool cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, uint64_t deadline)
+{
+	uint64_t now = now_ns();
+	if (now >= deadline)
+		return false;
+	uint64_t until = deadline - now > WAIT_SLICE_NS ? now + WAIT_SLICE_NS : deadline;
+	struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
+			      .tv_nsec = (long)(until % 1000000000ull)};
+	pthread_cond_timedwait(c, m, &ts);
+	return true;
+}
+
+static void cond_init_mono(pthread_cond_t *c)
+{
+	pthread_condattr_t a;
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(c, &a);
+	pthread_condattr_destroy(&a);
+}
+
+/* Counters have one writer; readers load them whole. */
+static inline void st_add(uint64_t *c, uint64_t n)
+{
+	__atomic_store_n(c, *c + n, __ATOMIC_RELAXED);
+}
+
+static void st_copy(void *dst, const void *src, size_t size)
+{
+	const uint64_t *s = src;
+	uint64_t *d = dst;
+	for (size_t i = 0; i < size / sizeof(uint64_t); i++)
+		d[i] = __atomic_load_n(&s[i], __ATOMIC_RELAXED);
+}
+
+static uint64_t rng_next(uint64_t *s)
+{
+	uint64_t x = *s;
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	*s = x;
+	return x * 0x2545F4914F6CDD1Dull;
+}
+
+static bool chance(struct dpdkt_net *net, double p)
+{
+	return p > 0 && (double)(rng_next(&net->rng) >> 11) * 0x1.0p-53 < p;
+}
+
+static void kick(struct dpdkt_net *net)
+{
+	atomic_store(&net->kick, 1);
+	if (atomic_load(&net->sleeping))
+		syscall(SYS_futex, &net->kick, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static unsigned pow2_at_least(unsigned v)
+{
+	unsigned p = 1;
+	while (p < v)
+		p <<= 1;
+	return p;
+}
+
+/* ---- Frames ---- */
+
+static struct dpdkt_wire *wire_of(struct rte_mbuf *m)
+{
+	return rte_pktmbuf_mtod_offset(m, struct dpdkt_wire *, RTE_ETHER_HDR_LEN);
+}
+
+static uint8_t *payload_of(struct rte_mbuf *m)
+{
+	return rte_pktmbuf_mtod_offset(m, uint8_t *, DPDKT_HDR_LEN);
+}
+
+/* A frame of len payload bytes with its Ethernet and wire headers filled but for seq,
+ * acks and crc. NULL when the pool is empty. */
+static struct rte_mbuf *frame_new(struct dpdkt_net *net, const struct rte_ether_addr *dst,
+				  uint8_t type, uint8_t lane, uint64_t session, size_t len)
+{
+	struct rte_mbuf *m = rte_pktmbuf_alloc(net->port->pool);
+	if (m == NULL)
+		return NULL;
+	uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(DPDKT_HDR_LEN + len));
+	if (p == NULL) {
+		rte_pktmbuf_free(m);
+		return NULL;
+	}
+	struct rte_ether_hdr *eth = (struct rte_ether_hdr *)p;
+	eth->dst_addr = *dst;
+	eth->src_addr = net->mac;
+	eth->ether_type = rte_cpu_to_be_16(DPDKT_ETHERTYPE);
+	struct dpdkt_wire *w = (struct dpdkt_wire *)(p + RTE_ETHER_HDR_LEN);
+	memset(w, 0, sizeof(*w));
+	w->magic = rte_cpu_to_le_32(DPDKT_MAGIC);
+	w->version = DPDKT_VERSION;
+	w->type = type;
+	w->lane = lane;
+	w->session = rte_cpu_to_le_64(session);
+	w->len = rte_cpu_to_le_16((uint16_t)len);
+	return m;
+}
+
+/* Finishes the CRC from the payload's part. */
+static void frame_seal(struct dpdkt_wire *w, uint32_t payload_crc)
+{
+	w->crc = 0;
+	uint32_t crc = dpdkt_crc32c(w, sizeof(*w), payload_crc);
+	w->crc = rte_cpu_to_le_32(crc);
+}
+
+/* A decoded, validated header. */
+struct hdr {
+	uint8_t type, lane, flags;
+	uint64_t session;
+	uint32_t seq, ack;
+	uint64_t sack;
+	uint16_t credit, len;
+};
+
+enum decode_err { DEC_OK, DEC_SHORT, DEC_MAGIC, DEC_CRC };
+
+/* Validates the wire header of a frame of avail bytes past the Ethernet header, and
+ * its CRC over the payload. */
+static enum decode_err wire_decode(const uint8_t *p, size_t avail, struct hdr *h)
+{
+	struct dpdkt_wire w;
+
+	if (avail < sizeof(w))
+		return DEC_SHORT;
+	memcpy(&w, p, sizeof(w));
+	if (rte_le_to_cpu_32(w.magic) != DPDKT_MAGIC || w.version != DPDKT_VERSION ||
+	    w.type < DPDKT_HELLO || w.type > DPDKT_RESET)
+		return DEC_MAGIC;
+	h->len = rte_le_to_cpu_16(w.len);
+	if (h->len > avail - sizeof(w))
+		return DEC_SHORT;
+	uint32_t crc = rte_le_to_cpu_32(w.crc);
+	w.crc = 0;
+	if (dpdkt_crc32c(&w, sizeof(w), dpdkt_crc32c(p + sizeof(w), h->len, 0)) != crc)
+		return DEC_CRC;
+	h->type = w.type;
+	h->lane = w.lane;
+	h->flags = w.flags;
+	h->session = rte_le_to_cpu_64(w.session);
+	h->seq = rte_le_to_cpu_32(w.seq);
+	h->ack = rte_le_to_cpu_32(w.ack);
+	h->sack = rte_le_to_cpu_64(w.sack);
+	h->credit = rte_le_to_cpu_16(w.credit);
+	return DEC_OK;
+}
+
+/* ---- Link state changes (any thread) ---- */
+
+static void link_wake(struct dpdkt_link *l)
+{
+	pthread_mutex_lock(&l->lock);
+	pthread_cond_broadcast(&l->cond);
+	pthread_mutex_unlock(&l->lock);
+}
+
+/* Kills the link with err once; reset: the peer is told. */
+static void link_fail(struct dpdkt_link *l, int err, bool reset)
+{
+	int alive = 0;
+	if (!atomic_compare_exchange_strong(&l->dead, &alive, err))
+		return;
+	if (reset)
+		atomic_store(&l->want_reset, true);
+	if (err != -ECANCELED)
+		atomic_store(&l->notify, true);
+	link_wake(l);
+	kick(l->net);
+}
+
+/* ---- The poller: tx queue and loss injection ---- */
+
+static unsigned txq_room(const struct dpdkt_net *net, unsigned fill)
+{
+	/* Two places per frame: injection may duplicate it. */
+	return net->txq_n + 2 <= fill ? (fill - net->txq_n) / 2 : 0;
+}
+
+static void hold(struct dpdkt_net *net, int dir, struct rte_mbuf *m)
+{
+	unsigned hold = net->ploss[dir].hold ? net->ploss[dir].hold : 4;
+	net->held[dir][net->nheld[dir]++] = (struct held){.m = m, .left = hold};
+	st_add(&net->st.inj_reorder, 1);
+}
+
+/* A copy of m with one byte past the Ethernet header flipped; m is consumed. When
+ * there is no mbuf for the copy, m goes unharmed. */
+static struct rte_mbuf *corrupt(struct dpdkt_net *net, struct rte_mbuf *m)
+{
+	struct rte_mbuf *c = rte_pktmbuf_copy(m, net->port->pool, 0, UINT32_MAX);
+	if (c == NULL || c->nb_segs != 1 || c->data_len <= RTE_ETHER_HDR_LEN) {
+		rte_pktmbuf_free(c);
+		return m;
+	}
+	rte_pktmbuf_free(m);
+	uint32_t at =
+	    RTE_ETHER_HDR_LEN + (uint32_t)(rng_next(&net->rng) % (c->data_len - RTE_ETHER_HDR_LEN));
+	rte_pktmbuf_mtod(c, uint8_t *)[at] ^= (uint8_t)(1 + rng_next(&net->rng) % 255);
+	st_add(&net->st.inj_corrupt, 1);
+	return c;
+}
+
+/* Queues m for tx through the tx injection; consumes m. The caller checked txq_room. */
+static void txq_put(struct dpdkt_net *net, struct rte_mbuf *m)
+{
+	if (net->ploss_on[DIR_TX]) {
+		const struct dpdkt_loss *l = &net->ploss[DIR_TX];
+		if (chance(net, l->drop)) {
+			st_add(&net->st.inj_drop, 1);
+			rte_pktmbuf_free(m);
+			return;
+		}
+		if (chance(net, l->corrupt))
+			m = corrupt(net, m);
+		if (net->nheld[DIR_TX] < HELD_CAP && chance(net, l->reorder)) {
+			hold(net, DIR_TX, m);
+			return;
+		}
+		if (chance(net, l->dup)) {
+			rte_mbuf_refcnt_update(m, 1);
+			net->txq[net->txq_n++] = m;
+			st_add(&net->st.inj_dup, 1);
+		}
+	}
+	net->txq[net->txq_n++] = m;
+}
+
+/* Hands the tx queue to the PMD; what it did not take stays first in line. */
+static unsigned txq_flush(struct dpdkt_net *net)
+{
+	unsigned sent = 0;
+
+	while (sent < net->txq_n) {
+		uint16_t n = rte_eth_tx_burst(net->port->id, 0, net->txq + sent,
+					      (uint16_t)RTE_MIN(net->txq_n - sent, 512u));
+		if (n == 0)
+			break;
+		sent += n;
+	}
+	if (sent < net->txq_n) {
+		st_add(&net->st.tx_short, 1);
+		memmove(net->txq, net->txq + sent, (net->txq_n - sent) * sizeof(net->txq[0]));
+	}
+	net->txq_n -= sent;
+	st_add(&net->st.tx_frames, sent);
+	return sent;
+}
+
+/* ---- The poller: acks ---- */
+
+/* Fills w's ack fields for lane (the other direction) and clears what was owed. */
+static void fill_ack(struct dpdkt_link *l, struct lane *ln, struct dpdkt_wire *w)
+{
+	uint64_t sack = 0;
+
+	if (ln->held > 0) {
+		unsigned n = RTE_MIN(64u, l->win - 1);
+		for (unsigned i = 0; i < n; i++)
+			if (ln->rx[(ln->rcv_nxt + 1 + i) & l->mask] != NULL)
+				sack |= 1ull << i;
+	}
+	w->ack = rte_cpu_to_le_32(ln->rcv_nxt);
+	w->sack = rte_cpu_to_le_64(sack);
+	w->credit = rte_cpu_to_le_16((uint16_t)RTE_MIN(l->win, 65535u));
+	ln->ack_pending = 0;
+	ln->ack_now = false;
+}
+
+/* Sends a control frame (ACK, KEEPALIVE, RESET) for lane. false when it could not. */
+static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, unsigned lane)
+{
+	struct lane *ln = &l->lanes[lane];
+	size_t len = 0;
+
+	if (txq_room(net, TXQ_CAP) == 0)
+		return false;
+	/* An ACK's payload maps every frame held, 64 bits at a time. */
+	if (type == DPDKT_ACK && ln->held > 0) {
+		size_t bits = RTE_ALIGN_CEIL((size_t)(ln->rx_high - ln->rcv_nxt), 64);
+		len = RTE_MIN(bits / 8, (size_t)net->payload_max & ~(size_t)7);
+	}
+	struct rte_mbuf *m = frame_new(net, &l->peer, type, (uint8_t)lane, l->session, len);
+	if (m == NULL) {
+		st_add(&net->st.nombuf, 1);
+		return false;
+	}
+	struct dpdkt_wire *w = wire_of(m);
+	uint8_t *bm = payload_of(m);
+	memset(bm, 0, len);
+	for (size_t i = 0; i < len * 8 && i + 1 < l->win; i++)
+		if (ln->rx[(ln->rcv_nxt + 1 + i) & l->mask] != NULL)
+			bm[i / 8] |= (uint8_t)(1u << (i % 8));
+	if (type != DPDKT_RESET)
+		fill_ack(l, ln, w);
+	frame_seal(w, dpdkt_crc32c(bm, len, 0));
+	txq_put(net, m);
+	l->last_tx = net->now;
+	if (type == DPDKT_ACK)
+		st_add(&l->st.acks_tx, 1);
+	else if (type == DPDKT_KEEPALIVE)
+		st_add(&l->st.keepalives_tx, 1);
+	return true;
+}
+
+static void rtt_sample(struct dpdkt_link *l, uint64_t r)
+{
+	if (!l->have_rtt) {
+		l->srtt = r;
+		l->rttvar = r / 2;
+		l->have_rtt = true;
+	} else {
+		uint64_t diff = l->srtt > r ? l->srtt - r : r - l->srtt;
+		l->rttvar = (3 * l->rttvar + diff) / 4;
+		l->srtt = (7 * l->srtt + r) / 8;
+	}
+	uint64_t rto = l->srtt + 4 * l->rttvar;
+	rto = RTE_MAX(rto, (uint64_t)l->cfg.rto_min_us * 1000);
+	l->rto = RTE_MIN(rto, (uint64_t)l->cfg.rto_max_us * 1000);
+	__atomic_store_n(&l->st.srtt_us, l->srtt / 1000, __ATOMIC_RELAXED);
+	__atomic_store_n(&l->st.rto_us, l->rto / 1000, __ATOMIC_RELAXED);
+}
+
+/* The lane's timeout: doubled per expiry without progress, up to rto_max. */
+static uint64_t lane_rto(const struct dpdkt_link *l, const struct lane *ln)
+{
+	uint64_t max = (uint64_t)l->cfg.rto_max_us * 1000;
+	return RTE_MIN(l->rto << RTE_MIN(ln->backoff, 16u), max);
+}
+
+static void retransmit(struct dpdkt_net *net, struct dpdkt_link *l, struct tx_slot *s, bool timeout)
+{
+	/* The frame goes as it went first, with its (older) acks and CRC: nobody writes
+	 * to a frame once it was sent, so the PMD and the peer may share it. */
+	rte_mbuf_refcnt_update(s->m, 1);
+	txq_put(net, s->m);
+	s->sent_ns = net->now;
+	s->tries++;
+	l->last_tx = net->now;
+	st_add(&l->st.retrans, 1);
+	if (timeout)
+		st_add(&l->st.retrans_timeout, 1);
+}
+
+/* Marks seq as held by the receiver; *sample gets an RTT sample of a frame sent once.
+ * True when that is news. */
+static bool sacked(struct lane *ln, uint32_t mask, uint32_t seq, uint64_t now, uint64_t *sample)
+{
+	if (seq - ln->snd_una >= ln->snd_nxt - ln->snd_una)
+		return false;
+	struct tx_slot *s = &ln->tx[seq & mask];
+	if (s->m == NULL)
+		return false;
+	if (s->tries == 1)
+		*sample = now - s->sent_ns;
+	rte_pktmbuf_free(s->m);
+	s->m = NULL;
+	if (!ln->have_sack || (int32_t)(seq - ln->sack_high) > 0) {
+		ln->sack_high = seq;
+		ln->have_sack = true;
+	}
+	return true;
+}
+
+/* Resends the frames presumed lost: DUPTHRESH later frames were acked and, for a frame
+ * resent already, a round trip passed since it last left (sooner, this ack predates
+ * the copy's arrival). Runs on news from the peer and on its own timer, since a resent
+ * copy that is lost again may bring no ack at all. */
+static unsigned resend_holes(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *ln)
+{
+	uint64_t next = UINT64_MAX;
+	unsigned n = 0;
+
+	if (ln->have_sack && (int32_t)(ln->sack_high - ln->snd_una) >= DPDKT_DUPTHRESH) {
+		uint64_t guard = l->have_rtt ? l->srtt + 2 * l->rttvar : l->rto;
+		/* An idle peer's poller sleeps up to DPDKT_IDLE_MAX_US before it acks. */
+		guard = RTE_MAX(guard, (uint64_t)l->cfg.rto_min_us * 1000 / 4);
+		for (uint32_t seq = ln->snd_una; (int32_t)(ln->sack_high - seq) >= DPDKT_DUPTHRESH;
+		     seq++) {
+			struct tx_slot *s = &ln->tx[seq & l->mask];
+			if (s->m == NULL)
+				continue;
+			if (s->tries > 1 && net->now - s->sent_ns < guard) {
+				next = RTE_MIN(next, s->sent_ns + guard);
+				continue;
+			}
+			if (txq_room(net, TXQ_RETX_FILL) == 0) {
+				next = net->now;
+				break;
+			}
+			retransmit(net, l, s, false);
+			n++;
+			next = RTE_MIN(next, net->now + guard);
+		}
+	}
+	ln->hole_next = next;
+	return n;
+}
+
+/* Takes in the ack fields (and an ACK's bitmap) the peer sent for lane. */
+static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *ln,
+		     const struct hdr *h, const uint8_t *bitmap, size_t bitmap_len)
+{
+	uint32_t inflight = ln->snd_nxt - ln->snd_una;
+	uint32_t adv = h->ack - ln->snd_una;
+	uint64_t sample = 0;
+	bool progress = false;
+
+	ln->peer_credit = h->credit ? h->credit : 1;
+	if (adv > 0 && adv <= inflight) {
+		for (uint32_t i = 0; i < adv; i++) {
+			struct tx_slot *s = &ln->tx[(ln->snd_una + i) & l->mask];
+			if (s->m == NULL)
+				continue;
+			if (s->tries == 1)
+				sample = net->now - s->sent_ns;
+			rte_pktmbuf_free(s->m);
+			s->m = NULL;
+		}
+		ln->snd_una = h->ack;
+		progress = true;
+		unsigned left = atomic_fetch_sub(&ln->queued, adv) - adv;
+		if (atomic_load(&ln->waiters) > 0 && left <= l->win - l->win / 4)
+			link_wake(l);
+	}
+	for (uint64_t bits = h->sack; bits != 0; bits &= bits - 1)
+		progress |= sacked(ln, l->mask, h->ack + 1 + (uint32_t)__builtin_ctzll(bits),
+				   net->now, &sample);
+	for (size_t i = 0; i < bitmap_len; i++)
+		for (unsigned b = bitmap[i]; b != 0; b &= b - 1)
+			progress |=
+			    sacked(ln, l->mask, h->ack + 1 + (uint32_t)(i * 8 + __builtin_ctz(b)),
+				   net->now, &sample);
+	if (sample != 0)
+		rtt_sample(l, sample);
+	/* The timer runs from the last progress, not from each frame's departure: a full
+	 * window may take longer than an RTO to drain without anything being lost. */
+	if (progress) {
+		ln->backoff = 0;
+		ln->rto_next = net->now + l->rto;
+	}
+	if (ln->snd_una == ln->snd_nxt)
+		ln->have_sack = false;
+	if (progress)
+		resend_holes(net, l, ln);
+}
+
+/* ---- The poller: receiving ---- */
+
+/* Delivers one in-order DATA frame and frees it. */
+static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m)
+{
+	struct lane *ln = &l->lanes[lane];
+	const struct dpdkt_wire *w = wire_of(m);
+	unsigned flags = w->flags & (DPDKT_FRAG_START | DPDKT_FRAG_END);
+	size_t len = rte_le_to_cpu_16(w->len);
+
+	/* Sequence numbers make this impossible unless the peer is broken. */
+	if (((flags & DPDKT_FRAG_START) != 0) == ln->in_msg) {
+		rte_pktmbuf_free(m);
+		link_fail(l, -EPROTO, true);
+		return;
+	}
+	int rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
+	rte_pktmbuf_free(m);
+	if (rc < 0) {
+		link_fail(l, rc, true);
+		return;
+	}
+	ln->in_msg = !(flags & DPDKT_FRAG_END);
+	st_add(&l->st.rx_bytes, len);
+	if (flags & DPDKT_FRAG_END)
+		st_add(&l->st.rx_msgs, 1);
+}
+
+/* A DATA frame for lane; consumes m. */
+static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane,
+		      struct rte_mbuf *m, uint32_t seq)
+{
+	struct lane *ln = &l->lanes[lane];
+	uint32_t d = seq - ln->rcv_nxt;
+
+	if (ln->ack_pending++ == 0)
+		ln->ack_since = net->now;
+	if ((int32_t)d < 0 || (d > 0 && d < l->win && ln->rx[seq & l->mask] != NULL)) {
+		st_add(&l->st.dup_frames, 1);
+		ln->ack_now = true; /* our ack was lost or late */
+		rte_pktmbuf_free(m);
+		return;
+	}
+	if (d >= l->win) {
+		st_add(&l->st.out_of_window, 1);
+		ln->ack_now = true;
+		rte_pktmbuf_free(m);
+		return;
+	}
+	st_add(&l->st.rx_frames, 1);
+	if (d > 0) {
+		/* A new gap: the sender should hear of it now; frames that merely follow
+		 * one are acked as usual. */
+		if (ln->held == 0 || seq != ln->rx_high + 1)
+			ln->ack_now = true;
+		ln->rx[seq & l->mask] = m;
+		if (ln->held++ == 0 || (int32_t)(seq - ln->rx_high) > 0)
+			ln->rx_high = seq;
+		return;
+	}
+	bool had_held = ln->held > 0;
+	deliver(net, l, lane, m);
+	ln->rcv_nxt++;
+	while (ln->held > 0 && atomic_load(&l->dead) == 0) {
+		struct rte_mbuf **slot = &ln->rx[ln->rcv_nxt & l->mask];
+		if (*slot == NULL)
+			break;
+		m = *slot;
+		*slot = NULL;
+		ln->held--;
+		deliver(net, l, lane, m);
+		ln->rcv_nxt++;
+	}
+	if (had_held)
+		ln->ack_now = true; /* a hole filled: let the window move */
+}
+
+static struct dpdkt_link *find_link(struct dpdkt_net *net, uint64_t session)
+{
+	for (unsigned i = 0; i < net->npl; i++)
+		if (net->pl[i]->session == session)
+			return net->pl[i];
+	return NULL;
+}
+
+static void hello_queue(struct dpdkt_net *net, struct rte_mbuf *m)
+{
+	pthread_mutex_lock(&net->hello_lock);
+	if (net->hello_n == net->cfg.hello_queue) {
+		pthread_mutex_unlock(&net->hello_lock);
+		st_add(&net->st.hello_overflow, 1);
+		rte_pktmbuf_free(m);
+		return;
+	}
+	net->hello_q[(net->hello_head + net->hello_n++) % net->cfg.hello_queue] = m;
+	pthread_cond_signal(&net->hello_cond);
+	pthread_mutex_unlock(&net->hello_lock);
+	st_add(&net->st.hello_rx, 1);
+}
+
+/* Checks and dispatches one received frame; consumes m. */
+static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
+{
+	struct hdr h;
+	uint64_t *drop;
+
+	if (m->nb_segs != 1 || m->data_len < DPDKT_HDR_LEN) {
+		drop = &net->st.drop_short;
+		goto drop;
+	}
+	const struct rte_ether_hdr *eth = rte_pktmbuf_mtod(m, const struct rte_ether_hdr *);
+	if (eth->ether_type != rte_cpu_to_be_16(DPDKT_ETHERTYPE)) {
+		drop = &net->st.drop_ethertype;
+		goto drop;
+	}
+	bool bcast = rte_is_broadcast_ether_addr(&eth->dst_addr);
+	if (!bcast && !rte_is_same_ether_addr(&eth->dst_addr, &net->mac)) {
+		drop = &net->st.drop_dst;
+		goto drop;
+	}
+	if (rte_is_same_ether_addr(&eth->src_addr, &net->mac)) {
+		drop = &net->st.drop_own;
+		goto drop;
+	}
+	switch (wire_decode(rte_pktmbuf_mtod_offset(m, const uint8_t *, RTE_ETHER_HDR_LEN),
+			    m->data_len - RTE_ETHER_HDR_LEN, &h)) {
+	case DEC_OK:
+		break;
+	case DEC_SHORT:
+		drop = &net->st.drop_short;
+		goto drop;
+	case DEC_MAGIC:
+		drop = &net->st.drop_magic;
+		goto drop;
+	case DEC_CRC:
+		drop = &net->st.drop_crc;
+		goto drop;
+	}
+	if (h.type == DPDKT_HELLO) {
+		hello_queue(net, m);
+		return;
+	}
+	if (bcast) {
+		drop = &net->st.drop_dst;
+		goto drop;
+	}
+	struct dpdkt_link *l = find_link(net, h.session);
+	if (l == NULL) {
+		drop = &net->st.drop_session;
+		goto drop;
+	}
+	if (!rte_is_same_ether_addr(&eth->src_addr, &l->peer)) {
+		drop = &net->st.drop_mac;
+		goto drop;
+	}
+	if (atomic_load(&l->dead) != 0) {
+		drop = &net->st.drop_dead;
+		goto drop;
+	}
+	if (h.lane >= l->nlanes) {
+		drop = &net->st.drop_lane;
+		goto drop;
+	}
+	l->last_rx = net->now;
+	struct lane *ln = &l->lanes[h.lane];
+	switch (h.type) {
+	case DPDKT_RESET:
+		rte_pktmbuf_free(m);
+		link_fail(l, -ECONNRESET, false);
+		return;
+	case DPDKT_ACK:
+		st_add(&l->st.acks_rx, 1);
+		take_ack(net, l, ln, &h, payload_of(m), h.len);
+		rte_pktmbuf_free(m);
+		return;
+	case DPDKT_KEEPALIVE:
+		st_add(&l->st.keepalives_rx, 1);
+		take_ack(net, l, ln, &h, NULL, 0);
+		rte_pktmbuf_free(m);
+		return;
+	default: /* DPDKT_DATA */
+		take_ack(net, l, ln, &h, NULL, 0);
+		take_data(net, l, h.lane, m, h.seq);
+		return;
+	}
+drop:
+	st_add(drop, 1);
+	rte_pktmbuf_free(m);
+}
+
+/* Passes a received frame through the rx injection. */
+static void rx_inject(struct dpdkt_net *net, struct rte_mbuf *m)
+{
+	const struct dpdkt_loss *l = &net->ploss[DIR_RX];
+
+	if (!net->ploss_on[DIR_RX]) {
+		take_frame(net, m);
+		return;
+	}
+	if (chance(net, l->drop)) {
+		st_add(&net->st.inj_drop, 1);
+		rte_pktmbuf_free(m);
+		return;
+	}
+	/* A copy: with net_ring the sender still holds this very mbuf. */
+	if (chance(net, l->corrupt))
+		m = corrupt(net, m);
+	if (net->nheld[DIR_RX] < HELD_CAP && chance(net, l->reorder)) {
+		hold(net, DIR_RX, m);
+		return;
+	}
+	if (chance(net, l->dup)) {
+		st_add(&net->st.inj_dup, 1);
+		rte_mbuf_refcnt_update(m, 1);
+		take_frame(net, m);
+	}
+	take_frame(net, m);
+}
+
+/* Lets held-back frames go when their time came: rx ones to take_frame, tx ones to
+ * the tx queue. */
+static void release_held(struct dpdkt_net *net, int dir)
+{
+	unsigned keep = 0;
+
+	for (unsigned i = 0; i < net->nheld[dir]; i++) {
+		struct held *h = &net->held[dir][i];
+		if (h->left > 0)
+			h->left--;
+		if (h->left > 0 || (dir == DIR_TX && net->txq_n >= TXQ_CAP)) {
+			net->held[dir][keep++] = *h;
+		} else if (dir == DIR_TX) {
+			net->txq[net->txq_n++] = h->m;
+		} else {
+			take_frame(net, h->m);
+		}
+	}
+	net->nheld[dir] = keep;
+}
+
+static unsigned rx_poll(struct dpdkt_net *net)
+{
+	struct rte_mbuf *ms[RX_BURST];
+
+	release_held(net, DIR_RX);
+	uint16_t n = rte_eth_rx_burst(net->port->id, 0, ms, RX_BURST);
+	st_add(&net->st.rx_frames, n);
+	for (uint16_t i = 0; i < n; i++)
+		rx_inject(net, ms[i]);
+	return n;
+}
+
+/* ---- The poller: sending ---- */
+
+/* Takes up to max frames off a lane's ring, within the window and the peer's credit:
+ * assigns sequence numbers and acks, seals them, keeps a reference for retransmission. */
+static unsigned lane_send(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, unsigned max)
+{
+	struct lane *ln = &l->lanes[lane];
+	uint32_t win = RTE_MIN(l->win, ln->peer_credit);
+	uint32_t inflight = ln->snd_nxt - ln->snd_una;
+	struct rte_mbuf *ms[LANE_TURN];
+
+	if (inflight >= win)
+		return 0;
+	max = RTE_MIN(max, win - inflight);
+	max = RTE_MIN(max, (unsigned)LANE_TURN);
+	unsigned n = rte_ring_sc_dequeue_burst(ln->ring, (void **)ms, max, NULL);
+	for (unsigned i = 0; i < n; i++) {
+		struct rte_mbuf *m = ms[i];
+		struct dpdkt_wire *w = wire_of(m);
+		uint32_t payload_crc = rte_le_to_cpu_32(w->crc); /* the sender's part */
+		uint32_t seq = ln->snd_nxt++;
+		struct tx_slot *s = &ln->tx[seq & l->mask];
+
+		w->seq = rte_cpu_to_le_32(seq);
+		fill_ack(l, ln, w);
+		frame_seal(w, payload_crc);
+		*s = (struct tx_slot){.m = m, .sent_ns = net->now, .tries = 1};
+		st_add(&l->st.tx_bytes, rte_le_to_cpu_16(w->len));
+		if (w->flags & DPDKT_FRAG_END)
+			st_add(&l->st.tx_msgs, 1);
+		rte_mbuf_refcnt_update(m, 1);
+		txq_put(net, m);
+	}
+	if (n > 0) {
+		st_add(&l->st.tx_frames, n);
+		l->last_tx = net->now;
+		if (inflight == 0) /* the timer starts with the first frame in flight */
+			ln->rto_next = net->now + lane_rto(l, ln);
+	}
+	return n;
+}
+
+/* New DATA frames: urgent lanes first, then the bulk lanes in turn. */
+static unsigned send_data(struct dpdkt_net *net)
+{
+	unsigned sent = 0;
+
+	for (unsigned i = 0; i < net->npl; i++) {
+		struct dpdkt_link *l = net->pl[i];
+		int u = l->cfg.urgent_lane;
+		if (u >= 0 && atomic_load(&l->dead) == 0)
+			sent += lane_send(net, l, (unsigned)u, txq_room(net, TXQ_RETX_FILL));
+	}
+	for (unsigned k = 0; k < net->npl; k++) {
+		struct dpdkt_link *l = net->pl[(net->rr_link + k) % net->npl];
+		if (atomic_load(&l->dead) != 0)
+			continue;
+		for (unsigned j = 0; j < l->nlanes; j++) {
+			unsigned lane = (l->rr + j) % l->nlanes;
+			unsigned room = txq_room(net, TXQ_DATA_FILL);
+			if (room == 0)
+				return sent;
+			if (l->lanes[lane].urgent)
+				continue;
+			sent += lane_send(net, l, lane, room);
+		}
+		l->rr = (l->rr + 1) % l->nlanes;
+	}
+	net->rr_link++;
+	return sent;
+}
+
+/* The lane's timer expired: nothing was acked for lane_rto. The first expiry resends
+ * the oldest RTO_BURST frames not acked that left at least that long ago (a tail was
+ * lost); later ones only the oldest, as a probe, since the peer may be gone. */
+static unsigned rto_fire(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *ln)
+{
+	uint64_t rto = lane_rto(l, ln);
+	unsigned n = 0;
+
+	for (uint32_t seq = ln->snd_una; seq != ln->snd_nxt; seq++) {
+		struct tx_slot *s = &ln->tx[seq & l->mask];
+		if (s->m == NULL || net->now - s->sent_ns < rto)
+			continue;
+		if (txq_room(net, TXQ_RETX_FILL) == 0) {
+			ln->rto_next = net->now; /* the rest next round */
+			return n;
+		}
+		retransmit(net, l, s, true);
+		if (++n >= (ln->backoff > 0 ? 1u : RTO_BURST))
+			break;
+	}
+	ln->backoff++;
+	ln->rto_next = net->now + lane_rto(l, ln);
+	return n;
+}
+
+/* A link's timers: dead peer, acks owed, retransmissions, keepalive; and what a dead
+ * link still owes (RESET, dead_cb). Returns the frames it queued. */
+static unsigned link_timers(struct dpdkt_net *net, struct dpdkt_link *l, bool idle)
+{
+	unsigned work = 0;
+
+	if (atomic_load(&l->dead) != 0) {
+		if (atomic_exchange(&l->want_reset, false) && !send_ctl(net, l, DPDKT_RESET, 0))
+			atomic_store(&l->want_reset, true);
+		if (atomic_exchange(&l->notify, false) && l->cfg.dead_cb != NULL)
+			l->cfg.dead_cb(l->ctx, atomic_load(&l->dead));
+		return 0;
+	}
+	/* Signed: a link opened after this round's clock reading is in the future. */
+	if ((int64_t)(net->now - l->last_rx) > (int64_t)l->cfg.dead_ms * 1000000) {
+		link_fail(l, -ETIMEDOUT, true);
+		return 0;
+	}
+	uint64_t ack_delay = (uint64_t)l->cfg.ack_delay_us * 1000;
+	for (unsigned i = 0; i < l->nlanes; i++) {
+		struct lane *ln = &l->lanes[i];
+		if (ln->ack_pending > 0 &&
+		    (idle || ln->ack_now || ln->ack_pending >= l->cfg.ack_every ||
+		     net->now - ln->ack_since >= ack_delay))
+			work += send_ctl(net, l, DPDKT_ACK, i);
+		if (ln->snd_una != ln->snd_nxt && net->now >= ln->rto_next)
+			work += rto_fire(net, l, ln);
+		if (net->now >= ln->hole_next)
+			work += resend_holes(net, l, ln);
+	}
+	if ((int64_t)(net->now - l->last_tx) >= (int64_t)l->cfg.keepalive_ms * 1000000)
+		work += send_ctl(net, l, DPDKT_KEEPALIVE, 0);
+	return work;
+}
+
+static unsigned send_hellos(struct dpdkt_net *net)
+{
+	struct rte_mbuf *ms[32];
+	unsigned n = rte_ring_sc_dequeue_burst(net->hello_tx, (void **)ms,
+					       RTE_MIN(txq_room(net, TXQ_CAP), 32u), NULL);
+	for (unsigned i = 0; i < n; i++)
+		txq_put(net, ms[i]);
+	st_add(&net->st.hello_tx, n);
+	return n;
+}
+
+/* Takes a new link table or loss setting. A link that left owes its peer a RESET,
+ * sent now: the poller never sees it again. */
+static void refresh(struct dpdkt_net *net)
+{
+	if (atomic_load(&net->gen_pub) == net->pgen)
+		return;
+	pthread_mutex_lock(&net->lock);
+	for (unsigned i = 0; i < net->npl; i++) {
+		struct dpdkt_link *l = net->pl[i];
+		bool still = false;
+		for (unsigned j = 0; j < net->nlinks; j++)
+			still |= net->links[j] == l;
+		if (!still && atomic_exchange(&l->want_reset, false))
+			send_ctl(net, l, DPDKT_RESET, 0);
+	}
+	memcpy(net->pl, net->links, sizeof(net->pl));
+	net->npl = net->nlinks;
+	memcpy(net->ploss, net->loss, sizeof(net->ploss));
+	memcpy(net->ploss_on, net->loss_on, sizeof(net->ploss_on));
+	if (net->seed != 0) {
+		net->rng = net->seed;
+		net->seed = 0;
+	}
+	net->pgen = net->gen;
+	net->seen_gen = net->gen;
+	pthread_cond_broadcast(&net->cond);
+	pthread_mutex_unlock(&net->lock);
+}
+
+/* Sleeps on the dpdkt_idle schedule, or until a sender kicks. */
+static void poller_idle(struct dpdkt_net *net, struct dpdkt_idle *b)
+{
+	if (++b->empty <= DPDKT_IDLE_SPINS) {
+		rte_pause();
+		return;
+	}
+	b->sleep_us = b->sleep_us ? RTE_MIN(b->sleep_us * 2, (unsigned)DPDKT_IDLE_MAX_US) : 1;
+	struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)b->sleep_us * 1000};
+	atomic_store(&net->sleeping, 1);
+	syscall(SYS_futex, &net->kick, FUTEX_WAIT_PRIVATE, 0, &ts, NULL, 0);
+	atomic_store(&net->sleeping, 0);
+	st_add(&net->st.sleeps, 1);
+}
+
+static void *poller(void *arg)
+{
+	struct dpdkt_net *net = arg;
+	struct dpdkt_idle idle = {0};
+
+	pthread_setname_np(pthread_self(), "dpdkt-poll");
+	/* The guest comes first; without the right to change it the nice value stays. */
+	(void)setpriority(PRIO_PROCESS, (id_t)gettid(), net->cfg.nice);
+	/* An lcore id gives the mbuf pool a per-thread cache; the affinity is kept. */
+	bool registered = rte_thread_register() == 0;
+
+	while (!atomic_load(&net->stop)) {
+		net->now = now_ns();
+		if (atomic_load(&net->kick))
+			atomic_store(&net->kick, 0);
+		refresh(net);
+		unsigned work = rx_poll(net);
+		bool idle_rx = work == 0;
+		work += send_hellos(net);
+		for (unsigned i = 0; i < net->npl; i++)
+			work += link_timers(net, net->pl[i], idle_rx);
+		work += send_data(net);
+		release_held(net, DIR_TX);
+		work += txq_flush(net);
+		/* Leftovers of a full tx ring wait too: the peer is not reading. */
+		if (work == 0)
+			poller_idle(net, &idle);
+		else
+			dpdkt_idle_reset(&idle);
+	}
+	/* Queued frames are dropped: DATA ones are still kept for retransmission. */
+	rte_pktmbuf_free_bulk(net->txq, net->txq_n);
+	net->txq_n = 0;
+	for (int dir = 0; dir < 2; dir++) {
+		for (unsigned i = 0; i < net->nheld[dir]; i++)
+			rte_pktmbuf_free(net->held[dir][i].m);
+		net->nheld[dir] = 0;
+	}
+	if (registered)
+		rte_thread_unregister();
+	return NULL;
+}
+
+/* ---- The net ---- */
+
+void dpdkt_net_cfg_init(struct dpdkt_net_cfg *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->nice = 5;
+	cfg->hello_queue = 64;
+}
+
+/* A ring in plain memory: no memzone, so no name to keep unique. */
+static struct rte_ring *ring_new(unsigned count, unsigned flags)
+{
+	ssize_t size = rte_ring_get_memsize(count);
+	void *mem = NULL;
+	if (size < 0 || posix_memalign(&mem, RTE_CACHE_LINE_SIZE, (size_t)size) != 0)
+		return NULL;
+	if (rte_ring_init(mem, "dpdkt", count, flags) != 0) {
+		free(mem);
+		return NULL;
+	}
+	return mem;
+}
+
+static void ring_free(struct rte_ring *r)
+{
+	struct rte_mbuf *m;
+	if (r == NULL)
+		return;
+	while (rte_ring_dequeue(r, (void **)&m) == 0)
+		rte_pktmbuf_free(m);
+	free(r);
+}
+
+int dpdkt_net_create(struct dpdkt_port *port, const struct dpdkt_net_cfg *cfg,
+		     struct dpdkt_net **out, char *err, size_t errlen)
+{
+	if (cfg->nice < -20 || cfg->nice > 19) {
+		snprintf(err, errlen, "nice %d out of range -20..19", cfg->nice);
+		return -EINVAL;
+	}
+	if (cfg->hello_queue == 0 || cfg->hello_queue > 4096) {
+		snprintf(err, errlen, "hello_queue %u out of range 1..4096", cfg->hello_queue);
+		return -EINVAL;
+	}
+	if (port->frame_size < DPDKT_HDR_LEN + 64 || port->frame_size > DPDKT_HDR_LEN + 65535) {
+		snprintf(err, errlen, "%s: frame_size %u out of range %u..%u for dpdk frames",
+			 port->name, port->frame_size, DPDKT_HDR_LEN + 64, DPDKT_HDR_LEN + 65535);
+		return -EINVAL;
+	}
+	if (cfg->mac_set && !rte_is_unicast_ether_addr(&cfg->mac)) {
+		snprintf(err, errlen, "mac must be a unicast address");
+		return -EINVAL;
+	}
+	struct dpdkt_net *net = calloc(1, sizeof(*net));
+	if (net == NULL)
+		goto nomem;
+	net->hello_q = calloc(cfg->hello_queue, sizeof(net->hello_q[0]));
+	if (net->hello_q == NULL)
+		goto nomem_net;
+	net->hello_tx = ring_new(HELLO_RING, RING_F_SC_DEQ);
+	if (net->hello_tx == NULL)
+		goto nomem_q;
+	net->port = port;
+	net->cfg = *cfg;
+	net->payload_max = port->frame_size - DPDKT_HDR_LEN;
+	if (cfg->mac_set)
+		net->mac = cfg->mac;
+	else if (rte_is_zero_ether_addr(&port->mac))
+		rte_eth_random_addr(net->mac.addr_bytes);
+	else
+		net->mac = port->mac;
+	net->rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)net;
+	net->pgen = UINT32_MAX;
+	pthread_mutex_init(&net->lock, NULL);
+	cond_init_mono(&net->cond);
+	pthread_mutex_init(&net->hello_lock, NULL);
+	cond_init_mono(&net->hello_cond);
+	*out = net;
+	return 0;
+
+nomem_q:
+	free(net->hello_q);
+nomem_net:
+	free(net);
+nomem:
+	snprintf(err, errlen, "out of memory for the dpdk net");
+	return -ENOMEM;
+}
+
+int dpdkt_net_start(struct dpdkt_net *net, char *err, size_t errlen)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&net->lock);
+	if (net->running) {
+		snprintf(err, errlen, "the dpdk poller of %s runs already", net->port->name);
+		rc = -EALREADY;
+		goto out;
+	}
+	/* The links' clocks stopped with the poller. */
+	uint64_t now = now_ns();
+	for (unsigned i = 0; i < net->nlinks; i++) {
+		struct dpdkt_link *l = net->links[i];
+		l->last_rx = l->last_tx = now;
+		for (unsigned j = 0; j < l->nlanes; j++)
+			l->lanes[j].rto_next = now;
+	}
+	atomic_store(&net->stop, false);
+	rc = -pthread_create(&net->thread, NULL, poller, net);
+	if (rc < 0) {
+		snprintf(err, errlen, "cannot start the dpdk poller: %s", strerror(-rc));
+		goto out;
+	}
+	net->running = true;
+out:
+	pthread_mutex_unlock(&net->lock);
+	return rc;
+}
+
+void dpdkt_net_stop(struct dpdkt_net *net)
+{
+	pthread_mutex_lock(&net->lock);
+	bool running = net->running;
+	pthread_mutex_unlock(&net->lock);
+	if (!running)
+		return;
+	atomic_store(&net->stop, true);
+	kick(net);
+	pthread_join(net->thread, NULL);
+	pthread_mutex_lock(&net->lock);
+	net->running = false;
+	/* A restart takes the table afresh: links closed meanwhile are gone. */
+	net->npl = 0;
+	net->pgen = UINT32_MAX;
+	pthread_cond_broadcast(&net->cond);
+	pthread_mutex_unlock(&net->lock);
+}
+
+void dpdkt_net_destroy(struct dpdkt_net *net)
+{
+	if (net == NULL)
+		return;
+	dpdkt_net_stop(net);
+	while (net->nlinks > 0)
+		dpdkt_link_close(net->links[net->nlinks - 1]);
+	ring_free(net->hello_tx);
+	for (unsigned i = 0; i < net->hello_n; i++)
+		rte_pktmbuf_free(net->hello_q[(net->hello_head + i) % net->cfg.hello_queue]);
+	free(net->hello_q);
+	dpdkt_port_close(net->port);
+	pthread_mutex_destroy(&net->lock);
+	pthread_cond_destroy(&net->cond);
+	pthread_mutex_destroy(&net->hello_lock);
+	pthread_cond_destroy(&net->hello_cond);
+	free(net);
+}
+
+const struct rte_ether_addr *dpdkt_net_mac(const struct dpdkt_net *net)
+{
+	return &net->mac;
+}
+
+size_t dpdkt_net_payload_max(const struct dpdkt_net *net)
+{
+	return net->payload_max;
+}
+
+void dpdkt_net_stats(struct dpdkt_net *net, struct dpdkt_net_stats *out)
+{
+	st_copy(out, &net->st, sizeof(*out));
+}
+
+static int loss_check(const struct dpdkt_loss *l, const char *dir, char *err, size_t errlen)
+{
+	const double *p[] = {&l->drop, &l->dup, &l->reorder, &l->corrupt};
+	const char *name[] = {"drop", "dup", "reorder", "corrupt"};
+
+	for (int i = 0; i < 4; i++)
+		if (!(*p[i] >= 0 && *p[i] <= 1)) {
+			snprintf(err, errlen, "%s %s probability %g out of range 0..1", dir,
+				 name[i], *p[i]);
+			return -EINVAL;
+		}
+	if (l->hold > 1000) {
+		snprintf(err, errlen, "%s hold %u out of range 0..1000", dir, l->hold);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+int dpdkt_net_set_loss(struct dpdkt_net *net, const struct dpdkt_loss *tx,
+		       const struct dpdkt_loss *rx, uint64_t seed, char *err, size_t errlen)
+{
+	const struct dpdkt_loss *l[2] = {tx, rx};
+	int rc;
+
+	if ((tx && (rc = loss_check(tx, "tx", err, errlen)) < 0) ||
+	    (rx && (rc = loss_check(rx, "rx", err, errlen)) < 0))
+		return rc;
+	pthread_mutex_lock(&net->lock);
+	for (int dir = 0; dir < 2; dir++) {
+		net->loss_on[dir] = l[dir] != NULL;
+		memset(&net->loss[dir], 0, sizeof(net->loss[dir]));
+		if (l[dir])
+			net->loss[dir] = *l[dir];
+	}
+	net->seed = seed ? seed : 1;
+	atomic_store(&net->gen_pub, ++net->gen);
+	pthread_mutex_unlock(&net->lock);
+	kick(net);
+	return 0;
+}
+
+/* ---- Hellos ---- */
+
+int dpdkt_hello_send(struct dpdkt_net *net, const struct rte_ether_addr *dst, const void *buf,
+		     size_t len)
+{
+	static const struct rte_ether_addr bcast = {{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}};
+
+	if (len > net->payload_max)
+		return -EMSGSIZE;
+	struct rte_mbuf *m = frame_new(net, dst ? dst : &bcast, DPDKT_HELLO, 0, 0, len);
+	if (m == NULL)
+		return -ENOMEM;
+	memcpy(payload_of(m), buf, len);
+	frame_seal(wire_of(m), dpdkt_crc32c(payload_of(m), len, 0));
+	if (rte_ring_mp_enqueue(net->hello_tx, m) != 0) {
+		rte_pktmbuf_free(m);
+		return -ENOBUFS;
+	}
+	kick(net);
+	return 0;
+}
+
+int dpdkt_hello_recv(struct dpdkt_net *net, int timeout_ms, struct rte_ether_addr *src, void *buf,
+		     size_t cap)
+{
+	uint64_t deadline = deadline_after(timeout_ms);
+
+	pthread_mutex_lock(&net->hello_lock);
+	while (net->hello_n == 0)
+		if (!cond_wait_until(&net->hello_cond, &net->hello_lock, deadline)) {
+			pthread_mutex_unlock(&net->hello_lock);
+			return -ETIMEDOUT;
+		}
+	struct rte_mbuf *m = net->hello_q[net->hello_head];
+	net->hello_head = (net->hello_head + 1) % net->cfg.hello_queue;
+	net->hello_n--;
+	pthread_mutex_unlock(&net->hello_lock);
+
+	size_t len = rte_le_to_cpu_16(wire_of(m)->len); /* validated by the poller */
+	int rc = (int)len;
+	if (len > cap) {
+		rc = -EMSGSIZE;
+	} else {
+		memcpy(buf, payload_of(m), len);
+		*src = rte_pktmbuf_mtod(m, struct rte_ether_hdr *)->src_addr;
+	}
+	rte_pktmbuf_free(m);
+	return rc;
+}
+
+/* ---- Links ---- */
+
+void dpdkt_link_cfg_init(struct dpdkt_link_cfg *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->window = 512;
+	cfg->keepalive_ms = 100;
+	cfg->dead_ms = 1000;
+	cfg->urgent_lane = -1;
+	cfg->rto_init_us = 2000;
+	cfg->rto_min_us = 1000;
+	cfg->rto_max_us = 200000;
+	cfg->ack_every = 16;
+	cfg->ack_delay_us = 100;
+}
+
+static int link_cfg_check(const struct dpdkt_link_cfg *c, unsigned nlanes, char *err, size_t errlen)
+{
+	if (nlanes == 0 || nlanes > DPDKT_MAX_LANES)
+		snprintf(err, errlen, "nlanes %u out of range 1..%u", nlanes, DPDKT_MAX_LANES);
+	else if (c->window == 0 || c->window > DPDKT_MAX_WINDOW)
+		snprintf(err, errlen, "window %u out of range 1..%u frames", c->window,
+			 DPDKT_MAX_WINDOW);
+	else if (c->keepalive_ms == 0)
+		snprintf(err, errlen, "keepalive_ms must be at least 1");
+	else if (c->dead_ms < 2 * c->keepalive_ms)
+		snprintf(err, errlen, "dead_ms %u must be at least twice keepalive_ms %u",
+			 c->dead_ms, c->keepalive_ms);
+	else if (c->urgent_lane < -1 || c->urgent_lane >= (int)nlanes)
+		snprintf(err, errlen, "urgent_lane %d out of range -1..%u", c->urgent_lane,
+			 nlanes - 1);
+	else if (c->rto_min_us == 0 || c->rto_min_us > c->rto_max_us)
+		snprintf(err, errlen, "rto_min_us %u must be 1..rto_max_us (%u)", c->rto_min_us,
+			 c->rto_max_us);
+	else if (c->rto_init_us < c->rto_min_us || c->rto_init_us > c->rto_max_us)
+		snprintf(err, errlen, "rto_init_us %u out of range rto_min_us..rto_max_us",
+			 c->rto_init_us);
+	else if (c->ack_every == 0 || c->ack_every > c->window)
+		snprintf(err, errlen, "ack_every %u out of range 1..window", c->ack_every);
+	else
+		return 0;
+	return -EINVAL;
+}
+
+static void link_free(struct dpdkt_link *l)
+{
+	for (unsigned i = 0; i < l->nlanes; i++) {
+		struct lane *ln = &l->lanes[i];
+		ring_free(ln->ring);
+		if (ln->tx != NULL)
+			for (uint32_t s = 0; s < l->win; s++)
+				rte_pktmbuf_free(ln->tx[s].m);
+		if (ln->rx != NULL)
+			for (uint32_t s = 0; s < l->win; s++)
+				rte_pktmbuf_free(ln->rx[s]);
+		free(ln->tx);
+		free(ln->rx);
+		pthread_mutex_destroy(&ln->send_lock);
+	}
+	pthread_mutex_destroy(&l->lock);
+	pthread_cond_destroy(&l->cond);
+	free(l);
+}
+
+int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, uint64_t session,
+		    unsigned nlanes, const struct dpdkt_link_cfg *cfg, dpdkt_deliver_fn deliver,
+		    void *ctx, struct dpdkt_link **out, char *err, size_t errlen)
+{
+	int rc = link_cfg_check(cfg, nlanes, err, errlen);
+	if (rc < 0)
+		return rc;
+	if (deliver == NULL || peer == NULL || !rte_is_unicast_ether_addr(peer) ||
+	    rte_is_zero_ether_addr(peer) || session == 0) {
+		snprintf(err, errlen, "%s",
+			 deliver == NULL ? "deliver callback missing"
+			 : session == 0	 ? "session id 0 is reserved"
+					 : "peer must be a unicast MAC");
+		return -EINVAL;
+	}
+	struct dpdkt_link *l = calloc(1, sizeof(*l) + nlanes * sizeof(struct lane));
+	if (l == NULL)
+		goto nomem;
+	l->net = net;
+	l->peer = *peer;
+	l->session = session;
+	l->nlanes = nlanes;
+	l->cfg = *cfg;
+	l->win = pow2_at_least(cfg->window);
+	l->mask = l->win - 1;
+	l->deliver = deliver;
+	l->ctx = ctx;
+	l->rto = (uint64_t)cfg->rto_init_us * 1000;
+	pthread_mutex_init(&l->lock, NULL);
+	cond_init_mono(&l->cond);
+	for (unsigned i = 0; i < nlanes; i++) {
+		struct lane *ln = &l->lanes[i];
+		pthread_mutex_init(&ln->send_lock, NULL);
+		ln->urgent = (int)i == cfg->urgent_lane;
+		ln->peer_credit = l->win; /* until the peer says */
+		ln->rto_next = UINT64_MAX;
+		ln->hole_next = UINT64_MAX;
+		/* queued never exceeds the window: the ring cannot overflow. */
+		ln->ring = ring_new(2 * l->win, RING_F_SP_ENQ | RING_F_SC_DEQ);
+		ln->tx = calloc(l->win, sizeof(ln->tx[0]));
+		ln->rx = calloc(l->win, sizeof(ln->rx[0]));
+		if (ln->ring == NULL || ln->tx == NULL || ln->rx == NULL) {
+			l->nlanes = i + 1;
+			goto nomem_link;
+		}
+	}
+	l->last_rx = l->last_tx = now_ns();
+
+	/* Our frames wait for acks and the peer's wait for their turn, in this pool. */
+	uint64_t frames = (uint64_t)nlanes * l->win;
+	pthread_mutex_lock(&net->lock);
+	unsigned pool = net->port->pool->size;
+	if (net->nlinks == DPDKT_MAX_LINKS) {
+		snprintf(err, errlen, "%s has %u links open already", net->port->name,
+			 DPDKT_MAX_LINKS);
+		rc = -ENOSPC;
+	} else if (net->win_frames + frames > pool / 2) {
+		snprintf(err, errlen,
+			 "%u lanes of %u frames (and %llu frames of other links) exceed half "
+			 "the %u mbufs of %s: open the port with a larger window",
+			 nlanes, l->win, (unsigned long long)net->win_frames, pool,
+			 net->port->name);
+		rc = -EINVAL;
+	}
+	for (unsigned i = 0; i < net->nlinks && rc == 0; i++)
+		if (net->links[i]->session == session) {
+			snprintf(err, errlen, "a link with session %#llx is open already",
+				 (unsigned long long)session);
+			rc = -EEXIST;
+		}
+	if (rc < 0) {
+		pthread_mutex_unlock(&net->lock);
+		link_free(l);
+		return rc;
+	}
+	net->links[net->nlinks++] = l;
+	net->win_frames += frames;
+	atomic_store(&net->gen_pub, ++net->gen);
+	pthread_mutex_unlock(&net->lock);
+	kick(net);
+	*out = l;
+	return 0;
+
+nomem_link:
+	link_free(l);
+nomem:
+	snprintf(err, errlen, "out of memory for a link of %u lanes of %u frames", nlanes,
+		 cfg->window);
+	return -ENOMEM;
+}
+
+/* Waits until lane's window has room (or a quarter of it after a stall). */
+static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
+{
+	if (atomic_load(&ln->queued) < l->win)
+		return atomic_load(&l->dead) ? -ENOTCONN : 0;
+	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
+	kick(l->net);
+	int rc = 0;
+	pthread_mutex_lock(&l->lock);
+	atomic_fetch_add(&ln->waiters, 1);
+	while (atomic_load(&l->dead) == 0 && atomic_load(&ln->queued) > l->win - l->win / 4)
+		if (!cond_wait_until(&l->cond, &l->lock, deadline)) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+	atomic_fetch_sub(&ln->waiters, 1);
+	pthread_mutex_unlock(&l->lock);
+	return atomic_load(&l->dead) ? -ENOTCONN : rc;
+}
+
+/* An mbuf for a frame, waiting while the pool is empty. */
+static int alloc_frame(struct dpdkt_link *l, struct lane *ln, unsigned lane, size_t len,
+		       uint64_t deadline, struct rte_mbuf **out)
+{
+	bool stalled = false;
+
+	for (;;) {
+		struct rte_mbuf *m =
+		    frame_new(l->net, &l->peer, DPDKT_DATA, (uint8_t)lane, l->session, len);
+		if (m != NULL) {
+			*out = m;
+			return 0;
+		}
+		if (!stalled) {
+			__atomic_store_n(&ln->pool_stalls, ln->pool_stalls + 1, __ATOMIC_RELAXED);
+			stalled = true;
+		}
+		if (atomic_load(&l->dead))
+			return -ENOTCONN;
+		if (now_ns() >= deadline)
+			return -ETIMEDOUT;
+		usleep(POOL_WAIT_US);
+	}
+}
+
+int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *iov, int iovcnt,
+		    int timeout_ms)
+{
+	struct dpdkt_net *net = link->net;
+	size_t total = 0;
+
+	if (lane >= link->nlanes || iovcnt < 0 || (iovcnt > 0 && iov == NULL))
+		return -EINVAL;
+	for (int i = 0; i < iovcnt; i++)
+		total += iov[i].iov_len;
+	if (total > DPDKT_MSG_MAX)
+		return -EMSGSIZE;
+	if (atomic_load(&link->dead))
+		return -ENOTCONN;
+
+	struct lane *ln = &link->lanes[lane];
+	uint64_t deadline = deadline_after(timeout_ms);
+	size_t pmax = net->payload_max;
+	size_t frames = total == 0 ? 1 : (total + pmax - 1) / pmax;
+	int idx = 0, rc = 0;
+	size_t ioff = 0, off = 0;
+
+	pthread_mutex_lock(&ln->send_lock);
+	for (size_t f = 0; f < frames; f++) {
+		struct rte_mbuf *m;
+		size_t n = RTE_MIN(pmax, total - off);
+
+		rc = wait_window(link, ln, deadline);
+		if (rc == 0)
+			rc = alloc_frame(link, ln, lane, n, deadline, &m);
+		if (rc < 0) {
+			/* The rest of the message can never follow what went. */
+			if (rc == -ETIMEDOUT && f > 0)
+				link_fail(link, -ETIMEDOUT, true);
+			break;
+		}
+		uint8_t *dst = payload_of(m);
+		for (size_t left = n; left > 0;) {
+			size_t take = RTE_MIN(left, iov[idx].iov_len - ioff);
+			memcpy(dst, (const uint8_t *)iov[idx].iov_base + ioff, take);
+			dst += take;
+			left -= take;
+			ioff += take;
+			if (ioff == iov[idx].iov_len) {
+				idx++;
+				ioff = 0;
+			}
+		}
+		/* The CRC covers what was copied, whatever the source holds by now; the
+		 * poller finishes it over the header. */
+		struct dpdkt_wire *w = wire_of(m);
+		w->crc = rte_cpu_to_le_32(dpdkt_crc32c(payload_of(m), n, 0));
+		w->flags = (uint8_t)((f == 0 ? DPDKT_FRAG_START : 0) |
+				     (f == frames - 1 ? DPDKT_FRAG_END : 0));
+		off += n;
+		atomic_fetch_add(&ln->queued, 1);
+		rte_ring_sp_enqueue(ln->ring, m); /* cannot fail: see dpdkt_link_open */
+		if (f % KICK_EVERY == KICK_EVERY - 1)
+			kick(net);
+	}
+	pthread_mutex_unlock(&ln->send_lock);
+	kick(net);
+	return rc;
+}
+
+int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
+{
+	if (lane >= link->nlanes)
+		return -EINVAL;
+	struct lane *ln = &link->lanes[lane];
+	uint64_t deadline = deadline_after(timeout_ms);
+	int rc = 0;
+
+	kick(link->net);
+	pthread_mutex_lock(&link->lock);
+	atomic_fetch_add(&ln->waiters, 1);
+	while (atomic_load(&ln->queued) != 0) {
+		if (atomic_load(&link->dead)) {
+			rc = -ENOTCONN;
+			break;
+		}
+		if (!cond_wait_until(&link->cond, &link->lock, deadline)) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+	}
+	atomic_fetch_sub(&ln->waiters, 1);
+	pthread_mutex_unlock(&link->lock);
+	return rc;
+}
+
+void dpdkt_link_shutdown(struct dpdkt_link *link)
+{
+	link_fail(link, -ECANCELED, true);
+}
+
+void dpdkt_link_close(struct dpdkt_link *link)
+{
+	if (link == NULL)
+		return;
+	struct dpdkt_net *net = link->net;
+
+	link_fail(link, -ECANCELED, true);
+	pthread_mutex_lock(&net->lock);
+	for (unsigned i = 0; i < net->nlinks; i++)
+		if (net->links[i] == link) {
+			net->links[i] = net->links[--net->nlinks];
+			net->win_frames -= (uint64_t)link->nlanes * link->win;
+			break;
+		}
+	uint32_t gen = ++net->gen;
+	atomic_store(&net->gen_pub, gen);
+	kick(net);
+	/* The poller may be using the link right now: wait until it took the table
+	 * without it. A stopped poller holds nothing. */
+	while (net->running && (int32_t)(net->seen_gen - gen) < 0)
+		pthread_cond_wait(&net->cond, &net->lock);
+	pthread_mutex_unlock(&net->lock);
+	link_free(link);
+}
+
+int dpdkt_link_error(const struct dpdkt_link *link)
+{
+	return atomic_load(&link->dead);
+}
+
+void dpdkt_link_stats(struct dpdkt_link *link, struct dpdkt_link_stats *out)
+{
+	st_copy(out, &link->st, sizeof(*out));
+	out->window_stalls = out->pool_stalls = 0;
+	for (unsigned i = 0; i < link->nlanes; i++) {
+		out->window_stalls +=
+		    __atomic_load_n(&link->lanes[i].window_stalls, __ATOMIC_RELAXED);
+		out->pool_stalls += __atomic_load_n(&link->lanes[i].pool_stalls, __ATOMIC_RELAXED);
+	}
+}

@@ -1,0 +1,113 @@
+/* DPDK groundwork, private to the dpdk transport, its tests and its benchmark: the EAL
+ * (once per process), one ethdev port with one rx and one tx queue, a tx helper that
+ * retries what a short burst left, an idle back-off for pollers and CRC32C.
+ *
+ * EAL arguments that work on any Linux host, without hugepages or a NIC:
+ *     --no-huge -m 512 --no-pci --file-prefix NAME --vdev DEVICE
+ * NAME must differ between the DPDK processes of a host (--in-memory does not combine
+ * with --no-huge in DPDK 22.11). DEVICE is for example
+ *     net_memif0,role=server,socket=/run/hymig.memif,bsize=4096   (peer: role=client)
+ *     net_af_packet0,iface=veth0,framesz=4096,blocksz=4096
+ * memif's bsize must hold the largest frame (dpdkt_port_open checks it). The poll-mode
+ * drivers are plugins; dpdkt_eal_init makes the EAL load them, so the arguments need no
+ * -d. Every call returns 0 (or a count) or a negative errno and writes a readable
+ * reason into err where it takes one. */
+#ifndef HYMIG_TRANSPORT_DPDK_PORT_H
+#define HYMIG_TRANSPORT_DPDK_PORT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <rte_ether.h>
+#include <rte_mbuf.h>
+
+/* Splits s the way a shell splits words: blanks separate them, '...' is literal,
+ * "..." keeps blanks and honours \" and \\, a backslash outside quotes escapes the next
+ * character. *argv is one allocation (free() it), NULL-terminated, *argc words.
+ * -EINVAL on an unterminated quote. */
+int dpdkt_split_args(const char *s, char ***argv, int *argc, char *err, size_t errlen);
+
+/* Starts the EAL with args (split by dpdkt_split_args). The EAL can start once per
+ * process: a later call with the same args returns 0, with other args -EALREADY, and
+ * after a failed start the same error again. DPDK's log goes to stderr. The calling
+ * thread keeps its CPU affinity (the EAL would pin it, and every thread it creates
+ * later, to the main lcore). Thread-safe. */
+int dpdkt_eal_init(const char *args, char *err, size_t errlen);
+/* True once dpdkt_eal_init succeeded. */
+bool dpdkt_eal_ready(void);
+/* The directory the PMD plugins are loaded from ("" when DPDK is linked statically). */
+const char *dpdkt_pmd_dir(void);
+
+struct dpdkt_port_cfg {
+	const char *name;     /* ethdev name, e.g. "net_memif0"; NULL: the only port */
+	unsigned window;      /* frames the caller keeps in flight (sizes pool and rings) */
+	unsigned frame_size;  /* largest frame, Ethernet header included (sizes the mbufs) */
+	uint16_t mtu;	      /* 0: keep the port's MTU */
+	unsigned tx_attempts; /* dpdkt_tx gives up after this many calls in a row took nothing */
+};
+
+/* Defaults: the only port, a window of 1024 frames, 1514-byte frames, 1000 attempts
+ * (tens of milliseconds of a stalled ring). */
+void dpdkt_port_cfg_init(struct dpdkt_port_cfg *cfg);
+
+struct dpdkt_port_stats {
+	uint64_t tx_frames;  /* taken by the PMD */
+	uint64_t tx_retries; /* tx_burst calls repeated because the previous one was short */
+	uint64_t tx_refused; /* frames handed back to the caller after the last attempt */
+};
+
+struct dpdkt_port {
+	uint16_t id;		       /* ethdev port id */
+	char name[64];		       /* ethdev name */
+	struct rte_mempool *pool;      /* mbufs for this port's rx and the caller's tx */
+	struct rte_ether_addr mac;     /* this port's MAC */
+	uint16_t mtu;		       /* the port's MTU after set-up */
+	unsigned frame_size;	       /* the cfg's: one mbuf holds a frame this large */
+	uint16_t rx_desc, tx_desc;     /* ring sizes the PMD accepted */
+	unsigned tx_attempts;	       /* from the cfg */
+	struct dpdkt_port_stats stats; /* updated by dpdkt_tx; one tx caller at a time */
+};
+
+/* Configures and starts the port: one rx and one tx queue, an mbuf pool sized from
+ * the window, promiscuous mode off (where the PMD has it). The EAL must be running.
+ * -ENODEV when the port is missing, -EINVAL for a cfg field out of range (named). */
+int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, char *err,
+		    size_t errlen);
+/* Stops and closes the port, frees its pool. Accepts NULL. The ethdev is released: a
+ * virtual device cannot be opened again in this process. */
+void dpdkt_port_close(struct dpdkt_port *p);
+/* Waits up to timeout_ms for the link to be up (memif: the peer connected). 0 or
+ * -ETIMEDOUT. */
+int dpdkt_port_link_wait(struct dpdkt_port *p, int timeout_ms);
+
+/* Sends n frames on the tx queue. A short rte_eth_tx_burst (ring full) is retried for
+ * the frames it left until tx_attempts calls in a row took nothing, sleeping briefly
+ * between the later ones so a peer on the same core can drain the ring. Returns how
+ * many frames the PMD took; pkts[ret..n-1] are still the caller's (to free or send
+ * again) and are counted in stats.tx_refused. One caller at a time per port. */
+int dpdkt_tx(struct dpdkt_port *p, struct rte_mbuf **pkts, unsigned n);
+
+/* Back-off for a polling loop, so an idle poller leaves the core to others: a few
+ * empty polls spin, then each sleeps, longer up to max_us. Zero-initialise, or reset
+ * after work was found. */
+struct dpdkt_idle {
+	unsigned empty;	   /* empty polls since the last work */
+	unsigned sleep_us; /* the next sleep */
+};
+#define DPDKT_IDLE_SPINS  64
+#define DPDKT_IDLE_MAX_US 200
+static inline void dpdkt_idle_reset(struct dpdkt_idle *b)
+{
+	b->empty = 0;
+	b->sleep_us = 0;
+}
+/* Call after a poll that found nothing. */
+void dpdkt_idle_wait(struct dpdkt_idle *b);
+
+/* CRC32C (Castagnoli, as iSCSI and ext4) of buf, continuing from crc (0 to start), so
+ * fragments can be chained: dpdkt_crc32c(b, n, dpdkt_crc32c(a, m, 0)) is the CRC of a then b.
+ * Uses DPDK's rte_hash_crc (SSE4.2 where present). "123456789" gives 0xE3069283. */
+uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc);
+
+#endif
