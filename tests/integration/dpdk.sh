@@ -2,7 +2,8 @@
 # Migrations over the dpdk transport between two guest processes joined by DPDK's
 # net_memif (no hugepages, no NIC): pre-copy, post-copy at once and hybrid of a 256 MiB
 # dirtier, each compared byte for byte (--keep-source --no-autostart) and verified, and
-# a post-copy whose destination runs meanwhile (requests > 0, verify).
+# a post-copy whose destination runs meanwhile (requests > 0, verify); pre-copy and
+# post-copy again with 1% and 10% of the frames dropped, duplicated and reordered.
 . "$(dirname "$0")/lib.sh"
 
 # dpdk_guest NAME ROLE ARGS...: a guest owning a memif port of the pair in $WORK/NAME.memif
@@ -49,6 +50,31 @@ for mode in precopy postcopy0 hybrid; do
 	"$HYMIG" quit --ctl "$(ctl "s$mode")"
 	"$HYMIG" quit --ctl "$(ctl "d$mode")"
 	sleep 0.5
+done
+
+# Loss on real mbufs (HYMIG_TEST_DPDK_LOSS: drops, duplicates and reordering at that
+# rate on each guest's frames, both ways): 1% and 10%, pre-copy and post-copy.
+for loss in 0.01 0.1; do
+	for mode in precopy postcopy0; do
+		c=l${loss#0.}$mode
+		step "$mode with ${loss} loss each way, compared byte for byte"
+		export HYMIG_TEST_DPDK_LOSS=$loss
+		pair "$c" --no-autostart -- --workload dirtier:rate=20M,pattern=uniform
+		unset HYMIG_TEST_DPDK_LOSS
+		case $mode in
+		precopy) args=(--mode precopy --downtime-limit 50) ;;
+		postcopy0) args=(--mode postcopy --precopy-rounds 0) ;;
+		esac
+		migrate "s$c" --to dpdk:// --keep-source "${args[@]}"
+		[ $MIGRATE_RC = 0 ] || fail "$mode at $loss loss: migration failed"
+		[ "$mode" != precopy ] || [ "$(result_field frames.retransmissions)" -gt 0 ] ||
+			fail "$mode at $loss loss: nothing was sent again"
+		eval "compare_ram \$PID_s$c \$PID_d$c"
+		verify_ok "d$c"
+		"$HYMIG" quit --ctl "$(ctl "s$c")"
+		"$HYMIG" quit --ctl "$(ctl "d$c")"
+		sleep 0.5
+	done
 done
 
 step "post-copy, the destination runs meanwhile"

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../../core/auth.h"
 #include "../../core/clock.h"
@@ -126,6 +127,8 @@ struct dpdkt_net *dpdkt_net_global(void)
 	return slots[0].net;
 }
 
+#define DPDK_TEST_LOSS_ENV "HYMIG_TEST_DPDK_LOSS"
+
 int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 {
 	static pthread_mutex_t once = PTHREAD_MUTEX_INITIALIZER;
@@ -173,6 +176,20 @@ int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 		dpdkt_net_destroy(net);
 		snprintf(err, errlen, "dpdk net: %s", why);
 		goto out;
+	}
+	/* Test-only (DPDK_TEST_LOSS_ENV): drops, duplicates and reordering at this rate on
+	 * the frames this guest sends and receives, so the tests migrate over a lossy
+	 * link. Never set it in production. */
+	const char *loss = getenv(DPDK_TEST_LOSS_ENV);
+	if (loss && *loss) {
+		double p = strtod(loss, NULL);
+		struct dpdkt_loss l = {.drop = p, .dup = p, .reorder = p};
+		if (dpdkt_net_set_loss(net, &l, &l, (uint64_t)getpid(), why, sizeof(why)) < 0)
+			log_err("%s: %s", DPDK_TEST_LOSS_ENV, why);
+		else
+			log_info("dpdk: TEST: injecting %.3g drops, duplicates and reordering "
+				 "each way",
+				 p);
 	}
 	snprintf(started_args, sizeof(started_args), "%s", eal_args);
 	const struct rte_ether_addr *m = dpdkt_net_mac(net);
