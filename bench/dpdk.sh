@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The dpdk transport against its ceiling and against tcp, in one run (root; a build with
+# DPDK):
+#
+#     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)]
+#
+# 1. Ceiling: bench/dpdk_blaster.sh over net_memif (raw frames, and page mode: each
+#    4 KiB page copied into frames with a CRC32C each, checked and copied into place).
+# 2. Pre-copy of an idle SIZE guest between two guest processes joined by net_memif:
+#    loss-free, then with 1% of the frames dropped, duplicated and reordered each way
+#    (HYMIG_TEST_DPDK_LOSS), and over tcp on a veth pair between two namespaces.
+# 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency.
+# A table goes to stderr, one JSON object to stdout. Ratios: dpdk pre-copy ÷ page-mode
+# blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
+. "$(dirname "$0")/lib.sh"
+MEM=1G SECS=5
+while [ $# -gt 0 ]; do
+	case $1 in
+	--mem) MEM=${2:?}; shift 2 ;;
+	--seconds) SECS=${2:?}; shift 2 ;;
+	-h | --help) usage ;;
+	*) die "unknown argument: $1 (see --help)" ;;
+	esac
+done
+[ "$(id -u)" = 0 ] || die "needs root (DPDK's runtime files, network namespaces)"
+BLASTER=${BLASTER:-$BENCH_ROOT/build/bench/dpdk_blaster}
+[ -x "$BLASTER" ] || die "no $BLASTER: build with DPDK (meson option dpdk)"
+
+say "ceiling: raw frame blaster over net_memif"
+BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --seconds "$SECS" \
+	>"$WORK/blaster.json"
+
+# memif_guest NAME ROLE PAIR ARGS...: a guest on this host owning one end of the memif
+# pair PAIR (ROLE server or client).
+memif_guest() {
+	local name=$1 role=$2 pair=$3
+	shift 3
+	rm -f "$(ctl "$name")"
+	HYMIG_TEST_DPDK_LOSS=${LOSS:-} "$HYMIG" guest --ctl "$(ctl "$name")" \
+		--dpdk-eal "--no-huge -m 512 --no-pci --file-prefix hymig-b-$name-$$ \
+--vdev net_memif0,role=$role,socket=$WORK/$pair.memif,socket-abstract=no,bsize=4096" \
+		"$@" 2>"$WORK/$name.log" &
+	BG_PIDS+=("$!")
+	eval "GPID_$name=$!"
+	guest_wait_ready "$name"
+}
+
+# run_memif KIND WORKLOAD MIGRATE_ARGS...: a fresh memif pair, one migration; appends
+# {"kind":..., "result":...} to runs.jsonl.
+run_memif() {
+	local kind=$1 wl=$2
+	shift 2
+	memif_guest "d$kind" server "$kind" --mem "$MEM" --incoming dpdk://
+	memif_guest "s$kind" client "$kind" --mem "$MEM" --workload "$wl"
+	sleep 1
+	say "$kind: hymig migrate --to dpdk:// $*"
+	hymig_migrate "s$kind" --to dpdk:// "$@"
+	echo "{\"kind\":\"$kind\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
+	guest_quit "s$kind"
+	guest_quit "d$kind"
+}
+
+: >"$WORK/runs.jsonl"
+run_memif precopy-memif idle --mode precopy
+LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy
+run_memif postcopy-memif dirtier:rate=20M,pattern=uniform --mode postcopy --precopy-rounds 0
+
+say "pre-copy over tcp on veth"
+hosts_make dpb
+next_port
+guest_start "$HOST_NAME-b" dtcp --mem "$MEM" --incoming "tcp://$ADDR_B:$PORT"
+guest_wait_ready dtcp
+guest_start "$HOST_NAME-a" stcp --mem "$MEM"
+guest_wait_ready stcp
+hymig_migrate stcp --to "tcp://$ADDR_B:$PORT" --mode precopy
+echo "{\"kind\":\"precopy-tcp-veth\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
+guest_quit stcp
+guest_quit dtcp
+
+python3 - "$WORK/runs.jsonl" "$WORK/blaster.json" "$MEM" <<'EOF'
+import json, sys
+runs = {}
+for l in open(sys.argv[1]):
+    if l.strip():
+        r = json.loads(l)
+        runs[r["kind"]] = r["result"]
+bl = json.load(open(sys.argv[2]))
+def blast(mode, payload):
+    for r in bl.get("runs", []):
+        if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
+            return r.get("mb_per_s")
+def tput(k):
+    return runs.get(k, {}).get("throughput_mb_per_s")
+def ratio(a, b):
+    return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+pc = runs.get("postcopy-memif", {})
+out = {
+    "mem": sys.argv[3],
+    "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
+                               "raw_4096": blast("raw", 4096), "page_4096": blast("page", 4096)},
+    "precopy_mb_per_s": {"dpdk_memif": tput("precopy-memif"), "dpdk_memif_1pct_loss": tput("precopy-memif-loss1"),
+                         "tcp_veth": tput("precopy-tcp-veth")},
+    "dpdk_over_blaster_page": ratio(tput("precopy-memif"), blast("page", 2048)),
+    "dpdk_over_tcp": ratio(tput("precopy-memif"), tput("precopy-tcp-veth")),
+    "loss1_over_lossfree": ratio(tput("precopy-memif-loss1"), tput("precopy-memif")),
+    "frames_loss1": runs.get("precopy-memif-loss1", {}).get("frames"),
+    "postcopy_fault_latency_us": pc.get("fault_latency_us"),
+    "postcopy_requests": pc.get("postcopy_requests"),
+    "runs": runs,
+}
+e = sys.stderr
+b = out["blaster_memif_mb_per_s"]
+print(f"\nblaster over memif: raw {b['raw_2048']} MB/s (2 KiB frames), {b['raw_4096']} (4 KiB); page mode {b['page_2048']} (2 KiB), {b['page_4096']} (4 KiB)", file=e)
+p = out["precopy_mb_per_s"]
+print(f"pre-copy of an idle {out['mem']} guest: dpdk/memif {p['dpdk_memif']} MB/s ({out['dpdk_over_blaster_page']}x page blaster, {out['dpdk_over_tcp']}x tcp), with 1% loss {p['dpdk_memif_1pct_loss']} ({out['loss1_over_lossfree']}x), tcp/veth {p['tcp_veth']}", file=e)
+f = out["postcopy_fault_latency_us"] or {}
+print(f"post-copy over memif: {out['postcopy_requests']} requests, fault p50 {f.get('p50')} us, p99 {f.get('p99')} us", file=e)
+print(json.dumps(out))
+EOF
