@@ -48,16 +48,16 @@ memif_guest() {
 # run_memif KIND WORKLOAD MIGRATE_ARGS...: a fresh memif pair, one migration; appends
 # {"kind":..., "result":...} to runs.jsonl.
 run_memif() {
-	local kind=$1 wl=$2
+	local kind=$1 wl=$2 n=${1//-/_} # guest names become shell variable names
 	shift 2
-	memif_guest "d$kind" server "$kind" --mem "$MEM" --incoming dpdk://
-	memif_guest "s$kind" client "$kind" --mem "$MEM" --workload "$wl"
+	memif_guest "d$n" server "$n" --mem "$MEM" --incoming dpdk://
+	memif_guest "s$n" client "$n" --mem "$MEM" --workload "$wl"
 	sleep 1
 	say "$kind: hymig migrate --to dpdk:// $*"
-	hymig_migrate "s$kind" --to dpdk:// "$@"
+	hymig_migrate "s$n" --to dpdk:// "$@"
 	echo "{\"kind\":\"$kind\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
-	guest_quit "s$kind"
-	guest_quit "d$kind"
+	guest_quit "s$n"
+	guest_quit "d$n"
 }
 
 : >"$WORK/runs.jsonl"
