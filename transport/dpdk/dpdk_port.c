@@ -282,6 +282,23 @@ static unsigned devarg_uint(const struct rte_eth_dev_info *info, const char *key
 	return def;
 }
 
+/* The largest frame the port takes as its --vdev arguments set it up, up to
+ * DPDKT_FRAME_AUTO_MAX: memif's buffer and af_packet's ring frame (neither checks the
+ * MTU, which stays; memif reports a 1518-byte maximum it does not enforce); a standard
+ * frame on anything else. */
+static unsigned largest_frame(const struct rte_eth_dev_info *info)
+{
+	unsigned std = RTE_ETHER_MAX_LEN - RTE_ETHER_CRC_LEN, f = std;
+
+	if (strcmp(info->driver_name, "net_memif") == 0)
+		f = devarg_uint(info, "bsize", 2048);
+	else if (strcmp(info->driver_name, "net_af_packet") == 0)
+		f = devarg_uint(info, "framesz", 2048) - 32;
+	if (f > DPDKT_FRAME_AUTO_MAX)
+		f = DPDKT_FRAME_AUTO_MAX;
+	return f < std ? std : f;
+}
+
 /* Limits of the virtual PMDs that they do not report. Raises *room to what the PMD's
  * rx needs. */
 static int check_pmd(const struct rte_eth_dev_info *info, const char *name, unsigned frame_size,
@@ -330,8 +347,10 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		    size_t errlen)
 {
 	struct rte_eth_dev_info info;
+	struct dpdkt_port_cfg c = *cfg; /* frame_size 0 is settled below */
 	int rc;
 
+	cfg = &c;
 	if (!dpdkt_eal_ready()) {
 		snprintf(err, errlen, "the EAL is not running: dpdkt_eal_init must succeed first");
 		return -EINVAL;
@@ -341,12 +360,14 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		return -EINVAL;
 	}
 	unsigned max_frame = UINT16_MAX - RTE_PKTMBUF_HEADROOM;
-	if (cfg->frame_size < RTE_ETHER_MIN_LEN || cfg->frame_size > max_frame) {
+	if (cfg->frame_size != 0 &&
+	    (cfg->frame_size < RTE_ETHER_MIN_LEN || cfg->frame_size > max_frame)) {
 		snprintf(err, errlen, "frame_size %u out of range %u..%u bytes", cfg->frame_size,
 			 RTE_ETHER_MIN_LEN, max_frame);
 		return -EINVAL;
 	}
-	if (cfg->mtu != 0 && (unsigned)cfg->mtu + RTE_ETHER_HDR_LEN > cfg->frame_size) {
+	if (cfg->mtu != 0 && cfg->frame_size != 0 &&
+	    (unsigned)cfg->mtu + RTE_ETHER_HDR_LEN > cfg->frame_size) {
 		snprintf(err, errlen, "frame_size %u cannot hold a frame of MTU %u (needs %u)",
 			 cfg->frame_size, cfg->mtu, cfg->mtu + RTE_ETHER_HDR_LEN);
 		return -EINVAL;
@@ -375,6 +396,8 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		snprintf(err, errlen, "%s: cannot read device info: %s", p->name, strerror(-rc));
 		goto fail_free;
 	}
+	if (c.frame_size == 0)
+		c.frame_size = largest_frame(&info);
 	unsigned room = cfg->frame_size; /* bytes of an mbuf after its headroom */
 	rc = check_pmd(&info, p->name, cfg->frame_size, &room, err, errlen);
 	if (rc < 0)

@@ -39,10 +39,14 @@ bool dpdkt_eal_ready(void);
 /* The directory the PMD plugins are loaded from ("" when DPDK is linked statically). */
 const char *dpdkt_pmd_dir(void);
 
+#define DPDKT_FRAME_AUTO_MAX 9216
 struct dpdkt_port_cfg {
-	const char *name;     /* ethdev name, e.g. "net_memif0"; NULL: the only port */
-	unsigned window;      /* frames the caller keeps in flight (sizes pool and rings) */
-	unsigned frame_size;  /* largest frame, Ethernet header included (sizes the mbufs) */
+	const char *name; /* ethdev name, e.g. "net_memif0"; NULL: the only port */
+	unsigned window;  /* frames the caller keeps in flight (sizes pool and rings) */
+	/* Largest frame, Ethernet header included (sizes the mbufs); 0: the largest the
+	 * port takes as set up (memif's bsize, af_packet's framesz; a standard frame
+	 * elsewhere), up to DPDKT_FRAME_AUTO_MAX. */
+	unsigned frame_size;
 	uint16_t mtu;	      /* 0: keep the port's MTU */
 	unsigned tx_attempts; /* dpdkt_tx gives up after this many calls in a row took nothing */
 };

@@ -154,6 +154,7 @@ int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 		goto out;
 	}
 	dpdkt_port_cfg_init(&pc);
+	pc.frame_size = 0; /* as large as the port takes: fewer frames a page */
 	/* Room for a bulk link of WIRE_MAX_CHANNELS + 1 lanes and a few control links in
 	 * half the pool (dpdkt_link_open's rule), with a margin for a resume's overlap. */
 	pc.window = 4 * (WIRE_MAX_CHANNELS + 1) * DPDK_BULK_WINDOW;
