@@ -3,7 +3,8 @@
 # net_memif (no hugepages, no NIC): pre-copy, post-copy at once and hybrid of a 256 MiB
 # dirtier, each compared byte for byte (--keep-source --no-autostart) and verified, and
 # a post-copy whose destination runs meanwhile (requests > 0, verify); pre-copy and
-# post-copy again with 1% and 10% of the frames dropped, duplicated and reordered.
+# post-copy again with 1% and 10% of the frames dropped, duplicated and reordered; a
+# destination killed during pre-copy (the source notices and runs on).
 . "$(dirname "$0")/lib.sh"
 
 # dpdk_guest NAME ROLE ARGS...: a guest owning a memif port of the pair in $WORK/NAME.memif
@@ -76,6 +77,23 @@ for loss in 0.01 0.1; do
 		sleep 0.5
 	done
 done
+
+step "the destination vanishes during pre-copy: the source notices and runs on"
+pair gone -- --workload dirtier:rate=20M,pattern=uniform
+"$HYMIG" migrate --ctl "$(ctl sgone)" --to dpdk:// --mode precopy --bandwidth-limit 20M \
+	--json >"$WORK/gone.json" 2>/dev/null &
+mig=$!
+wait_status sgone '"phase":"precopy"' 30
+kill -9 "$PID_dgone"
+t0=$(date +%s)
+rc=0
+wait "$mig" || rc=$?
+[ "$rc" != 0 ] || fail "the migration survived its destination"
+[ $(($(date +%s) - t0)) -le 15 ] || fail "the dead destination took over 15 s to notice"
+echo "dead destination: migrate exited $rc after $(($(date +%s) - t0)) s: $(head -c 300 "$WORK/gone.json")" >&2
+[ "$(status_field sgone state)" = running ] || fail "the source guest is not running"
+verify_ok sgone
+"$HYMIG" quit --ctl "$(ctl sgone)"
 
 step "post-copy, the destination runs meanwhile"
 pair run -- --workload dirtier:rate=40M,pattern=uniform
