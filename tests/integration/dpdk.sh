@@ -97,6 +97,12 @@ verify_ok sgone
 
 step "post-copy, the destination runs meanwhile"
 pair run -- --workload dirtier:rate=40M,pattern=uniform
+# The EAL pins its own threads; hymig's (vCPUs, the poller) keep the process's CPUs.
+for t in /proc/"$PID_srun"/task/*; do
+	case $(cat "$t/comm") in hymig | dpdkt-poll) ;; *) continue ;; esac
+	[ "$(grep Cpus_allowed_list "$t/status")" = "$(grep Cpus_allowed_list /proc/self/status)" ] ||
+		fail "thread ${t##*/} ($(cat "$t/comm")) is pinned: $(grep Cpus_allowed_list "$t/status")"
+done
 migrate srun --to dpdk:// --mode postcopy --precopy-rounds 0
 [ $MIGRATE_RC = 0 ] || fail "migration failed"
 [ "$(result_field postcopy_requests)" -gt 0 ] || fail "no post-copy requests"
