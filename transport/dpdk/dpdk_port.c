@@ -396,8 +396,16 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		snprintf(err, errlen, "%s: cannot read device info: %s", p->name, strerror(-rc));
 		goto fail_free;
 	}
-	if (c.frame_size == 0)
+	if (c.frame_size == 0) {
+		uint16_t mtu;
 		c.frame_size = largest_frame(&info);
+		/* af_packet's kernel interface drops what exceeds its MTU. */
+		if (strcmp(info.driver_name, "net_af_packet") == 0 &&
+		    rte_eth_dev_get_mtu(p->id, &mtu) == 0 &&
+		    c.frame_size > (unsigned)mtu + RTE_ETHER_HDR_LEN)
+			c.frame_size =
+			    RTE_MAX((unsigned)mtu + RTE_ETHER_HDR_LEN, (unsigned)RTE_ETHER_MIN_LEN);
+	}
 	unsigned room = cfg->frame_size; /* bytes of an mbuf after its headroom */
 	rc = check_pmd(&info, p->name, cfg->frame_size, &room, err, errlen);
 	if (rc < 0)
