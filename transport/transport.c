@@ -1,8 +1,11 @@
 #include "transport_ops.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+
+#include "../core/clock.h"
 
 /* Every built-in transport, guarded by the build's HAVE_* defines. */
 static const struct tp_ops *const transports[] = {
@@ -36,6 +39,46 @@ static int parse_mac_uri(const char *uri, const char *rest, struct tp_addr *out,
 	snprintf(out->host, sizeof(out->host), "%02x:%02x:%02x:%02x:%02x:%02x", b[0], b[1], b[2],
 		 b[3], b[4], b[5]);
 	return 0;
+}
+
+int tp_land_wait_marks(struct tp_bulk *b, pthread_mutex_t *lock, pthread_cond_t *cv,
+		       void (*mark)(struct tp_bulk *b, unsigned ch, struct tp_mark *out),
+		       int (*failed)(struct tp_bulk *b, unsigned reached, char *err, size_t errlen),
+		       enum tp_land_until until, int timeout_ms, uint64_t *pages, char *err,
+		       size_t errlen)
+{
+	struct timespec dl = deadline_after_ms(timeout_ms);
+	struct tp_mark m;
+	int rc;
+
+	pthread_mutex_lock(lock);
+	for (;;) {
+		unsigned n = 0;
+
+		for (unsigned i = 0; i < b->channels; i++) {
+			mark(b, i, &m);
+			n += until == TP_LAND_END ? m.ended : m.switched;
+		}
+		if ((rc = failed(b, n, err, errlen)) < 0)
+			break;
+		if (n == b->channels) {
+			for (unsigned i = 0; i < b->channels; i++) {
+				mark(b, i, &m);
+				pages[i] = m.pages;
+			}
+			break;
+		}
+		if (timeout_ms < 0) {
+			pthread_cond_wait(cv, lock);
+		} else if (pthread_cond_timedwait(cv, lock, &dl) == ETIMEDOUT) {
+			snprintf(err, errlen, "%u of %u bulk channels reached their %s in time", n,
+				 b->channels, until == TP_LAND_END ? "end" : "switch marker");
+			rc = -ETIMEDOUT;
+			break;
+		}
+	}
+	pthread_mutex_unlock(lock);
+	return rc;
 }
 
 int tp_enotsup_pull(struct tp_bulk *b, uint64_t first_page, uint32_t npages)

@@ -7,6 +7,9 @@
 #include "hymig/hymig.h"
 #include "transport.h"
 
+#include <pthread.h>
+#include <stdbool.h>
+
 struct tp_ops {
 	const char *name;   /* "tcp" */
 	const char *scheme; /* URI scheme */
@@ -73,6 +76,23 @@ struct tp_ops {
 	void (*bulk_shutdown)(struct tp_bulk *b);
 	void (*bulk_close)(struct tp_bulk *b);
 };
+
+/* What the markers of one bulk channel said, for tp_land_wait_marks. */
+struct tp_mark {
+	uint64_t pages; /* landed, as its last marker counted */
+	bool switched;	/* its switch marker arrived */
+	bool ended;	/* its end arrived */
+};
+/* land_wait for transports whose landers signal cv under lock on every marker and
+ * error: waits (-1: forever) until each of b's channels reached until, then pages[]
+ * gets their counts. mark tells one channel's markers; failed returns a negative errno
+ * and the reason when the channels cannot get there (given how many did), else 0. Both
+ * run with lock held. */
+int tp_land_wait_marks(struct tp_bulk *b, pthread_mutex_t *lock, pthread_cond_t *cv,
+		       void (*mark)(struct tp_bulk *b, unsigned ch, struct tp_mark *out),
+		       int (*failed)(struct tp_bulk *b, unsigned reached, char *err, size_t errlen),
+		       enum tp_land_until until, int timeout_ms, uint64_t *pages, char *err,
+		       size_t errlen);
 
 /* Stubs for the ops a transport lacks. */
 int tp_enotsup_pull(struct tp_bulk *b, uint64_t first_page, uint32_t npages);

@@ -429,45 +429,36 @@ int dpdk_drain(struct tp_bulk *bb, unsigned ch)
 	return rc < 0 ? link_fail(b, rc) : 0;
 }
 
+static void dpdk_mark(struct tp_bulk *bb, unsigned ch, struct tp_mark *out)
+{
+	struct dpdk_bulk *b = (struct dpdk_bulk *)bb;
+
+	*out = (struct tp_mark){b->lanes[ch].pages, b->lanes[ch].switched, b->lanes[ch].ended};
+}
+
+static int dpdk_failed(struct tp_bulk *bb, unsigned reached, char *err, size_t errlen)
+{
+	struct dpdk_bulk *b = (struct dpdk_bulk *)bb;
+
+	/* A reset after the last end (the source closed) is no failure. */
+	if (b->error && (reached < b->base.channels || b->error == -EPROTO)) {
+		snprintf(err, errlen, "%s", b->reason);
+		return b->error;
+	}
+	if (atomic_load(&b->shut) && reached < b->base.channels) {
+		snprintf(err, errlen, "bulk channels shut down");
+		return -ECANCELED;
+	}
+	return 0;
+}
+
 int dpdk_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, uint64_t *pages,
 		   char *err, size_t errlen)
 {
 	struct dpdk_bulk *b = (struct dpdk_bulk *)bb;
-	struct timespec dl = deadline_after_ms(timeout_ms);
-	int rc = 0;
+	int rc = tp_land_wait_marks(bb, &b->lock, &b->changed, dpdk_mark, dpdk_failed, until,
+				    timeout_ms, pages, err, errlen);
 
-	pthread_mutex_lock(&b->lock);
-	for (;;) {
-		unsigned done = 0;
-		for (unsigned i = 0; i < b->base.channels; i++)
-			done += until == TP_LAND_END ? b->lanes[i].ended : b->lanes[i].switched;
-		/* A reset after the last end (the source closed) is no failure. */
-		if (b->error && (done < b->base.channels || b->error == -EPROTO)) {
-			rc = b->error;
-			snprintf(err, errlen, "%s", b->reason);
-			break;
-		}
-		if (atomic_load(&b->shut) && done < b->base.channels) {
-			rc = -ECANCELED;
-			snprintf(err, errlen, "bulk channels shut down");
-			break;
-		}
-		if (done == b->base.channels) {
-			for (unsigned i = 0; i < b->base.channels; i++)
-				pages[i] = b->lanes[i].pages;
-			break;
-		}
-		int w = timeout_ms < 0 ? pthread_cond_wait(&b->changed, &b->lock)
-				       : pthread_cond_timedwait(&b->changed, &b->lock, &dl);
-		if (w == ETIMEDOUT) {
-			snprintf(err, errlen, "%u of %u bulk channels reached their %s in time",
-				 done, b->base.channels,
-				 until == TP_LAND_END ? "end" : "switch marker");
-			rc = -ETIMEDOUT;
-			break;
-		}
-	}
-	pthread_mutex_unlock(&b->lock);
 	update_counters(b);
 	return rc;
 }

@@ -269,45 +269,38 @@ int rdt_drain(struct tp_bulk *bb, unsigned ch)
 	return rc;
 }
 
+static void rdt_mark(struct tp_bulk *bb, unsigned ch, struct tp_mark *out)
+{
+	const struct rdt_chan *c = &((struct rdt_bulk *)bb)->ch[ch];
+
+	*out = (struct tp_mark){c->pages, c->switched, c->ended};
+}
+
+/* Any QP's error (urgent and registration QPs included), or a shutdown before every
+ * channel got there. */
+static int rdt_failed(struct tp_bulk *bb, unsigned reached, char *err, size_t errlen)
+{
+	struct rdt_bulk *b = (struct rdt_bulk *)bb;
+
+	for (unsigned i = 0; i < RDT_NCH; i++)
+		if (b->ch[i].error) {
+			snprintf(err, errlen, "%s", b->ch[i].reason);
+			return b->ch[i].error;
+		}
+	if (reached < b->base.channels && atomic_load(&b->shut)) {
+		snprintf(err, errlen, "the bulk channels were shut down");
+		return -ECANCELED;
+	}
+	return 0;
+}
+
 int rdt_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, uint64_t *pages,
 		  char *err, size_t errlen)
 {
 	struct rdt_bulk *b = (struct rdt_bulk *)bb;
-	struct timespec dl = deadline_after_ms(timeout_ms);
-	int rc = 0;
 
-	pthread_mutex_lock(&b->lock);
-	for (;;) {
-		unsigned n = 0;
-
-		for (unsigned i = 0; i < RDT_NCH; i++) {
-			if (b->ch[i].error) {
-				rc = b->ch[i].error;
-				snprintf(err, errlen, "%s", b->ch[i].reason);
-				goto out;
-			}
-			if (i < b->base.channels)
-				n += until == TP_LAND_END ? b->ch[i].ended : b->ch[i].switched;
-		}
-		if (n == b->base.channels)
-			break;
-		if (atomic_load(&b->shut)) {
-			snprintf(err, errlen, "the bulk channels were shut down");
-			rc = -ECANCELED;
-			goto out;
-		}
-		if (pthread_cond_timedwait(&b->changed, &b->lock, &dl) == ETIMEDOUT) {
-			snprintf(err, errlen, "%u of %u bulk channels reached their %s in time", n,
-				 b->base.channels, until == TP_LAND_END ? "end" : "switch marker");
-			rc = -ETIMEDOUT;
-			goto out;
-		}
-	}
-	for (unsigned i = 0; i < b->base.channels; i++)
-		pages[i] = b->ch[i].pages;
-out:
-	pthread_mutex_unlock(&b->lock);
-	return rc;
+	return tp_land_wait_marks(bb, &b->lock, &b->changed, rdt_mark, rdt_failed, until,
+				  timeout_ms, pages, err, errlen);
 }
 
 /* READ slots: the urgent QP has its own, so a fault never waits behind the background.

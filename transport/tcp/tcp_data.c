@@ -507,40 +507,34 @@ int tcp_push_end(struct tp_bulk *bb, unsigned ch)
 	return send_rec(b, b->ch[ch].fd, REC_END, b->ch[ch].pages, 0);
 }
 
+static void tcp_mark(struct tp_bulk *bb, unsigned ch, struct tp_mark *out)
+{
+	const struct tcp_chan *c = &((struct tcp_bulk *)bb)->ch[ch];
+
+	*out = (struct tp_mark){c->pages, c->switched, c->ended};
+}
+
+/* Any channel's error, the urgent one's included. */
+static int tcp_failed(struct tp_bulk *bb, unsigned reached, char *err, size_t errlen)
+{
+	struct tcp_bulk *b = (struct tcp_bulk *)bb;
+
+	(void)reached;
+	for (unsigned i = 0; i <= TCP_URGENT; i++)
+		if (b->ch[i].error) {
+			snprintf(err, errlen, "%s", b->ch[i].reason);
+			return b->ch[i].error;
+		}
+	return 0;
+}
+
 int tcp_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, uint64_t *pages,
 		  char *err, size_t errlen)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
-	struct timespec dl = deadline_after_ms(timeout_ms);
-	int rc = 0;
 
-	pthread_mutex_lock(&b->lock);
-	for (;;) {
-		unsigned ended = 0;
-		for (unsigned i = 0; i <= TCP_URGENT; i++) {
-			if (b->ch[i].error) {
-				rc = b->ch[i].error;
-				snprintf(err, errlen, "%s", b->ch[i].reason);
-				goto out;
-			}
-			if (i < b->base.channels)
-				ended += until == TP_LAND_END ? b->ch[i].ended : b->ch[i].switched;
-		}
-		if (ended == b->base.channels)
-			break;
-		if (pthread_cond_timedwait(&b->changed, &b->lock, &dl) == ETIMEDOUT) {
-			snprintf(err, errlen, "%u of %u bulk channels reached their %s in time",
-				 ended, b->base.channels,
-				 until == TP_LAND_END ? "end" : "switch marker");
-			rc = -ETIMEDOUT;
-			goto out;
-		}
-	}
-	for (unsigned i = 0; i < b->base.channels; i++)
-		pages[i] = b->ch[i].pages;
-out:
-	pthread_mutex_unlock(&b->lock);
-	return rc;
+	return tp_land_wait_marks(bb, &b->lock, &b->changed, tcp_mark, tcp_failed, until,
+				  timeout_ms, pages, err, errlen);
 }
 
 void tcp_bulk_shutdown(struct tp_bulk *bb)
