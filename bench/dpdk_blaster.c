@@ -377,9 +377,9 @@ static int run_tx(const struct opts *o, struct dpdkt_port *p, uint8_t *buf)
 				struct blast_hdr *h = rte_pktmbuf_mtod_offset(
 				    ms[i], struct blast_hdr *, RTE_ETHER_HDR_LEN);
 				uint8_t *pl = (uint8_t *)(h + 1);
-				rte_memcpy(pl, buf + off, len);
-				/* Over the copy: the live page may change under us. */
-				h->crc = rte_cpu_to_le_32(dpdkt_crc32c(pl, len, 0));
+				/* As the transport does: the CRC of the bytes copied (the
+				 * live page may change under us), in the same pass. */
+				h->crc = rte_cpu_to_le_32(dpdkt_copy_crc32c(pl, buf + off, len, 0));
 				if (++frag == per_page) {
 					frag = 0;
 					page = page + 1 == npages ? 0 : page + 1;

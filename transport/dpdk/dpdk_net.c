@@ -1607,10 +1607,14 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 				link_fail(link, -ETIMEDOUT, true);
 			break;
 		}
+		/* The CRC covers what was copied, whatever the source holds by now; the
+		 * poller finishes it over the header. */
 		uint8_t *dst = payload_of(m);
+		uint32_t crc = 0;
 		for (size_t left = n; left > 0;) {
 			size_t take = RTE_MIN(left, iov[idx].iov_len - ioff);
-			memcpy(dst, (const uint8_t *)iov[idx].iov_base + ioff, take);
+			crc = dpdkt_copy_crc32c(dst, (const uint8_t *)iov[idx].iov_base + ioff,
+						take, crc);
 			dst += take;
 			left -= take;
 			ioff += take;
@@ -1619,10 +1623,8 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 				ioff = 0;
 			}
 		}
-		/* The CRC covers what was copied, whatever the source holds by now; the
-		 * poller finishes it over the header. */
 		struct dpdkt_wire *w = wire_of(m);
-		w->crc = rte_cpu_to_le_32(dpdkt_crc32c(payload_of(m), n, 0));
+		w->crc = rte_cpu_to_le_32(crc);
 		w->flags = (uint8_t)((f == 0 ? DPDKT_FRAG_START : 0) |
 				     (f == frames - 1 ? DPDKT_FRAG_END : 0));
 		off += n;

@@ -17,7 +17,6 @@
 #include <rte_eal.h>
 #include <rte_errno.h>
 #include <rte_ethdev.h>
-#include <rte_hash_crc.h>
 #include <rte_lcore.h>
 #include <rte_log.h>
 #include <rte_mempool.h>
@@ -574,20 +573,4 @@ void dpdkt_idle_wait(struct dpdkt_idle *b)
 	b->sleep_us = b->sleep_us ? RTE_MIN(b->sleep_us * 2, (unsigned)DPDKT_IDLE_MAX_US) : 1;
 	struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)b->sleep_us * 1000};
 	nanosleep(&ts, NULL);
-}
-
-uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc)
-{
-	const uint8_t *p = buf;
-
-	/* rte_hash_crc updates the raw CRC32C register; the standard CRC inverts the
-	 * register on the way in and out. */
-	crc = ~crc;
-	while (len > 0) {
-		uint32_t chunk = len > UINT32_MAX ? UINT32_MAX : (uint32_t)len;
-		crc = rte_hash_crc(p, chunk, crc);
-		p += chunk;
-		len -= chunk;
-	}
-	return ~crc;
 }

@@ -111,7 +111,11 @@ void dpdkt_idle_wait(struct dpdkt_idle *b);
 
 /* CRC32C (Castagnoli, as iSCSI and ext4) of buf, continuing from crc (0 to start), so
  * fragments can be chained: dpdkt_crc32c(b, n, dpdkt_crc32c(a, m, 0)) is the CRC of a then b.
- * Uses DPDK's rte_hash_crc (SSE4.2 where present). "123456789" gives 0xE3069283. */
+ * Three interleaved streams of the SSE4.2 crc32 instruction (dpdk_crc.c says how).
+ * "123456789" gives 0xE3069283. */
 uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc);
+/* Copies len bytes from src to dst and returns the CRC32C of the bytes stored (continuing
+ * from crc), in one pass: src may change meanwhile and the CRC still matches dst. */
+uint32_t dpdkt_copy_crc32c(void *dst, const void *src, size_t len, uint32_t crc);
 
 #endif

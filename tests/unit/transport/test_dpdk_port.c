@@ -97,7 +97,29 @@ static void test_crc32c(void **state)
 	assert_int_equal(dpdkt_crc32c(buf, 4096, 0), whole);
 	assert_int_equal(dpdkt_crc32c(buf + 2048, 2048, dpdkt_crc32c(buf, 2048, 0)), whole);
 	assert_int_equal(dpdkt_crc32c(buf + 1, 4095, dpdkt_crc32c(buf, 1, 0)), whole);
+	/* Lengths around the interleaved blocks (3 x 128 and 3 x 1024 bytes), from
+	 * unaligned starts, alone and chained, and the copying variant. */
+	static const size_t lens[] = {383,  384,  385,	767,  768,  1151, 3071,
+				      3072, 3073, 3456, 3839, 4000, 4096};
+	uint8_t dst[4096 + 16];
+	for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++)
+		for (size_t off = 0; off < 16 && off + lens[i] <= 4096 + 16; off += 5) {
+			size_t n = lens[i];
+			uint32_t want = crc32c_bitwise(buf + off, n);
+			assert_int_equal(dpdkt_crc32c(buf + off, n, 0), want);
+			assert_int_equal(
+			    dpdkt_crc32c(buf + off + 3, n - 3, dpdkt_crc32c(buf + off, 3, 0)),
+			    want);
+			memset(dst, 0, sizeof(dst));
+			assert_int_equal(dpdkt_copy_crc32c(dst + 1, buf + off, n, 0), want);
+			assert_memory_equal(dst + 1, buf + off, n);
+			assert_int_equal(dst[0], 0);
+			assert_int_equal(dst[1 + n], 0);
+		}
 	buf[100] ^= 1;
+	assert_int_not_equal(dpdkt_crc32c(buf, 4096, 0), whole);
+	buf[100] ^= 1;
+	buf[4000] ^= 0x80; /* in the last long block's third part */
 	assert_int_not_equal(dpdkt_crc32c(buf, 4096, 0), whole);
 }
 

@@ -1,0 +1,155 @@
+/* CRC32C for frames: three interleaved streams of the crc32 instruction, and a copy that
+ * computes the CRC of what it stores in the same pass. See dpdk_port.h.
+ *
+ * One crc32 instruction takes 3 cycles but a new one can start every cycle, so a single
+ * dependent chain runs at a third of the unit's speed. Splitting a block into three
+ * parts of L bytes, each with its own register, keeps the unit busy; the parts are then
+ * joined by the linearity of the CRC register: the register after A then B, started
+ * from r, is shift_L(reg(r, A)) ^ reg(0, B), where shift_L(r) is the register after L
+ * zero bytes. shift_L is linear over GF(2), so four 256-entry tables per L compute it;
+ * they are filled at load time with the crc32 instruction itself. */
+#include "dpdk_port.h"
+
+#include <string.h>
+
+#include <rte_hash_crc.h>
+
+#if defined(__x86_64__) && defined(__SSE4_2__)
+#include <nmmintrin.h>
+
+/* Two block sizes: 3 x 1024 bytes for the bulk of a frame, 3 x 128 for its rest. */
+enum { LONG_PART = 1024, SHORT_PART = 128 };
+
+static uint32_t shift_long[4][256], shift_short[4][256];
+
+static uint32_t reg_after_zeros(uint32_t r, size_t len)
+{
+	for (size_t i = 0; i < len; i += 8)
+		r = (uint32_t)_mm_crc32_u64(r, 0);
+	return r;
+}
+
+static void shift_table_fill(uint32_t t[4][256], size_t len)
+{
+	uint32_t basis[32];
+
+	for (int i = 0; i < 32; i++)
+		basis[i] = reg_after_zeros(1u << i, len);
+	for (int k = 0; k < 4; k++)
+		for (unsigned b = 0; b < 256; b++) {
+			uint32_t v = 0;
+			for (int i = 0; i < 8; i++)
+				if (b & (1u << i))
+					v ^= basis[8 * k + i];
+			t[k][b] = v;
+		}
+}
+
+__attribute__((constructor)) static void shift_tables_init(void)
+{
+	shift_table_fill(shift_long, LONG_PART);
+	shift_table_fill(shift_short, SHORT_PART);
+}
+
+static inline uint32_t shift(const uint32_t t[4][256], uint32_t r)
+{
+	return t[0][r & 0xff] ^ t[1][(r >> 8) & 0xff] ^ t[2][(r >> 16) & 0xff] ^ t[3][r >> 24];
+}
+
+static inline uint64_t load64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return v;
+}
+
+static inline void store64(uint8_t *p, uint64_t v)
+{
+	memcpy(p, &v, 8);
+}
+
+/* One pass over blocks of three parts of part bytes, copying to dst when it is not NULL;
+ * returns the register, and advances *src, *dst and *len past the blocks. */
+static inline uint32_t blocks(uint32_t r, const uint8_t **src, uint8_t **dst, size_t *len,
+			      size_t part, const uint32_t t[4][256])
+{
+	const uint8_t *s = *src;
+	uint8_t *d = *dst;
+
+	for (; *len >= 3 * part; *len -= 3 * part) {
+		uint64_t r0 = r, r1 = 0, r2 = 0;
+		for (size_t i = 0; i < part; i += 8) {
+			uint64_t a = load64(s + i), b = load64(s + part + i),
+				 c = load64(s + 2 * part + i);
+			if (d != NULL) {
+				store64(d + i, a);
+				store64(d + part + i, b);
+				store64(d + 2 * part + i, c);
+			}
+			r0 = _mm_crc32_u64(r0, a);
+			r1 = _mm_crc32_u64(r1, b);
+			r2 = _mm_crc32_u64(r2, c);
+		}
+		r = shift(t, shift(t, (uint32_t)r0) ^ (uint32_t)r1) ^ (uint32_t)r2;
+		s += 3 * part;
+		if (d != NULL)
+			d += 3 * part;
+	}
+	*src = s;
+	*dst = d;
+	return r;
+}
+
+/* The raw register after buf (copied to dst when not NULL), started from r. */
+static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
+{
+	r = blocks(r, &s, &d, &len, LONG_PART, shift_long);
+	r = blocks(r, &s, &d, &len, SHORT_PART, shift_short);
+	uint64_t r0 = r;
+	for (; len >= 8; len -= 8, s += 8) {
+		uint64_t v = load64(s);
+		if (d != NULL) {
+			store64(d, v);
+			d += 8;
+		}
+		r0 = _mm_crc32_u64(r0, v);
+	}
+	r = (uint32_t)r0;
+	for (; len > 0; len--, s++) {
+		uint8_t v = *s;
+		if (d != NULL)
+			*d++ = v;
+		r = _mm_crc32_u8(r, v);
+	}
+	return r;
+}
+
+#else /* no SSE4.2: DPDK's portable CRC, and a copy before it */
+
+static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
+{
+	if (d != NULL) {
+		memcpy(d, s, len);
+		s = d; /* the CRC covers what was stored */
+	}
+	while (len > 0) {
+		uint32_t chunk = len > UINT32_MAX ? UINT32_MAX : (uint32_t)len;
+		r = rte_hash_crc(s, chunk, r);
+		s += chunk;
+		len -= chunk;
+	}
+	return r;
+}
+
+#endif
+
+/* The standard CRC inverts the register on the way in and out. */
+uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc)
+{
+	return ~reg_update(~crc, buf, NULL, len);
+}
+
+uint32_t dpdkt_copy_crc32c(void *dst, const void *src, size_t len, uint32_t crc)
+{
+	return ~reg_update(~crc, src, dst, len);
+}
