@@ -27,7 +27,9 @@ BLASTER=${BLASTER:-$BENCH_ROOT/build/bench/dpdk_blaster}
 [ -x "$BLASTER" ] || die "no $BLASTER: build with DPDK (meson option dpdk)"
 
 say "ceiling: raw frame blaster over net_memif"
-BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --seconds "$SECS" \
+# The page mode reads and writes buffers as large as the guest's RAM: a migration's pages
+# come from DRAM, not from the cache a small buffer would fit in.
+BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --seconds "$SECS" --buf "$MEM" \
 	>"$WORK/blaster.json"
 
 # memif_guest NAME ROLE PAIR ARGS...: a guest on this host owning one end of the memif

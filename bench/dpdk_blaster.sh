@@ -2,7 +2,7 @@
 # Raw frame blaster over DPDK's own PMDs: the ceiling the dpdk transport is measured
 # against. Needs root and a build with DPDK (meson option dpdk).
 #
-#     bench/dpdk_blaster.sh [--seconds S] [--links memif,af_packet] [--pin]
+#     bench/dpdk_blaster.sh [--seconds S] [--links memif,af_packet] [--pin] [--buf SIZE]
 #
 # For each link it runs build/bench/dpdk_blaster pairs, one receiver and one sender:
 #   memif      two processes on this host; the receiver is the memif server, the sender
@@ -13,7 +13,9 @@
 # into frames with a CRC32C per frame, checked and copied into place on the receiver),
 # with 2048-byte payloads (2 frames a page) and, over memif, 4096 (one jumbo frame).
 # --seconds (default 8, at most 20) bounds each run; --pin puts the sender on CPU 0 and
-# the receiver on CPU 1. A table goes to stderr, one JSON object to stdout; MB/s are
+# the receiver on CPU 1. --buf (default 64M) sizes the page mode's buffer on each side:
+# give a migration's RAM size to compare with one, as a buffer that fits in the cache is
+# read and written faster than a guest's RAM. A table goes to stderr, one JSON object to stdout; MB/s are
 # 10^6 bytes of payload per second at the receiver. Runs taken while a QEMU VM was
 # running say so ("qemu_running"). Environment: BLASTER (default
 # build/bench/dpdk_blaster).
@@ -24,6 +26,7 @@ BLASTER=${BLASTER:-$ROOT/build/bench/dpdk_blaster}
 SECONDS_PER_RUN=8
 LINKS=memif,af_packet
 PIN=0
+BUF=64M
 
 usage() {
 	awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2
@@ -39,6 +42,7 @@ while [ $# -gt 0 ]; do
 	--seconds) SECONDS_PER_RUN=${2:?}; shift 2 ;;
 	--links) LINKS=${2:?}; shift 2 ;;
 	--pin) PIN=1; shift ;;
+	--buf) BUF=${2:?}; shift 2 ;;
 	-h | --help) usage ;;
 	*) echo "unknown argument: $1" >&2; usage ;;
 	esac
@@ -127,7 +131,7 @@ run() {
 	RUN=$((RUN + 1))
 	n=$WORK/run$RUN
 	local common=(--mode "$mode" --frame-payload "$payload" --seconds "$SECONDS_PER_RUN"
-		--bytes 1000G --wait 15)
+		--bytes 1000G --wait 15 --buf "$BUF")
 	local rx_pin=() tx_pin=() rx_ns=() tx_ns=() rx_dev tx_dev
 	if [ $PIN = 1 ]; then
 		tx_pin=(--cpu 0)

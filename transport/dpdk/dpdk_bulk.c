@@ -374,7 +374,10 @@ static int send_runs(struct dpdk_bulk *b, unsigned lane, const struct tp_run *ru
 
 		wire_rec_encode(&h, r->zero ? REC_ZERO : REC_PAGES, r->first_page, r->npages);
 		iov[0] = (struct iovec){&h, sizeof(h)};
-		iov[1] = (struct iovec){ram_mig_page(b->ram, r->first_page),
+		/* Read through the guest view: the guest's page tables map it already,
+		 * while the migrator view would fault once per 16 pages (half the speed
+		 * of the copy into frames). */
+		iov[1] = (struct iovec){ram_guest_page(b->ram, r->first_page),
 					(size_t)r->npages * HM_PAGE_SIZE};
 		rc = dpdkt_link_send(b->link, lane, iov, r->zero ? 1 : 2, -1);
 		if (rc < 0)

@@ -20,9 +20,8 @@
 #include <rte_pause.h>
 #include <rte_ring.h>
 
-/* The poller's tx queue: frames waiting for tx_burst, leftovers of a short burst first.
- * New DATA frames stop at TXQ_DATA_FILL and retransmissions at TXQ_RETX_FILL, so acks,
- * hellos and urgent frames find room. */
+/* The poller's tx queues (struct txq): new DATA frames stop at TXQ_DATA_FILL and
+ * retransmissions at TXQ_RETX_FILL, so acks, hellos and urgent frames find room. */
 #define TXQ_CAP	      1024
 #define TXQ_DATA_FILL 128
 #define TXQ_RETX_FILL 768
@@ -106,6 +105,13 @@ struct dpdkt_link {
 struct held {
 	struct rte_mbuf *m;
 	unsigned left; /* poller rounds before it goes */
+	unsigned q;    /* tx queue it goes to (DIR_TX) */
+};
+
+/* Frames waiting for tx_burst on one queue, leftovers of a short burst first. */
+struct txq {
+	struct rte_mbuf *m[TXQ_CAP];
+	unsigned n;
 };
 
 struct dpdkt_net {
@@ -152,8 +158,7 @@ struct dpdkt_net {
 	uint64_t rng;
 	uint64_t now;
 	unsigned rr_link;
-	struct rte_mbuf *txq[TXQ_CAP];
-	unsigned txq_n;
+	struct txq txq[2]; /* by queue: 0 bulk, 1 urgent (when the port has it) */
 	struct held held[2][HELD_CAP];
 	unsigned nheld[2];
 };
@@ -352,16 +357,24 @@ static void link_fail(struct dpdkt_link *l, int err, bool reset)
 
 /* ---- The poller: tx queue and loss injection ---- */
 
-static unsigned txq_room(const struct dpdkt_net *net, unsigned fill)
+/* The tx queue of a lane's frames: urgent lanes' frames (and their acks) pass the bulk
+ * backlog on a queue of their own where the port has one. */
+static unsigned txq_of(const struct dpdkt_net *net, const struct lane *ln)
 {
-	/* Two places per frame: injection may duplicate it. */
-	return net->txq_n + 2 <= fill ? (fill - net->txq_n) / 2 : 0;
+	return ln->urgent && net->port->queues > 1;
 }
 
-static void hold(struct dpdkt_net *net, int dir, struct rte_mbuf *m)
+static unsigned txq_room(const struct dpdkt_net *net, unsigned q, unsigned fill)
+{
+	/* Two places per frame: injection may duplicate it. */
+	unsigned n = net->txq[q].n;
+	return n + 2 <= fill ? (fill - n) / 2 : 0;
+}
+
+static void hold(struct dpdkt_net *net, int dir, struct rte_mbuf *m, unsigned q)
 {
 	unsigned hold = net->ploss[dir].hold ? net->ploss[dir].hold : 4;
-	net->held[dir][net->nheld[dir]++] = (struct held){.m = m, .left = hold};
+	net->held[dir][net->nheld[dir]++] = (struct held){.m = m, .left = hold, .q = q};
 	st_add(&net->st.inj_reorder, 1);
 }
 
@@ -382,9 +395,12 @@ static struct rte_mbuf *corrupt(struct dpdkt_net *net, struct rte_mbuf *m)
 	return c;
 }
 
-/* Queues m for tx through the tx injection; consumes m. The caller checked txq_room. */
-static void txq_put(struct dpdkt_net *net, struct rte_mbuf *m)
+/* Queues m for tx on queue q through the tx injection; consumes m. The caller checked
+ * txq_room. */
+static void txq_put(struct dpdkt_net *net, unsigned q, struct rte_mbuf *m)
 {
+	struct txq *t = &net->txq[q];
+
 	if (net->ploss_on[DIR_TX]) {
 		const struct dpdkt_loss *l = &net->ploss[DIR_TX];
 		if (chance(net, l->drop)) {
@@ -395,36 +411,47 @@ static void txq_put(struct dpdkt_net *net, struct rte_mbuf *m)
 		if (chance(net, l->corrupt))
 			m = corrupt(net, m);
 		if (net->nheld[DIR_TX] < HELD_CAP && chance(net, l->reorder)) {
-			hold(net, DIR_TX, m);
+			hold(net, DIR_TX, m, q);
 			return;
 		}
 		if (chance(net, l->dup)) {
 			rte_mbuf_refcnt_update(m, 1);
-			net->txq[net->txq_n++] = m;
+			t->m[t->n++] = m;
 			st_add(&net->st.inj_dup, 1);
 		}
 	}
-	net->txq[net->txq_n++] = m;
+	t->m[t->n++] = m;
 }
 
-/* Hands the tx queue to the PMD; what it did not take stays first in line. */
-static unsigned txq_flush(struct dpdkt_net *net)
+/* Hands tx queue q to the PMD; what it did not take stays first in line. */
+static unsigned txq_flush_one(struct dpdkt_net *net, unsigned q)
 {
+	struct txq *t = &net->txq[q];
 	unsigned sent = 0;
 
-	while (sent < net->txq_n) {
-		uint16_t n = rte_eth_tx_burst(net->port->id, 0, net->txq + sent,
-					      (uint16_t)RTE_MIN(net->txq_n - sent, 512u));
+	while (sent < t->n) {
+		uint16_t n = rte_eth_tx_burst(net->port->id, (uint16_t)q, t->m + sent,
+					      (uint16_t)RTE_MIN(t->n - sent, 512u));
 		if (n == 0)
 			break;
 		sent += n;
 	}
-	if (sent < net->txq_n) {
+	if (sent < t->n) {
 		st_add(&net->st.tx_short, 1);
-		memmove(net->txq, net->txq + sent, (net->txq_n - sent) * sizeof(net->txq[0]));
+		memmove(t->m, t->m + sent, (t->n - sent) * sizeof(t->m[0]));
 	}
-	net->txq_n -= sent;
+	t->n -= sent;
 	st_add(&net->st.tx_frames, sent);
+	return sent;
+}
+
+/* The urgent queue first. */
+static unsigned txq_flush(struct dpdkt_net *net)
+{
+	unsigned sent = 0;
+
+	for (unsigned q = net->port->queues; q-- > 0;)
+		sent += txq_flush_one(net, q);
 	return sent;
 }
 
@@ -452,9 +479,10 @@ static void fill_ack(struct dpdkt_link *l, struct lane *ln, struct dpdkt_wire *w
 static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, unsigned lane)
 {
 	struct lane *ln = &l->lanes[lane];
+	unsigned q = txq_of(net, ln);
 	size_t len = 0;
 
-	if (txq_room(net, TXQ_CAP) == 0)
+	if (txq_room(net, q, TXQ_CAP) == 0)
 		return false;
 	/* An ACK's payload maps every frame held, 64 bits at a time. */
 	if (type == DPDKT_ACK && ln->held > 0) {
@@ -475,7 +503,7 @@ static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, 
 	if (type != DPDKT_RESET)
 		fill_ack(l, ln, w);
 	frame_seal(w, dpdkt_crc32c(bm, len, 0));
-	txq_put(net, m);
+	txq_put(net, q, m);
 	l->last_tx = net->now;
 	if (type == DPDKT_ACK)
 		st_add(&l->st.acks_tx, 1);
@@ -509,12 +537,13 @@ static uint64_t lane_rto(const struct dpdkt_link *l, const struct lane *ln)
 	return RTE_MIN(l->rto << RTE_MIN(ln->backoff, 16u), max);
 }
 
-static void retransmit(struct dpdkt_net *net, struct dpdkt_link *l, struct tx_slot *s, bool timeout)
+static void retransmit(struct dpdkt_net *net, struct dpdkt_link *l, const struct lane *ln,
+		       struct tx_slot *s, bool timeout)
 {
 	/* The frame goes as it went first, with its (older) acks and CRC: nobody writes
 	 * to a frame once it was sent, so the PMD and the peer may share it. */
 	rte_mbuf_refcnt_update(s->m, 1);
-	txq_put(net, s->m);
+	txq_put(net, txq_of(net, ln), s->m);
 	s->sent_ns = net->now;
 	s->tries++;
 	l->last_tx = net->now;
@@ -565,11 +594,11 @@ static unsigned resend_holes(struct dpdkt_net *net, struct dpdkt_link *l, struct
 				next = RTE_MIN(next, s->sent_ns + guard);
 				continue;
 			}
-			if (txq_room(net, TXQ_RETX_FILL) == 0) {
+			if (txq_room(net, txq_of(net, ln), TXQ_RETX_FILL) == 0) {
 				next = net->now;
 				break;
 			}
-			retransmit(net, l, s, false);
+			retransmit(net, l, ln, s, false);
 			n++;
 			next = RTE_MIN(next, net->now + guard);
 		}
@@ -834,7 +863,7 @@ static void rx_inject(struct dpdkt_net *net, struct rte_mbuf *m)
 	if (chance(net, l->corrupt))
 		m = corrupt(net, m);
 	if (net->nheld[DIR_RX] < HELD_CAP && chance(net, l->reorder)) {
-		hold(net, DIR_RX, m);
+		hold(net, DIR_RX, m, 0);
 		return;
 	}
 	if (chance(net, l->dup)) {
@@ -855,10 +884,10 @@ static void release_held(struct dpdkt_net *net, int dir)
 		struct held *h = &net->held[dir][i];
 		if (h->left > 0)
 			h->left--;
-		if (h->left > 0 || (dir == DIR_TX && net->txq_n >= TXQ_CAP)) {
+		if (h->left > 0 || (dir == DIR_TX && net->txq[h->q].n >= TXQ_CAP)) {
 			net->held[dir][keep++] = *h;
 		} else if (dir == DIR_TX) {
-			net->txq[net->txq_n++] = h->m;
+			net->txq[h->q].m[net->txq[h->q].n++] = h->m;
 		} else {
 			take_frame(net, h->m);
 		}
@@ -866,16 +895,21 @@ static void release_held(struct dpdkt_net *net, int dir)
 	net->nheld[dir] = keep;
 }
 
+/* The urgent queue first. */
 static unsigned rx_poll(struct dpdkt_net *net)
 {
 	struct rte_mbuf *ms[RX_BURST];
+	unsigned got = 0;
 
 	release_held(net, DIR_RX);
-	uint16_t n = rte_eth_rx_burst(net->port->id, 0, ms, RX_BURST);
-	st_add(&net->st.rx_frames, n);
-	for (uint16_t i = 0; i < n; i++)
-		rx_inject(net, ms[i]);
-	return n;
+	for (unsigned q = net->port->queues; q-- > 0;) {
+		uint16_t n = rte_eth_rx_burst(net->port->id, (uint16_t)q, ms, RX_BURST);
+		st_add(&net->st.rx_frames, n);
+		for (uint16_t i = 0; i < n; i++)
+			rx_inject(net, ms[i]);
+		got += n;
+	}
+	return got;
 }
 
 /* ---- The poller: sending ---- */
@@ -909,7 +943,7 @@ static unsigned lane_send(struct dpdkt_net *net, struct dpdkt_link *l, unsigned 
 		if (w->flags & DPDKT_FRAG_END)
 			st_add(&l->st.tx_msgs, 1);
 		rte_mbuf_refcnt_update(m, 1);
-		txq_put(net, m);
+		txq_put(net, txq_of(net, ln), m);
 	}
 	if (n > 0) {
 		st_add(&l->st.tx_frames, n);
@@ -929,7 +963,8 @@ static unsigned send_data(struct dpdkt_net *net)
 		struct dpdkt_link *l = net->pl[i];
 		int u = l->cfg.urgent_lane;
 		if (u >= 0 && atomic_load(&l->dead) == 0)
-			sent += lane_send(net, l, (unsigned)u, txq_room(net, TXQ_RETX_FILL));
+			sent += lane_send(net, l, (unsigned)u,
+					  txq_room(net, txq_of(net, &l->lanes[u]), TXQ_RETX_FILL));
 	}
 	for (unsigned k = 0; k < net->npl; k++) {
 		struct dpdkt_link *l = net->pl[(net->rr_link + k) % net->npl];
@@ -937,7 +972,7 @@ static unsigned send_data(struct dpdkt_net *net)
 			continue;
 		for (unsigned j = 0; j < l->nlanes; j++) {
 			unsigned lane = (l->rr + j) % l->nlanes;
-			unsigned room = txq_room(net, TXQ_DATA_FILL);
+			unsigned room = txq_room(net, 0, TXQ_DATA_FILL);
 			if (room == 0)
 				return sent;
 			if (l->lanes[lane].urgent)
@@ -962,11 +997,11 @@ static unsigned rto_fire(struct dpdkt_net *net, struct dpdkt_link *l, struct lan
 		struct tx_slot *s = &ln->tx[seq & l->mask];
 		if (s->m == NULL || net->now - s->sent_ns < rto)
 			continue;
-		if (txq_room(net, TXQ_RETX_FILL) == 0) {
+		if (txq_room(net, txq_of(net, ln), TXQ_RETX_FILL) == 0) {
 			ln->rto_next = net->now; /* the rest next round */
 			return n;
 		}
-		retransmit(net, l, s, true);
+		retransmit(net, l, ln, s, true);
 		if (++n >= (ln->backoff > 0 ? 1u : RTO_BURST))
 			break;
 	}
@@ -1014,9 +1049,9 @@ static unsigned send_hellos(struct dpdkt_net *net)
 {
 	struct rte_mbuf *ms[32];
 	unsigned n = rte_ring_sc_dequeue_burst(net->hello_tx, (void **)ms,
-					       RTE_MIN(txq_room(net, TXQ_CAP), 32u), NULL);
+					       RTE_MIN(txq_room(net, 0, TXQ_CAP), 32u), NULL);
 	for (unsigned i = 0; i < n; i++)
-		txq_put(net, ms[i]);
+		txq_put(net, 0, ms[i]);
 	st_add(&net->st.hello_tx, n);
 	return n;
 }
@@ -1096,8 +1131,10 @@ static void *poller(void *arg)
 			dpdkt_idle_reset(&idle);
 	}
 	/* Queued frames are dropped: DATA ones are still kept for retransmission. */
-	rte_pktmbuf_free_bulk(net->txq, net->txq_n);
-	net->txq_n = 0;
+	for (unsigned q = 0; q < 2; q++) {
+		rte_pktmbuf_free_bulk(net->txq[q].m, net->txq[q].n);
+		net->txq[q].n = 0;
+	}
 	for (int dir = 0; dir < 2; dir++) {
 		for (unsigned i = 0; i < net->nheld[dir]; i++)
 			rte_pktmbuf_free(net->held[dir][i].m);

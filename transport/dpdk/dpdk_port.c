@@ -430,10 +430,21 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		goto fail_free;
 	}
 
-	/* The pool feeds the rx ring, the frames sitting in the tx ring, the caller's
+	/* A second queue pair carries urgent frames past a backlog of bulk ones, where
+	 * the frames sent on a queue arrive on the peer's queue of the same index: memif
+	 * pairs its rings so, and so does net_ring (af_packet, by contrast, spreads frames
+	 * over its queues by hash). Both ends of a memif ask for the same number. */
+	p->queues = (strcmp(info.driver_name, "net_memif") == 0 ||
+		     strcmp(info.driver_name, "net_ring") == 0) &&
+			    info.max_rx_queues >= 2 && info.max_tx_queues >= 2
+			? 2
+			: 1;
+
+	/* The pool feeds the rx rings, the frames sitting in the tx rings, the caller's
 	 * window and every lcore's cache; a mempool is best sized 2^q - 1. */
 	unsigned cache = DPDKT_POOL_CACHE;
-	unsigned need = cfg->window + p->rx_desc + p->tx_desc + rte_lcore_count() * cache + 512;
+	unsigned need =
+	    cfg->window + p->queues * (p->rx_desc + p->tx_desc) + rte_lcore_count() * cache + 512;
 	unsigned nmbufs = pow2_at_least(need + 1) - 1;
 	uint16_t data_room = RTE_PKTMBUF_HEADROOM + room;
 	char pool_name[RTE_MEMPOOL_NAMESIZE];
@@ -456,24 +467,26 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		conf.rxmode.mtu = cfg->mtu;
 	/* Lets the caller chain a header mbuf to a payload mbuf. */
 	conf.txmode.offloads = info.tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
-	rc = rte_eth_dev_configure(p->id, 1, 1, &conf);
+	rc = rte_eth_dev_configure(p->id, p->queues, p->queues, &conf);
 	if (rc < 0) {
-		snprintf(err, errlen, "%s: cannot configure one rx and one tx queue%s: %s", p->name,
-			 cfg->mtu ? " with that MTU" : "", strerror(-rc));
+		snprintf(err, errlen, "%s: cannot configure %u rx and tx queues%s: %s", p->name,
+			 p->queues, cfg->mtu ? " with that MTU" : "", strerror(-rc));
 		goto fail_pool;
 	}
 	int socket = rte_eth_dev_socket_id(p->id);
-	rc = rte_eth_rx_queue_setup(p->id, 0, p->rx_desc, socket, NULL, p->pool);
-	if (rc < 0) {
-		snprintf(err, errlen, "%s: cannot set up the rx queue (%u descriptors): %s",
-			 p->name, p->rx_desc, strerror(-rc));
-		goto fail_close;
-	}
-	rc = rte_eth_tx_queue_setup(p->id, 0, p->tx_desc, socket, NULL);
-	if (rc < 0) {
-		snprintf(err, errlen, "%s: cannot set up the tx queue (%u descriptors): %s",
-			 p->name, p->tx_desc, strerror(-rc));
-		goto fail_close;
+	for (uint16_t q = 0; q < p->queues; q++) {
+		rc = rte_eth_rx_queue_setup(p->id, q, p->rx_desc, socket, NULL, p->pool);
+		if (rc < 0) {
+			snprintf(err, errlen, "%s: cannot set up rx queue %u (%u descriptors): %s",
+				 p->name, q, p->rx_desc, strerror(-rc));
+			goto fail_close;
+		}
+		rc = rte_eth_tx_queue_setup(p->id, q, p->tx_desc, socket, NULL);
+		if (rc < 0) {
+			snprintf(err, errlen, "%s: cannot set up tx queue %u (%u descriptors): %s",
+				 p->name, q, p->tx_desc, strerror(-rc));
+			goto fail_close;
+		}
 	}
 	/* Frames for other hosts are none of ours. Virtual PMDs may lack the mode. */
 	rc = rte_eth_promiscuous_disable(p->id);

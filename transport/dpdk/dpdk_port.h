@@ -69,11 +69,13 @@ struct dpdkt_port {
 	uint16_t mtu;		       /* the port's MTU after set-up */
 	unsigned frame_size;	       /* the cfg's: one mbuf holds a frame this large */
 	uint16_t rx_desc, tx_desc;     /* ring sizes the PMD accepted */
+	uint16_t queues;	       /* queue pairs: 2 (0 bulk, 1 urgent; memif) or 1 */
 	unsigned tx_attempts;	       /* from the cfg */
 	struct dpdkt_port_stats stats; /* updated by dpdkt_tx; one tx caller at a time */
 };
 
-/* Configures and starts the port: one rx and one tx queue, an mbuf pool sized from
+/* Configures and starts the port: one rx and one tx queue (two of each over memif:
+ * queues), an mbuf pool sized from
  * the window, promiscuous mode off (where the PMD has it). The EAL must be running.
  * -ENODEV when the port is missing, -EINVAL for a cfg field out of range (named). */
 int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, char *err,

@@ -1,10 +1,10 @@
 /* transport/dpdk/dpdk_net.c: two nets in one process over two net_ring ports joined
- * back to back (A's tx ring is B's rx ring and the other way round): hellos, links of
- * three lanes carrying thousands of random messages checked byte for byte and in order,
- * the same under injected loss, duplication, reordering and corruption in both
- * directions, a peer with a wrong MAC or session, shutdown and a dead peer, and the
- * throughput of a bulk lane (printed, not asserted). Every case ends with every mbuf
- * back in its pool. */
+ * back to back (A's tx rings are B's rx rings and the other way round; two queue pairs,
+ * the second for the urgent lane): hellos, links of three lanes carrying thousands of random
+ * messages checked byte for byte and in order, the same under injected loss, duplication,
+ * reordering and corruption in both directions, a peer with a wrong MAC or session, shutdown and a
+ * dead peer, and the throughput of a bulk lane (printed, not asserted). Every case ends with every
+ * mbuf back in its pool. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -37,6 +37,7 @@
 static char prefix[64];
 static struct dpdkt_net *na, *nb;
 static struct rte_mempool *pool_a, *pool_b;
+static uint16_t port_a; /* A's ethdev, for its per-queue counters */
 static const struct rte_ether_addr mac_a = {{0x02, 0x68, 0x6d, 0, 0, 0x0a}};
 static const struct rte_ether_addr mac_b = {{0x02, 0x68, 0x6d, 0, 0, 0x0b}};
 static const struct rte_ether_addr mac_c = {{0x02, 0x68, 0x6d, 0, 0, 0x0c}};
@@ -320,6 +321,8 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 	struct side *sa = side_new(run, 1), *sb = side_new(run, 0);
 	open_pair(&cfg, NLANES, sa, sb, &la, &lb, &session);
 
+	struct rte_eth_stats q0, q1;
+	assert_int_equal(rte_eth_stats_get(port_a, &q0), 0);
 	struct sender t[2 * NLANES];
 	unsigned nt = 0;
 	uint64_t t0 = now_ns();
@@ -391,6 +394,16 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 		assert_true(na1.inj_dup > 0 && nb1.inj_dup > 0 && sb_st.dup_frames > 0);
 	if (loss != NULL && loss->reorder > 0)
 		assert_true(na1.inj_reorder > 0 && nb1.inj_reorder > 0);
+	/* The urgent lane's frames, and only they, left A on the second queue. */
+	assert_int_equal(rte_eth_stats_get(port_a, &q1), 0);
+	uint64_t urgent_out = q1.q_opackets[1] - q0.q_opackets[1];
+	uint64_t all_out = q1.opackets - q0.opackets;
+	printf("  A sent %llu of its %llu frames on the urgent queue\n",
+	       (unsigned long long)urgent_out, (unsigned long long)all_out);
+	if (n_ab[NLANES - 1] > 0)
+		assert_true(urgent_out >= n_ab[NLANES - 1]);
+	if (n_ab[0] + n_ab[1] > 0)
+		assert_true(all_out - urgent_out >= n_ab[0] + n_ab[1]);
 	if (out_a)
 		*out_a = sa_st;
 
@@ -781,7 +794,7 @@ static void test_throughput(void **state)
 
 /* ---- Set-up: the EAL, two ring ports crossed, two nets ---- */
 
-static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx, struct rte_ring *tx,
+static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx[2], struct rte_ring *tx[2],
 				  const struct rte_ether_addr *mac, struct rte_mempool **pool)
 {
 	struct dpdkt_port_cfg pcfg;
@@ -793,7 +806,7 @@ static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx, struct 
 	/* The port is named net_ring_NAME. */
 	char port[64];
 	snprintf(port, sizeof(port), "net_ring_%s", name);
-	if (rte_eth_from_rings(name, &rx, 1, &tx, 1, rte_socket_id()) < 0)
+	if (rte_eth_from_rings(name, rx, 2, tx, 2, rte_socket_id()) < 0)
 		fail_msg("rte_eth_from_rings %s failed", name);
 	dpdkt_port_cfg_init(&pcfg);
 	pcfg.name = port;
@@ -801,7 +814,11 @@ static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx, struct 
 	pcfg.frame_size = FRAME_SIZE;
 	if (dpdkt_port_open(&pcfg, &p, err, sizeof(err)) != 0)
 		fail_msg("%s: %s", name, err);
+	if (p->queues != 2)
+		fail_msg("%s: %u queue pairs, not 2 (bulk, urgent)", name, p->queues);
 	*pool = p->pool;
+	if (mac == &mac_a)
+		port_a = p->id;
 	dpdkt_net_cfg_init(&ncfg);
 	ncfg.mac = *mac;
 	ncfg.mac_set = true;
@@ -824,12 +841,18 @@ static int setup(void **state)
 		fprintf(stderr, "dpdk_net: %s\n", err);
 		return -1;
 	}
-	struct rte_ring *ab =
-	    rte_ring_create("hymig_ab", 4096, (int)rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
-	struct rte_ring *ba =
-	    rte_ring_create("hymig_ba", 4096, (int)rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
-	if (ab == NULL || ba == NULL)
-		return -1;
+	struct rte_ring *ab[2], *ba[2];
+	for (int q = 0; q < 2; q++) {
+		char n[32];
+		snprintf(n, sizeof(n), "hymig_ab%d", q);
+		ab[q] =
+		    rte_ring_create(n, 4096, (int)rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+		snprintf(n, sizeof(n), "hymig_ba%d", q);
+		ba[q] =
+		    rte_ring_create(n, 4096, (int)rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+		if (ab[q] == NULL || ba[q] == NULL)
+			return -1;
+	}
 	na = make_net("a", ba, ab, &mac_a, &pool_a);
 	nb = make_net("b", ab, ba, &mac_b, &pool_b);
 	return 0;
@@ -847,8 +870,10 @@ static int teardown(void **state)
 	       (unsigned long long)s.sleeps);
 	dpdkt_net_destroy(na);
 	dpdkt_net_destroy(nb);
-	rte_ring_free(rte_ring_lookup("hymig_ab"));
-	rte_ring_free(rte_ring_lookup("hymig_ba"));
+	for (const char *const *n =
+		 (const char *const[]){"hymig_ab0", "hymig_ab1", "hymig_ba0", "hymig_ba1", NULL};
+	     *n; n++)
+		rte_ring_free(rte_ring_lookup(*n));
 	/* Destroying a net closes its port and frees its pool. */
 	if (rte_mempool_lookup("dpdkt_pool_0") || rte_mempool_lookup("dpdkt_pool_1")) {
 		fprintf(stderr, "dpdk_net: a port's mbuf pool outlived its net\n");
