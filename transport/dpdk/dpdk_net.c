@@ -34,6 +34,7 @@
 #define HELLO_RING    256
 #define KICK_EVERY    16	  /* frames a sender queues between wake-ups of the poller */
 #define POOL_WAIT_US  20	  /* a sender's sleep when the mbuf pool is empty */
+#define LANE_CACHE    32	  /* mbufs a lane's senders keep at hand */
 #define WAIT_SLICE_NS 50000000ull /* blocked callers re-check at least this often */
 
 enum { DIR_TX, DIR_RX };
@@ -50,6 +51,9 @@ struct lane {
 	 * poller (single producer: send_lock's holder; single consumer: the poller). */
 	pthread_mutex_t send_lock;
 	struct rte_ring *ring;
+	/* The send_lock holder's own mbufs: senders are not EAL threads, so without it
+	 * every frame would cost a trip to the pool's shared ring. */
+	struct rte_mempool_cache *cache;
 	atomic_uint queued; /* frames queued or unacked: senders add, the poller subtracts */
 	atomic_int waiters; /* threads blocked on the link's cond for this lane */
 	uint64_t window_stalls, pool_stalls; /* written by the send_lock holder */
@@ -256,13 +260,22 @@ static uint8_t *payload_of(struct rte_mbuf *m)
 }
 
 /* A frame of len payload bytes with its Ethernet and wire headers filled but for seq,
- * acks and crc. NULL when the pool is empty. */
-static struct rte_mbuf *frame_new(struct dpdkt_net *net, const struct rte_ether_addr *dst,
-				  uint8_t type, uint8_t lane, uint64_t session, size_t len)
+ * acks and crc, from cache (NULL: the calling thread's lcore cache, if any). NULL when
+ * the pool is empty. */
+static struct rte_mbuf *frame_new(struct dpdkt_net *net, struct rte_mempool_cache *cache,
+				  const struct rte_ether_addr *dst, uint8_t type, uint8_t lane,
+				  uint64_t session, size_t len)
 {
-	struct rte_mbuf *m = rte_pktmbuf_alloc(net->port->pool);
-	if (m == NULL)
-		return NULL;
+	struct rte_mbuf *m;
+	if (cache == NULL) {
+		m = rte_pktmbuf_alloc(net->port->pool);
+		if (m == NULL)
+			return NULL;
+	} else {
+		if (rte_mempool_generic_get(net->port->pool, (void **)&m, 1, cache) < 0)
+			return NULL;
+		rte_pktmbuf_reset(m);
+	}
 	uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(DPDKT_HDR_LEN + len));
 	if (p == NULL) {
 		rte_pktmbuf_free(m);
@@ -489,7 +502,7 @@ static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, 
 		size_t bits = RTE_ALIGN_CEIL((size_t)(ln->rx_high - ln->rcv_nxt), 64);
 		len = RTE_MIN(bits / 8, (size_t)net->payload_max & ~(size_t)7);
 	}
-	struct rte_mbuf *m = frame_new(net, &l->peer, type, (uint8_t)lane, l->session, len);
+	struct rte_mbuf *m = frame_new(net, NULL, &l->peer, type, (uint8_t)lane, l->session, len);
 	if (m == NULL) {
 		st_add(&net->st.nombuf, 1);
 		return false;
@@ -1367,7 +1380,7 @@ int dpdkt_hello_send(struct dpdkt_net *net, const struct rte_ether_addr *dst, co
 
 	if (len > net->payload_max)
 		return -EMSGSIZE;
-	struct rte_mbuf *m = frame_new(net, dst ? dst : &bcast, DPDKT_HELLO, 0, 0, len);
+	struct rte_mbuf *m = frame_new(net, NULL, dst ? dst : &bcast, DPDKT_HELLO, 0, 0, len);
 	if (m == NULL)
 		return -ENOMEM;
 	memcpy(payload_of(m), buf, len);
@@ -1465,6 +1478,10 @@ static void link_free(struct dpdkt_link *l)
 				rte_pktmbuf_free(ln->rx[s]);
 		free(ln->tx);
 		free(ln->rx);
+		if (ln->cache != NULL) {
+			rte_mempool_cache_flush(ln->cache, l->net->port->pool);
+			rte_mempool_cache_free(ln->cache);
+		}
 		pthread_mutex_destroy(&ln->send_lock);
 	}
 	pthread_mutex_destroy(&l->lock);
@@ -1513,15 +1530,17 @@ int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, ui
 		ln->ring = ring_new(2 * l->win, RING_F_SP_ENQ | RING_F_SC_DEQ);
 		ln->tx = calloc(l->win, sizeof(ln->tx[0]));
 		ln->rx = calloc(l->win, sizeof(ln->rx[0]));
-		if (ln->ring == NULL || ln->tx == NULL || ln->rx == NULL) {
+		ln->cache = rte_mempool_cache_create(LANE_CACHE, (int)rte_socket_id());
+		if (ln->ring == NULL || ln->tx == NULL || ln->rx == NULL || ln->cache == NULL) {
 			l->nlanes = i + 1;
 			goto nomem_link;
 		}
 	}
 	l->last_rx = l->last_tx = now_ns();
 
-	/* Our frames wait for acks and the peer's wait for their turn, in this pool. */
-	uint64_t frames = (uint64_t)nlanes * l->win;
+	/* Our frames wait for acks and the peer's wait for their turn, in this pool; the
+	 * lanes' caches hold up to 1.5 times their size. */
+	uint64_t frames = (uint64_t)nlanes * (l->win + LANE_CACHE * 3 / 2);
 	pthread_mutex_lock(&net->lock);
 	unsigned pool = net->port->pool->size;
 	if (net->nlinks == DPDKT_MAX_LINKS) {
@@ -1590,8 +1609,8 @@ static int alloc_frame(struct dpdkt_link *l, struct lane *ln, unsigned lane, siz
 	bool stalled = false;
 
 	for (;;) {
-		struct rte_mbuf *m =
-		    frame_new(l->net, &l->peer, DPDKT_DATA, (uint8_t)lane, l->session, len);
+		struct rte_mbuf *m = frame_new(l->net, ln->cache, &l->peer, DPDKT_DATA,
+					       (uint8_t)lane, l->session, len);
 		if (m != NULL) {
 			*out = m;
 			return 0;
