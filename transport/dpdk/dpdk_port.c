@@ -449,12 +449,14 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 	uint16_t data_room = RTE_PKTMBUF_HEADROOM + room;
 	char pool_name[RTE_MEMPOOL_NAMESIZE];
 	snprintf(pool_name, sizeof(pool_name), "dpdkt_pool_%u", p->id);
-	/* Senders and page servers are plain threads that the kernel preempts, often on a
-	 * small host: on the default ring a preempted producer makes every other one spin
-	 * until it runs again (measured: a sixth of the CPU time of a post-copy); the
-	 * relaxed-tail-sync ring is DPDK's answer for such overcommitted threads. */
+	/* The pool is a lock-free stack. LIFO: the mbuf freed last, still in the cache, is
+	 * the next one taken, where a ring would cycle through the whole pool (a cache miss
+	 * per frame; measured 1.3 against 1.5-1.8 GB/s of pre-copy over memif). Lock-free:
+	 * senders and page servers are plain threads that the kernel preempts, often on a
+	 * small host, and on the default ring a preempted producer makes every other one
+	 * spin until it runs again (measured: a sixth of a post-copy's CPU time). */
 	p->pool = rte_pktmbuf_pool_create_by_ops(pool_name, nmbufs, cache, 0, data_room,
-						 rte_socket_id(), "ring_mt_rts");
+						 rte_socket_id(), "lf_stack");
 	if (p->pool == NULL) {
 		rc = -(rte_errno > 0 ? rte_errno : ENOMEM);
 		snprintf(err, errlen,
