@@ -17,7 +17,7 @@
 #define DPDK_TP_SLOTS	    4
 #define DPDK_CTL_DEAD_MS    5000 /* a silent control peer is dead after this long */
 #define DPDK_CTL_WINDOW	    64	 /* frames per lane of the control link */
-#define DPDK_BULK_WINDOW    256	 /* frames per lane of the bulk link */
+#define DPDK_BULK_WINDOW    512	 /* frames per lane of the bulk link */
 #define DPDK_HELLO_RETRY_MS 100	 /* a connect repeats its hello this often */
 #define DPDK_PENDING_MAX    16	 /* hellos waiting for accept */
 #define DPDK_RECENT_MAX	    16	 /* accepted sessions whose repeated hellos get re-answered */
