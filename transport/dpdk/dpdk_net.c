@@ -2,6 +2,7 @@
 #include "dpdk_net.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -30,12 +31,15 @@
 #define LANE_TURN     32  /* frames a bulk lane sends before the next one's turn */
 /* Frames the first expiry of a lane's timer resends: a lost tail is recovered at once,
  * and a peer that was only slow (descheduled) gets few copies it did not need. */
-#define RTO_BURST     32
-#define HELLO_RING    256
-#define KICK_EVERY    16	  /* frames a sender queues between wake-ups of the poller */
-#define POOL_WAIT_US  20	  /* a sender's sleep when the mbuf pool is empty */
-#define LANE_CACHE    32	  /* mbufs a lane's senders keep at hand */
-#define WAIT_SLICE_NS 50000000ull /* blocked callers re-check at least this often */
+#define RTO_BURST    32
+#define HELLO_RING   256
+#define KICK_EVERY   16 /* frames a sender queues between wake-ups of the poller */
+#define POOL_WAIT_US 20 /* a sender's sleep when the mbuf pool is empty */
+#define LANE_CACHE   32 /* mbufs a lane's senders keep at hand */
+/* After an urgent frame went or came, an idle poller yields instead of sleeping for
+ * this long: the answer (a page for a faulting vCPU) is usually on its way. */
+#define URGENT_AWAKE_NS 2000000ull
+#define WAIT_SLICE_NS	50000000ull /* blocked callers re-check at least this often */
 
 enum { DIR_TX, DIR_RX };
 
@@ -161,6 +165,7 @@ struct dpdkt_net {
 	bool ploss_on[2];
 	uint64_t rng;
 	uint64_t now;
+	uint64_t awake_until; /* no sleeping before this (URGENT_AWAKE_NS) */
 	unsigned rr_link;
 	struct txq txq[2]; /* by queue: 0 bulk, 1 urgent (when the port has it) */
 	struct held held[2][HELD_CAP];
@@ -849,6 +854,8 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 		rte_pktmbuf_free(m);
 		return;
 	default: /* DPDKT_DATA */
+		if (ln->urgent)
+			net->awake_until = net->now + URGENT_AWAKE_NS;
 		take_ack(net, l, ln, &h, NULL, 0);
 		take_data(net, l, h.lane, m, h.seq);
 		return;
@@ -959,6 +966,8 @@ static unsigned lane_send(struct dpdkt_net *net, struct dpdkt_link *l, unsigned 
 		txq_put(net, txq_of(net, ln), m);
 	}
 	if (n > 0) {
+		if (ln->urgent)
+			net->awake_until = net->now + URGENT_AWAKE_NS;
 		st_add(&l->st.tx_frames, n);
 		l->last_tx = net->now;
 		if (inflight == 0) /* the timer starts with the first frame in flight */
@@ -1138,10 +1147,13 @@ static void *poller(void *arg)
 		release_held(net, DIR_TX);
 		work += txq_flush(net);
 		/* Leftovers of a full tx ring wait too: the peer is not reading. */
-		if (work == 0)
-			poller_idle(net, &idle);
-		else
+		if (work != 0) {
 			dpdkt_idle_reset(&idle);
+		} else if (net->now < net->awake_until) {
+			sched_yield();
+		} else {
+			poller_idle(net, &idle);
+		}
 	}
 	/* Queued frames are dropped: DATA ones are still kept for retransmission. */
 	for (unsigned q = 0; q < 2; q++) {
