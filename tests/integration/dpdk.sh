@@ -5,7 +5,8 @@
 # a post-copy whose destination runs meanwhile (requests > 0, verify); pre-copy and
 # post-copy over net_af_packet on a veth pair between two namespaces; pre-copy and
 # post-copy again with 1% and 10% of the frames dropped, duplicated and reordered; a
-# destination killed during pre-copy (the source notices and runs on).
+# destination killed during pre-copy (the source notices and runs on); the veth cut
+# during post-copy (both pause) and --resume.
 . "$(dirname "$0")/lib.sh"
 
 # dpdk_guest NAME ROLE ARGS...: a guest owning a memif port of the pair in $WORK/NAME.memif
@@ -135,5 +136,35 @@ for mode in precopy postcopy0; do
 	"$HYMIG" quit --ctl "$(ctl "d$c")"
 	sleep 0.5
 done
+
+# The peer vanishes after the switch: the veth goes down mid-post-copy, each side sees
+# its peer dead after the keepalive timeout, both pause; with the link back, --resume
+# (a new hello on the same ports) finishes the migration.
+step "af_packet link cut during post-copy: both sides pause, --resume finishes it"
+guest b dafcut --mem 256M --incoming dpdk:// --dpdk-eal \
+	"--no-huge -m 512 --no-pci --file-prefix hymig-t-dafcut-$$ --vdev net_af_packet0,iface=$NAME-vb,$RING"
+guest a safcut --mem 256M --workload dirtier:rate=20M,pattern=uniform --dpdk-eal \
+	"--no-huge -m 512 --no-pci --file-prefix hymig-t-safcut-$$ --vdev net_af_packet0,iface=$NAME-va,$RING"
+wait_status safcut '"ready":true' 60
+sleep 1
+# 20 MB/s: the 256 MiB post-copy lasts long enough to be cut.
+start_postcopy safcut --to dpdk:// --mode postcopy --precopy-rounds 0 --bandwidth-limit 20M
+sleep 1
+"$HOSTS" cut "$NAME"
+finish_bg
+[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
+[ "$(status_field safcut state)" = paused ] || fail "the source guest is not paused"
+for _ in $(seq 150); do
+	[ "$(status_field dafcut incoming)" = postcopy-paused ] && break
+	sleep 0.1
+done
+[ "$(status_field dafcut incoming)" = postcopy-paused ] || fail "destination not postcopy-paused"
+"$HOSTS" heal "$NAME"
+migrate safcut --resume
+[ $MIGRATE_RC = 0 ] || fail "resume over dpdk failed"
+[ "$(result_field status)" = completed ] || fail "resumed post-copy did not complete"
+[ "$(status_field dafcut incoming)" = arrived ] || fail "destination did not arrive"
+verify_ok dafcut
+"$HYMIG" quit --ctl "$(ctl dafcut)"
 
 echo "PASS"

@@ -133,3 +133,26 @@ migrate() {
 }
 
 result_field() { echo "$RESULT" | json_field "$1"; }
+
+# start_postcopy SRC MIGRATE_ARGS...: starts a migration in the background; returns once
+# the source reports the post-copy phase (MIGRATE_PID is the migrate client).
+start_postcopy() {
+	local name=$1 s
+	shift
+	"$HYMIG" migrate --ctl "$(ctl "$name")" "$@" --json >"$WORK/bg.json" 2>"$WORK/bg.err" &
+	MIGRATE_PID=$!
+	for _ in $(seq 300); do
+		s=$("$HYMIG" status --ctl "$(ctl "$name")" --json 2>/dev/null) || s=
+		case $s in *'"phase":"postcopy"'*) return 0 ;; esac
+		sleep 0.05
+	done
+	fail "no post-copy phase reached"
+}
+
+# finish_bg: waits for the background migrate; sets RESULT and MIGRATE_RC.
+finish_bg() {
+	MIGRATE_RC=0
+	wait "$MIGRATE_PID" || MIGRATE_RC=$?
+	RESULT=$(cat "$WORK/bg.json")
+	echo "migrate ($MIGRATE_RC): $RESULT" >&2
+}

@@ -129,33 +129,11 @@ echo "post-copy requests: pure $pure, hybrid $hybrid" >&2
 "$HYMIG" quit --ctl "$(ctl dst10)"
 "$HOSTS" shape "$NAME" 400mbit
 
-# start_postcopy SRC PORT: starts a post-copy at once in the background; returns once
-# the source reports the post-copy phase (MIGRATE_PID is the migrate client).
-start_postcopy() {
-	"$HYMIG" migrate --ctl "$(ctl "$1")" --to "tcp://$ADDR_B:$2" --mode postcopy \
-		--precopy-rounds 0 --json >"$WORK/bg.json" 2>"$WORK/bg.err" &
-	MIGRATE_PID=$!
-	for _ in $(seq 300); do
-		s=$("$HYMIG" status --ctl "$(ctl "$1")" --json 2>/dev/null) || s=
-		case $s in *'"phase":"postcopy"'*) return 0 ;; esac
-		sleep 0.05
-	done
-	fail "no post-copy phase reached"
-}
-
-# finish_bg: waits for the background migrate; sets RESULT and MIGRATE_RC.
-finish_bg() {
-	MIGRATE_RC=0
-	wait "$MIGRATE_PID" || MIGRATE_RC=$?
-	RESULT=$(cat "$WORK/bg.json")
-	echo "migrate ($MIGRATE_RC): $RESULT" >&2
-}
-
 step "link cut during post-copy: both sides pause, --resume finishes it"
 guest b dst5 --mem 512M --incoming "tcp://$ADDR_B:7035"
 guest a src5 --mem 512M --workload "$DIRTIER"
 sleep 1
-start_postcopy src5 7035
+start_postcopy src5 --to "tcp://$ADDR_B:7035" --mode postcopy --precopy-rounds 0
 sleep 1
 "$HOSTS" cut "$NAME"
 finish_bg
