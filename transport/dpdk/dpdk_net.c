@@ -1,5 +1,6 @@
-/* The dpdk transport's reliable protocol: poller, hellos, links. See dpdk_net.h. */
-#include "dpdk_net.h"
+/* The dpdk transport's reliable protocol: the poller and the net. Hellos and links (the
+ * senders' side) are in dpdk_link.c. See dpdk_net.h. */
+#include "dpdk_net_priv.h"
 
 #include <errno.h>
 #include <sched.h>
@@ -23,183 +24,23 @@
 
 /* The poller's tx queues (struct txq): new DATA frames stop at TXQ_DATA_FILL and
  * retransmissions at TXQ_RETX_FILL, so acks, hellos and urgent frames find room. */
-#define TXQ_CAP	      1024
 #define TXQ_DATA_FILL 128
 #define TXQ_RETX_FILL 768
 #define RX_BURST      64
-#define HELD_CAP      512 /* frames held back by reorder injection, per direction */
-#define LANE_TURN     32  /* frames a bulk lane sends before the next one's turn */
+#define LANE_TURN     32 /* frames a bulk lane sends before the next one's turn */
 /* Frames the first expiry of a lane's timer resends: a lost tail is recovered at once,
  * and a peer that was only slow (descheduled) gets few copies it did not need. */
-#define RTO_BURST    32
-#define HELLO_RING   256
-#define KICK_EVERY   16 /* frames a sender queues between wake-ups of the poller */
-#define POOL_WAIT_US 20 /* a sender's sleep when the mbuf pool is empty */
-#define LANE_CACHE   32 /* mbufs a lane's senders keep at hand */
+#define RTO_BURST  32
+#define HELLO_RING 256
 /* After an urgent frame went or came, an idle poller yields instead of sleeping for
  * this long: the answer (a page for a faulting vCPU) is usually on its way. */
 #define URGENT_AWAKE_NS 2000000ull
-#define WAIT_SLICE_NS	50000000ull /* blocked callers re-check at least this often */
 
 enum { DIR_TX, DIR_RX };
 
-/* One DATA frame the sender keeps until it is acked. */
-struct tx_slot {
-	struct rte_mbuf *m; /* our reference; NULL once acked selectively */
-	uint64_t sent_ns;   /* its last transmission */
-	uint32_t tries;	    /* transmissions so far */
-};
-
-struct lane {
-	/* Senders' side. send_lock serialises messages; ring carries built frames to the
-	 * poller (single producer: send_lock's holder; single consumer: the poller). */
-	pthread_mutex_t send_lock;
-	struct rte_ring *ring;
-	/* The send_lock holder's own mbufs: senders are not EAL threads, so without it
-	 * every frame would cost a trip to the pool's shared ring. */
-	struct rte_mempool_cache *cache;
-	atomic_uint queued; /* frames queued or unacked: senders add, the poller subtracts */
-	atomic_int waiters; /* threads blocked on the link's cond for this lane */
-	uint64_t window_stalls, pool_stalls; /* written by the send_lock holder */
-	bool urgent;
-
-	/* The poller's side; nobody else touches these while the link is attached. */
-	uint32_t snd_una, snd_nxt; /* oldest unacked, next to assign */
-	uint32_t sack_high;	   /* highest sequence acked selectively (if have_sack) */
-	bool have_sack;
-	uint32_t peer_credit; /* the receiver's advertised window */
-	uint64_t rto_next;    /* the retransmission timer: rto after the last progress */
-	unsigned backoff;     /* timer expiries since the last progress */
-	uint64_t hole_next;   /* when a frame presumed lost may be resent again */
-	struct tx_slot *tx;   /* by seq & mask */
-	uint32_t rcv_nxt;     /* next sequence to deliver */
-	uint32_t rx_high;     /* highest sequence held (if held) */
-	uint32_t held;	      /* out-of-order frames held */
-	struct rte_mbuf **rx; /* held frames, by seq & mask */
-	uint32_t ack_pending; /* frames received since our last ack */
-	bool ack_now;	      /* ack without delay (gap, duplicate, hole filled) */
-	uint64_t ack_since;   /* when the first unacked frame arrived */
-	bool in_msg;	      /* between a START and an END delivered */
-};
-
-struct dpdkt_link {
-	struct dpdkt_net *net;
-	struct rte_ether_addr peer;
-	uint64_t session;
-	unsigned nlanes;
-	struct dpdkt_link_cfg cfg;
-	uint32_t win, mask; /* window per lane, a power of two */
-	dpdkt_deliver_fn deliver;
-	void *ctx;
-
-	/* lock and cond: blocked senders and flushers; dead and queued change under it or
-	 * are followed by a broadcast under it. */
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	atomic_int dead;	/* 0 or why the link died */
-	atomic_bool want_reset; /* the poller owes the peer a RESET */
-	atomic_bool notify;	/* the poller owes the owner a dead_cb */
-
-	/* The poller's. */
-	uint64_t last_rx, last_tx;
-	uint64_t srtt, rttvar, rto; /* ns */
-	bool have_rtt;
-	unsigned rr;		    /* next bulk lane's turn */
-	struct dpdkt_link_stats st; /* written by the poller (and pool/window stalls) */
-
-	struct lane lanes[];
-};
-
-struct held {
-	struct rte_mbuf *m;
-	unsigned left; /* poller rounds before it goes */
-	unsigned q;    /* tx queue it goes to (DIR_TX) */
-};
-
-/* Frames waiting for tx_burst on one queue, leftovers of a short burst first. */
-struct txq {
-	struct rte_mbuf *m[TXQ_CAP];
-	unsigned n;
-};
-
-struct dpdkt_net {
-	struct dpdkt_port *port;
-	struct rte_ether_addr mac;
-	unsigned payload_max;
-	struct dpdkt_net_cfg cfg;
-
-	/* lock guards links, nlinks, gen, seen_gen, win_frames, loss, seed, running and
-	 * thread; cond signals that the poller took a new generation (seen_gen) or stopped. */
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	struct dpdkt_link *links[DPDKT_MAX_LINKS];
-	unsigned nlinks;
-	uint32_t gen, seen_gen;
-	atomic_uint gen_pub; /* gen, for the poller's check without the lock */
-	uint64_t win_frames; /* mbufs the open links may hold, for dpdkt_link_open's check */
-	struct dpdkt_loss loss[2];
-	bool loss_on[2];
-	uint64_t seed;
-	bool running;
-	pthread_t thread;
-	atomic_bool stop;
-
-	struct rte_ring *hello_tx; /* built HELLO frames, any thread → poller */
-	/* hello_lock guards the received-hello queue; hello_cond: one arrived. */
-	pthread_mutex_t hello_lock;
-	pthread_cond_t hello_cond;
-	struct rte_mbuf **hello_q;
-	unsigned hello_head, hello_n;
-
-	/* Waking the poller: senders set kick; the poller sleeps on it when sleeping. */
-	atomic_uint kick;
-	atomic_uint sleeping;
-
-	struct dpdkt_net_stats st; /* written by the poller */
-
-	/* The poller's own state. */
-	struct dpdkt_link *pl[DPDKT_MAX_LINKS]; /* its copy of links */
-	unsigned npl;
-	uint32_t pgen;
-	struct dpdkt_loss ploss[2];
-	bool ploss_on[2];
-	uint64_t rng;
-	uint64_t now;
-	uint64_t awake_until; /* no sleeping before this (URGENT_AWAKE_NS) */
-	unsigned rr_link;
-	struct txq txq[2]; /* by queue: 0 bulk, 1 urgent (when the port has it) */
-	struct held held[2][HELD_CAP];
-	unsigned nheld[2];
-};
-
 /* ---- Small helpers ---- */
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t deadline_after(int timeout_ms)
-{
-	return timeout_ms < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ms * 1000000ull;
-}
-
-/* Waits on cond until deadline, at most WAIT_SLICE_NS. Returns false after deadline. */
-static bool cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, uint64_t deadline)
-{
-	uint64_t now = now_ns();
-	if (now >= deadline)
-		return false;
-	uint64_t until = deadline - now > WAIT_SLICE_NS ? now + WAIT_SLICE_NS : deadline;
-	struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
-			      .tv_nsec = (long)(until % 1000000000ull)};
-	pthread_cond_timedwait(c, m, &ts);
-	return true;
-}
-
-static void cond_init_mono(pthread_cond_t *c)
+void dpdkt_cond_init_mono(pthread_cond_t *c)
 {
 	pthread_condattr_t a;
 	pthread_condattr_init(&a);
@@ -212,14 +53,6 @@ static void cond_init_mono(pthread_cond_t *c)
 static inline void st_add(uint64_t *c, uint64_t n)
 {
 	__atomic_store_n(c, *c + n, __ATOMIC_RELAXED);
-}
-
-static void st_copy(void *dst, const void *src, size_t size)
-{
-	const uint64_t *s = src;
-	uint64_t *d = dst;
-	for (size_t i = 0; i < size / sizeof(uint64_t); i++)
-		d[i] = __atomic_load_n(&s[i], __ATOMIC_RELAXED);
 }
 
 static uint64_t rng_next(uint64_t *s)
@@ -237,39 +70,21 @@ static bool chance(struct dpdkt_net *net, double p)
 	return p > 0 && (double)(rng_next(&net->rng) >> 11) * 0x1.0p-53 < p;
 }
 
-static void kick(struct dpdkt_net *net)
+void dpdkt_kick(struct dpdkt_net *net)
 {
 	atomic_store(&net->kick, 1);
 	if (atomic_load(&net->sleeping))
 		syscall(SYS_futex, &net->kick, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
-static unsigned pow2_at_least(unsigned v)
-{
-	unsigned p = 1;
-	while (p < v)
-		p <<= 1;
-	return p;
-}
-
 /* ---- Frames ---- */
-
-static struct dpdkt_wire *wire_of(struct rte_mbuf *m)
-{
-	return rte_pktmbuf_mtod_offset(m, struct dpdkt_wire *, RTE_ETHER_HDR_LEN);
-}
-
-static uint8_t *payload_of(struct rte_mbuf *m)
-{
-	return rte_pktmbuf_mtod_offset(m, uint8_t *, DPDKT_HDR_LEN);
-}
 
 /* A frame of len payload bytes with its Ethernet and wire headers filled but for seq,
  * acks and crc, from cache (NULL: the calling thread's lcore cache, if any). NULL when
  * the pool is empty. */
-static struct rte_mbuf *frame_new(struct dpdkt_net *net, struct rte_mempool_cache *cache,
-				  const struct rte_ether_addr *dst, uint8_t type, uint8_t lane,
-				  uint64_t session, size_t len)
+struct rte_mbuf *dpdkt_frame_new(struct dpdkt_net *net, struct rte_mempool_cache *cache,
+				 const struct rte_ether_addr *dst, uint8_t type, uint8_t lane,
+				 uint64_t session, size_t len)
 {
 	struct rte_mbuf *m;
 	if (cache == NULL) {
@@ -302,7 +117,7 @@ static struct rte_mbuf *frame_new(struct dpdkt_net *net, struct rte_mempool_cach
 }
 
 /* Finishes the CRC from the payload's part. */
-static void frame_seal(struct dpdkt_wire *w, uint32_t payload_crc)
+void dpdkt_frame_seal(struct dpdkt_wire *w, uint32_t payload_crc)
 {
 	w->crc = 0;
 	uint32_t crc = dpdkt_crc32c(w, sizeof(*w), payload_crc);
@@ -360,7 +175,7 @@ static void link_wake(struct dpdkt_link *l)
 }
 
 /* Kills the link with err once; reset: the peer is told. */
-static void link_fail(struct dpdkt_link *l, int err, bool reset)
+void dpdkt_link_fail(struct dpdkt_link *l, int err, bool reset)
 {
 	int alive = 0;
 	if (!atomic_compare_exchange_strong(&l->dead, &alive, err))
@@ -370,7 +185,7 @@ static void link_fail(struct dpdkt_link *l, int err, bool reset)
 	if (err != -ECANCELED)
 		atomic_store(&l->notify, true);
 	link_wake(l);
-	kick(l->net);
+	dpdkt_kick(l->net);
 }
 
 /* ---- The poller: tx queue and loss injection ---- */
@@ -507,7 +322,8 @@ static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, 
 		size_t bits = RTE_ALIGN_CEIL((size_t)(ln->rx_high - ln->rcv_nxt), 64);
 		len = RTE_MIN(bits / 8, (size_t)net->payload_max & ~(size_t)7);
 	}
-	struct rte_mbuf *m = frame_new(net, NULL, &l->peer, type, (uint8_t)lane, l->session, len);
+	struct rte_mbuf *m =
+	    dpdkt_frame_new(net, NULL, &l->peer, type, (uint8_t)lane, l->session, len);
 	if (m == NULL) {
 		st_add(&net->st.nombuf, 1);
 		return false;
@@ -520,7 +336,7 @@ static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, 
 			bm[i / 8] |= (uint8_t)(1u << (i % 8));
 	if (type != DPDKT_RESET)
 		fill_ack(l, ln, w);
-	frame_seal(w, dpdkt_crc32c(bm, len, 0));
+	dpdkt_frame_seal(w, dpdkt_crc32c(bm, len, 0));
 	txq_put(net, q, m);
 	l->last_tx = net->now;
 	if (type == DPDKT_ACK)
@@ -686,13 +502,13 @@ static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, 
 	/* Sequence numbers make this impossible unless the peer is broken. */
 	if (((flags & DPDKT_FRAG_START) != 0) == ln->in_msg) {
 		rte_pktmbuf_free(m);
-		link_fail(l, -EPROTO, true);
+		dpdkt_link_fail(l, -EPROTO, true);
 		return;
 	}
 	int rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
 	rte_pktmbuf_free(m);
 	if (rc < 0) {
-		link_fail(l, rc, true);
+		dpdkt_link_fail(l, rc, true);
 		return;
 	}
 	ln->in_msg = !(flags & DPDKT_FRAG_END);
@@ -841,7 +657,7 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 	switch (h.type) {
 	case DPDKT_RESET:
 		rte_pktmbuf_free(m);
-		link_fail(l, -ECONNRESET, false);
+		dpdkt_link_fail(l, -ECONNRESET, false);
 		return;
 	case DPDKT_ACK:
 		st_add(&l->st.acks_rx, 1);
@@ -957,7 +773,7 @@ static unsigned lane_send(struct dpdkt_net *net, struct dpdkt_link *l, unsigned 
 
 		w->seq = rte_cpu_to_le_32(seq);
 		fill_ack(l, ln, w);
-		frame_seal(w, payload_crc);
+		dpdkt_frame_seal(w, payload_crc);
 		*s = (struct tx_slot){.m = m, .sent_ns = net->now, .tries = 1};
 		st_add(&l->st.tx_bytes, rte_le_to_cpu_16(w->len));
 		if (w->flags & DPDKT_FRAG_END)
@@ -1047,7 +863,7 @@ static unsigned link_timers(struct dpdkt_net *net, struct dpdkt_link *l, bool id
 	}
 	/* Signed: a link opened after this round's clock reading is in the future. */
 	if ((int64_t)(net->now - l->last_rx) > (int64_t)l->cfg.dead_ms * 1000000) {
-		link_fail(l, -ETIMEDOUT, true);
+		dpdkt_link_fail(l, -ETIMEDOUT, true);
 		return 0;
 	}
 	uint64_t ack_delay = (uint64_t)l->cfg.ack_delay_us * 1000;
@@ -1180,7 +996,7 @@ void dpdkt_net_cfg_init(struct dpdkt_net_cfg *cfg)
 }
 
 /* A ring in plain memory: no memzone, so no name to keep unique. */
-static struct rte_ring *ring_new(unsigned count, unsigned flags)
+struct rte_ring *dpdkt_ring_new(unsigned count, unsigned flags)
 {
 	ssize_t size = rte_ring_get_memsize(count);
 	void *mem = NULL;
@@ -1193,7 +1009,7 @@ static struct rte_ring *ring_new(unsigned count, unsigned flags)
 	return mem;
 }
 
-static void ring_free(struct rte_ring *r)
+void dpdkt_ring_free(struct rte_ring *r)
 {
 	struct rte_mbuf *m;
 	if (r == NULL)
@@ -1229,7 +1045,7 @@ int dpdkt_net_create(struct dpdkt_port *port, const struct dpdkt_net_cfg *cfg,
 	net->hello_q = calloc(cfg->hello_queue, sizeof(net->hello_q[0]));
 	if (net->hello_q == NULL)
 		goto nomem_net;
-	net->hello_tx = ring_new(HELLO_RING, RING_F_SC_DEQ);
+	net->hello_tx = dpdkt_ring_new(HELLO_RING, RING_F_SC_DEQ);
 	if (net->hello_tx == NULL)
 		goto nomem_q;
 	net->port = port;
@@ -1244,9 +1060,9 @@ int dpdkt_net_create(struct dpdkt_port *port, const struct dpdkt_net_cfg *cfg,
 	net->rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)net;
 	net->pgen = UINT32_MAX;
 	pthread_mutex_init(&net->lock, NULL);
-	cond_init_mono(&net->cond);
+	dpdkt_cond_init_mono(&net->cond);
 	pthread_mutex_init(&net->hello_lock, NULL);
-	cond_init_mono(&net->hello_cond);
+	dpdkt_cond_init_mono(&net->hello_cond);
 	*out = net;
 	return 0;
 
@@ -1297,7 +1113,7 @@ void dpdkt_net_stop(struct dpdkt_net *net)
 	if (!running)
 		return;
 	atomic_store(&net->stop, true);
-	kick(net);
+	dpdkt_kick(net);
 	pthread_join(net->thread, NULL);
 	pthread_mutex_lock(&net->lock);
 	net->running = false;
@@ -1315,7 +1131,7 @@ void dpdkt_net_destroy(struct dpdkt_net *net)
 	dpdkt_net_stop(net);
 	while (net->nlinks > 0)
 		dpdkt_link_close(net->links[net->nlinks - 1]);
-	ring_free(net->hello_tx);
+	dpdkt_ring_free(net->hello_tx);
 	for (unsigned i = 0; i < net->hello_n; i++)
 		rte_pktmbuf_free(net->hello_q[(net->hello_head + i) % net->cfg.hello_queue]);
 	free(net->hello_q);
@@ -1379,401 +1195,6 @@ int dpdkt_net_set_loss(struct dpdkt_net *net, const struct dpdkt_loss *tx,
 	net->seed = seed ? seed : 1;
 	atomic_store(&net->gen_pub, ++net->gen);
 	pthread_mutex_unlock(&net->lock);
-	kick(net);
+	dpdkt_kick(net);
 	return 0;
-}
-
-/* ---- Hellos ---- */
-
-int dpdkt_hello_send(struct dpdkt_net *net, const struct rte_ether_addr *dst, const void *buf,
-		     size_t len)
-{
-	static const struct rte_ether_addr bcast = {{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}};
-
-	if (len > net->payload_max)
-		return -EMSGSIZE;
-	struct rte_mbuf *m = frame_new(net, NULL, dst ? dst : &bcast, DPDKT_HELLO, 0, 0, len);
-	if (m == NULL)
-		return -ENOMEM;
-	memcpy(payload_of(m), buf, len);
-	frame_seal(wire_of(m), dpdkt_crc32c(payload_of(m), len, 0));
-	if (rte_ring_mp_enqueue(net->hello_tx, m) != 0) {
-		rte_pktmbuf_free(m);
-		return -ENOBUFS;
-	}
-	kick(net);
-	return 0;
-}
-
-int dpdkt_hello_recv(struct dpdkt_net *net, int timeout_ms, struct rte_ether_addr *src, void *buf,
-		     size_t cap)
-{
-	uint64_t deadline = deadline_after(timeout_ms);
-
-	pthread_mutex_lock(&net->hello_lock);
-	while (net->hello_n == 0)
-		if (!cond_wait_until(&net->hello_cond, &net->hello_lock, deadline)) {
-			pthread_mutex_unlock(&net->hello_lock);
-			return -ETIMEDOUT;
-		}
-	struct rte_mbuf *m = net->hello_q[net->hello_head];
-	net->hello_head = (net->hello_head + 1) % net->cfg.hello_queue;
-	net->hello_n--;
-	pthread_mutex_unlock(&net->hello_lock);
-
-	size_t len = rte_le_to_cpu_16(wire_of(m)->len); /* validated by the poller */
-	int rc = (int)len;
-	if (len > cap) {
-		rc = -EMSGSIZE;
-	} else {
-		memcpy(buf, payload_of(m), len);
-		*src = rte_pktmbuf_mtod(m, struct rte_ether_hdr *)->src_addr;
-	}
-	rte_pktmbuf_free(m);
-	return rc;
-}
-
-/* ---- Links ---- */
-
-void dpdkt_link_cfg_init(struct dpdkt_link_cfg *cfg)
-{
-	memset(cfg, 0, sizeof(*cfg));
-	cfg->window = 512;
-	cfg->keepalive_ms = 100;
-	cfg->dead_ms = 1000;
-	cfg->urgent_lane = -1;
-	cfg->rto_init_us = 2000;
-	cfg->rto_min_us = 1000;
-	cfg->rto_max_us = 200000;
-	cfg->ack_every = 16;
-	cfg->ack_delay_us = 100;
-}
-
-static int link_cfg_check(const struct dpdkt_link_cfg *c, unsigned nlanes, char *err, size_t errlen)
-{
-	if (nlanes == 0 || nlanes > DPDKT_MAX_LANES)
-		snprintf(err, errlen, "nlanes %u out of range 1..%u", nlanes, DPDKT_MAX_LANES);
-	else if (c->window == 0 || c->window > DPDKT_MAX_WINDOW)
-		snprintf(err, errlen, "window %u out of range 1..%u frames", c->window,
-			 DPDKT_MAX_WINDOW);
-	else if (c->keepalive_ms == 0)
-		snprintf(err, errlen, "keepalive_ms must be at least 1");
-	else if (c->dead_ms < 2 * c->keepalive_ms)
-		snprintf(err, errlen, "dead_ms %u must be at least twice keepalive_ms %u",
-			 c->dead_ms, c->keepalive_ms);
-	else if (c->urgent_lane < -1 || c->urgent_lane >= (int)nlanes)
-		snprintf(err, errlen, "urgent_lane %d out of range -1..%u", c->urgent_lane,
-			 nlanes - 1);
-	else if (c->rto_min_us == 0 || c->rto_min_us > c->rto_max_us)
-		snprintf(err, errlen, "rto_min_us %u must be 1..rto_max_us (%u)", c->rto_min_us,
-			 c->rto_max_us);
-	else if (c->rto_init_us < c->rto_min_us || c->rto_init_us > c->rto_max_us)
-		snprintf(err, errlen, "rto_init_us %u out of range rto_min_us..rto_max_us",
-			 c->rto_init_us);
-	else if (c->ack_every == 0 || c->ack_every > c->window)
-		snprintf(err, errlen, "ack_every %u out of range 1..window", c->ack_every);
-	else
-		return 0;
-	return -EINVAL;
-}
-
-static void link_free(struct dpdkt_link *l)
-{
-	for (unsigned i = 0; i < l->nlanes; i++) {
-		struct lane *ln = &l->lanes[i];
-		ring_free(ln->ring);
-		if (ln->tx != NULL)
-			for (uint32_t s = 0; s < l->win; s++)
-				rte_pktmbuf_free(ln->tx[s].m);
-		if (ln->rx != NULL)
-			for (uint32_t s = 0; s < l->win; s++)
-				rte_pktmbuf_free(ln->rx[s]);
-		free(ln->tx);
-		free(ln->rx);
-		if (ln->cache != NULL) {
-			rte_mempool_cache_flush(ln->cache, l->net->port->pool);
-			rte_mempool_cache_free(ln->cache);
-		}
-		pthread_mutex_destroy(&ln->send_lock);
-	}
-	pthread_mutex_destroy(&l->lock);
-	pthread_cond_destroy(&l->cond);
-	free(l);
-}
-
-int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, uint64_t session,
-		    unsigned nlanes, const struct dpdkt_link_cfg *cfg, dpdkt_deliver_fn deliver,
-		    void *ctx, struct dpdkt_link **out, char *err, size_t errlen)
-{
-	int rc = link_cfg_check(cfg, nlanes, err, errlen);
-	if (rc < 0)
-		return rc;
-	if (deliver == NULL || peer == NULL || !rte_is_unicast_ether_addr(peer) ||
-	    rte_is_zero_ether_addr(peer) || session == 0) {
-		snprintf(err, errlen, "%s",
-			 deliver == NULL ? "deliver callback missing"
-			 : session == 0	 ? "session id 0 is reserved"
-					 : "peer must be a unicast MAC");
-		return -EINVAL;
-	}
-	struct dpdkt_link *l = calloc(1, sizeof(*l) + nlanes * sizeof(struct lane));
-	if (l == NULL)
-		goto nomem;
-	l->net = net;
-	l->peer = *peer;
-	l->session = session;
-	l->nlanes = nlanes;
-	l->cfg = *cfg;
-	l->win = pow2_at_least(cfg->window);
-	l->mask = l->win - 1;
-	l->deliver = deliver;
-	l->ctx = ctx;
-	l->rto = (uint64_t)cfg->rto_init_us * 1000;
-	pthread_mutex_init(&l->lock, NULL);
-	cond_init_mono(&l->cond);
-	for (unsigned i = 0; i < nlanes; i++) {
-		struct lane *ln = &l->lanes[i];
-		pthread_mutex_init(&ln->send_lock, NULL);
-		ln->urgent = (int)i == cfg->urgent_lane;
-		ln->peer_credit = l->win; /* until the peer says */
-		ln->rto_next = UINT64_MAX;
-		ln->hole_next = UINT64_MAX;
-		/* queued never exceeds the window: the ring cannot overflow. */
-		ln->ring = ring_new(2 * l->win, RING_F_SP_ENQ | RING_F_SC_DEQ);
-		ln->tx = calloc(l->win, sizeof(ln->tx[0]));
-		ln->rx = calloc(l->win, sizeof(ln->rx[0]));
-		ln->cache = rte_mempool_cache_create(LANE_CACHE, (int)rte_socket_id());
-		if (ln->ring == NULL || ln->tx == NULL || ln->rx == NULL || ln->cache == NULL) {
-			l->nlanes = i + 1;
-			goto nomem_link;
-		}
-	}
-	l->last_rx = l->last_tx = now_ns();
-
-	/* Our frames wait for acks and the peer's wait for their turn, in this pool; the
-	 * lanes' caches hold up to 1.5 times their size. */
-	uint64_t frames = (uint64_t)nlanes * (l->win + LANE_CACHE * 3 / 2);
-	pthread_mutex_lock(&net->lock);
-	unsigned pool = net->port->pool->size;
-	if (net->nlinks == DPDKT_MAX_LINKS) {
-		snprintf(err, errlen, "%s has %u links open already", net->port->name,
-			 DPDKT_MAX_LINKS);
-		rc = -ENOSPC;
-	} else if (net->win_frames + frames > pool / 2) {
-		snprintf(err, errlen,
-			 "%u lanes of %u frames (and %llu frames of other links) exceed half "
-			 "the %u mbufs of %s: open the port with a larger window",
-			 nlanes, l->win, (unsigned long long)net->win_frames, pool,
-			 net->port->name);
-		rc = -EINVAL;
-	}
-	for (unsigned i = 0; i < net->nlinks && rc == 0; i++)
-		if (net->links[i]->session == session) {
-			snprintf(err, errlen, "a link with session %#llx is open already",
-				 (unsigned long long)session);
-			rc = -EEXIST;
-		}
-	if (rc < 0) {
-		pthread_mutex_unlock(&net->lock);
-		link_free(l);
-		return rc;
-	}
-	net->links[net->nlinks++] = l;
-	net->win_frames += frames;
-	atomic_store(&net->gen_pub, ++net->gen);
-	pthread_mutex_unlock(&net->lock);
-	kick(net);
-	*out = l;
-	return 0;
-
-nomem_link:
-	link_free(l);
-nomem:
-	snprintf(err, errlen, "out of memory for a link of %u lanes of %u frames", nlanes,
-		 cfg->window);
-	return -ENOMEM;
-}
-
-/* Waits until lane's window has room (or a quarter of it after a stall). */
-static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
-{
-	if (atomic_load(&ln->queued) < l->win)
-		return atomic_load(&l->dead) ? -ENOTCONN : 0;
-	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
-	kick(l->net);
-	int rc = 0;
-	pthread_mutex_lock(&l->lock);
-	atomic_fetch_add(&ln->waiters, 1);
-	while (atomic_load(&l->dead) == 0 && atomic_load(&ln->queued) > l->win - l->win / 4)
-		if (!cond_wait_until(&l->cond, &l->lock, deadline)) {
-			rc = -ETIMEDOUT;
-			break;
-		}
-	atomic_fetch_sub(&ln->waiters, 1);
-	pthread_mutex_unlock(&l->lock);
-	return atomic_load(&l->dead) ? -ENOTCONN : rc;
-}
-
-/* An mbuf for a frame, waiting while the pool is empty. */
-static int alloc_frame(struct dpdkt_link *l, struct lane *ln, unsigned lane, size_t len,
-		       uint64_t deadline, struct rte_mbuf **out)
-{
-	bool stalled = false;
-
-	for (;;) {
-		struct rte_mbuf *m = frame_new(l->net, ln->cache, &l->peer, DPDKT_DATA,
-					       (uint8_t)lane, l->session, len);
-		if (m != NULL) {
-			*out = m;
-			return 0;
-		}
-		if (!stalled) {
-			__atomic_store_n(&ln->pool_stalls, ln->pool_stalls + 1, __ATOMIC_RELAXED);
-			stalled = true;
-		}
-		if (atomic_load(&l->dead))
-			return -ENOTCONN;
-		if (now_ns() >= deadline)
-			return -ETIMEDOUT;
-		usleep(POOL_WAIT_US);
-	}
-}
-
-int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *iov, int iovcnt,
-		    int timeout_ms)
-{
-	struct dpdkt_net *net = link->net;
-	size_t total = 0;
-
-	if (lane >= link->nlanes || iovcnt < 0 || (iovcnt > 0 && iov == NULL))
-		return -EINVAL;
-	for (int i = 0; i < iovcnt; i++)
-		total += iov[i].iov_len;
-	if (total > DPDKT_MSG_MAX)
-		return -EMSGSIZE;
-	if (atomic_load(&link->dead))
-		return -ENOTCONN;
-
-	struct lane *ln = &link->lanes[lane];
-	uint64_t deadline = deadline_after(timeout_ms);
-	size_t pmax = net->payload_max;
-	size_t frames = total == 0 ? 1 : (total + pmax - 1) / pmax;
-	int idx = 0, rc = 0;
-	size_t ioff = 0, off = 0;
-
-	pthread_mutex_lock(&ln->send_lock);
-	for (size_t f = 0; f < frames; f++) {
-		struct rte_mbuf *m;
-		size_t n = RTE_MIN(pmax, total - off);
-
-		rc = wait_window(link, ln, deadline);
-		if (rc == 0)
-			rc = alloc_frame(link, ln, lane, n, deadline, &m);
-		if (rc < 0) {
-			/* The rest of the message can never follow what went. */
-			if (rc == -ETIMEDOUT && f > 0)
-				link_fail(link, -ETIMEDOUT, true);
-			break;
-		}
-		/* The CRC covers what was copied, whatever the source holds by now; the
-		 * poller finishes it over the header. */
-		uint8_t *dst = payload_of(m);
-		uint32_t crc = 0;
-		for (size_t left = n; left > 0;) {
-			size_t take = RTE_MIN(left, iov[idx].iov_len - ioff);
-			crc = dpdkt_copy_crc32c(dst, (const uint8_t *)iov[idx].iov_base + ioff,
-						take, crc);
-			dst += take;
-			left -= take;
-			ioff += take;
-			if (ioff == iov[idx].iov_len) {
-				idx++;
-				ioff = 0;
-			}
-		}
-		struct dpdkt_wire *w = wire_of(m);
-		w->crc = rte_cpu_to_le_32(crc);
-		w->flags = (uint8_t)((f == 0 ? DPDKT_FRAG_START : 0) |
-				     (f == frames - 1 ? DPDKT_FRAG_END : 0));
-		off += n;
-		atomic_fetch_add(&ln->queued, 1);
-		rte_ring_sp_enqueue(ln->ring, m); /* cannot fail: see dpdkt_link_open */
-		if (f % KICK_EVERY == KICK_EVERY - 1)
-			kick(net);
-	}
-	pthread_mutex_unlock(&ln->send_lock);
-	kick(net);
-	return rc;
-}
-
-int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
-{
-	if (lane >= link->nlanes)
-		return -EINVAL;
-	struct lane *ln = &link->lanes[lane];
-	uint64_t deadline = deadline_after(timeout_ms);
-	int rc = 0;
-
-	kick(link->net);
-	pthread_mutex_lock(&link->lock);
-	atomic_fetch_add(&ln->waiters, 1);
-	while (atomic_load(&ln->queued) != 0) {
-		if (atomic_load(&link->dead)) {
-			rc = -ENOTCONN;
-			break;
-		}
-		if (!cond_wait_until(&link->cond, &link->lock, deadline)) {
-			rc = -ETIMEDOUT;
-			break;
-		}
-	}
-	atomic_fetch_sub(&ln->waiters, 1);
-	pthread_mutex_unlock(&link->lock);
-	return rc;
-}
-
-void dpdkt_link_shutdown(struct dpdkt_link *link)
-{
-	link_fail(link, -ECANCELED, true);
-}
-
-void dpdkt_link_close(struct dpdkt_link *link)
-{
-	if (link == NULL)
-		return;
-	struct dpdkt_net *net = link->net;
-
-	link_fail(link, -ECANCELED, true);
-	pthread_mutex_lock(&net->lock);
-	for (unsigned i = 0; i < net->nlinks; i++)
-		if (net->links[i] == link) {
-			net->links[i] = net->links[--net->nlinks];
-			net->win_frames -= (uint64_t)link->nlanes * link->win;
-			break;
-		}
-	uint32_t gen = ++net->gen;
-	atomic_store(&net->gen_pub, gen);
-	kick(net);
-	/* The poller may be using the link right now: wait until it took the table
-	 * without it. A stopped poller holds nothing. */
-	while (net->running && (int32_t)(net->seen_gen - gen) < 0)
-		pthread_cond_wait(&net->cond, &net->lock);
-	pthread_mutex_unlock(&net->lock);
-	link_free(link);
-}
-
-int dpdkt_link_error(const struct dpdkt_link *link)
-{
-	return atomic_load(&link->dead);
-}
-
-void dpdkt_link_stats(struct dpdkt_link *link, struct dpdkt_link_stats *out)
-{
-	st_copy(out, &link->st, sizeof(*out));
-	out->window_stalls = out->pool_stalls = 0;
-	for (unsigned i = 0; i < link->nlanes; i++) {
-		out->window_stalls +=
-		    __atomic_load_n(&link->lanes[i].window_stalls, __ATOMIC_RELAXED);
-		out->pool_stalls += __atomic_load_n(&link->lanes[i].pool_stalls, __ATOMIC_RELAXED);
-	}
 }

@@ -1,4 +1,4 @@
-/* transport/dpdk/dpdk_net.c: two nets in one process over two net_ring ports joined
+/* transport/dpdk/dpdk_net.c and dpdk_link.c: two nets in one process over two net_ring ports joined
  * back to back (A's tx rings are B's rx rings and the other way round; two queue pairs,
  * the second for the urgent lane): hellos, links of three lanes carrying thousands of random
  * messages checked byte for byte and in order, the same under injected loss, duplication,

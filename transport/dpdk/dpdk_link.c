@@ -1,0 +1,445 @@
+/* The dpdk transport's reliable protocol: hellos and links, the API the senders call.
+ * See dpdk_net.h. */
+#include "dpdk_net_priv.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <rte_lcore.h>
+#include <rte_mbuf.h>
+#include <rte_mempool.h>
+#include <rte_ring.h>
+
+#define KICK_EVERY    16	  /* frames a sender queues between wake-ups of the poller */
+#define POOL_WAIT_US  20	  /* a sender's sleep when the mbuf pool is empty */
+#define LANE_CACHE    32	  /* mbufs a lane's senders keep at hand */
+#define WAIT_SLICE_NS 50000000ull /* blocked callers re-check at least this often */
+
+/* ---- Small helpers ---- */
+
+static uint64_t deadline_after(int timeout_ms)
+{
+	return timeout_ms < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ms * 1000000ull;
+}
+
+/* Waits on cond until deadline, at most WAIT_SLICE_NS. Returns false after deadline. */
+static bool cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, uint64_t deadline)
+{
+	uint64_t now = now_ns();
+	if (now >= deadline)
+		return false;
+	uint64_t until = deadline - now > WAIT_SLICE_NS ? now + WAIT_SLICE_NS : deadline;
+	struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
+			      .tv_nsec = (long)(until % 1000000000ull)};
+	pthread_cond_timedwait(c, m, &ts);
+	return true;
+}
+
+static unsigned pow2_at_least(unsigned v)
+{
+	unsigned p = 1;
+	while (p < v)
+		p <<= 1;
+	return p;
+}
+
+/* ---- Hellos ---- */
+
+int dpdkt_hello_send(struct dpdkt_net *net, const struct rte_ether_addr *dst, const void *buf,
+		     size_t len)
+{
+	static const struct rte_ether_addr bcast = {{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}};
+
+	if (len > net->payload_max)
+		return -EMSGSIZE;
+	struct rte_mbuf *m = dpdkt_frame_new(net, NULL, dst ? dst : &bcast, DPDKT_HELLO, 0, 0, len);
+	if (m == NULL)
+		return -ENOMEM;
+	memcpy(payload_of(m), buf, len);
+	dpdkt_frame_seal(wire_of(m), dpdkt_crc32c(payload_of(m), len, 0));
+	if (rte_ring_mp_enqueue(net->hello_tx, m) != 0) {
+		rte_pktmbuf_free(m);
+		return -ENOBUFS;
+	}
+	dpdkt_kick(net);
+	return 0;
+}
+
+int dpdkt_hello_recv(struct dpdkt_net *net, int timeout_ms, struct rte_ether_addr *src, void *buf,
+		     size_t cap)
+{
+	uint64_t deadline = deadline_after(timeout_ms);
+
+	pthread_mutex_lock(&net->hello_lock);
+	while (net->hello_n == 0)
+		if (!cond_wait_until(&net->hello_cond, &net->hello_lock, deadline)) {
+			pthread_mutex_unlock(&net->hello_lock);
+			return -ETIMEDOUT;
+		}
+	struct rte_mbuf *m = net->hello_q[net->hello_head];
+	net->hello_head = (net->hello_head + 1) % net->cfg.hello_queue;
+	net->hello_n--;
+	pthread_mutex_unlock(&net->hello_lock);
+
+	size_t len = rte_le_to_cpu_16(wire_of(m)->len); /* validated by the poller */
+	int rc = (int)len;
+	if (len > cap) {
+		rc = -EMSGSIZE;
+	} else {
+		memcpy(buf, payload_of(m), len);
+		*src = rte_pktmbuf_mtod(m, struct rte_ether_hdr *)->src_addr;
+	}
+	rte_pktmbuf_free(m);
+	return rc;
+}
+
+/* ---- Links ---- */
+
+void dpdkt_link_cfg_init(struct dpdkt_link_cfg *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->window = 512;
+	cfg->keepalive_ms = 100;
+	cfg->dead_ms = 1000;
+	cfg->urgent_lane = -1;
+	cfg->rto_init_us = 2000;
+	cfg->rto_min_us = 1000;
+	cfg->rto_max_us = 200000;
+	cfg->ack_every = 16;
+	cfg->ack_delay_us = 100;
+}
+
+static int link_cfg_check(const struct dpdkt_link_cfg *c, unsigned nlanes, char *err, size_t errlen)
+{
+	if (nlanes == 0 || nlanes > DPDKT_MAX_LANES)
+		snprintf(err, errlen, "nlanes %u out of range 1..%u", nlanes, DPDKT_MAX_LANES);
+	else if (c->window == 0 || c->window > DPDKT_MAX_WINDOW)
+		snprintf(err, errlen, "window %u out of range 1..%u frames", c->window,
+			 DPDKT_MAX_WINDOW);
+	else if (c->keepalive_ms == 0)
+		snprintf(err, errlen, "keepalive_ms must be at least 1");
+	else if (c->dead_ms < 2 * c->keepalive_ms)
+		snprintf(err, errlen, "dead_ms %u must be at least twice keepalive_ms %u",
+			 c->dead_ms, c->keepalive_ms);
+	else if (c->urgent_lane < -1 || c->urgent_lane >= (int)nlanes)
+		snprintf(err, errlen, "urgent_lane %d out of range -1..%u", c->urgent_lane,
+			 nlanes - 1);
+	else if (c->rto_min_us == 0 || c->rto_min_us > c->rto_max_us)
+		snprintf(err, errlen, "rto_min_us %u must be 1..rto_max_us (%u)", c->rto_min_us,
+			 c->rto_max_us);
+	else if (c->rto_init_us < c->rto_min_us || c->rto_init_us > c->rto_max_us)
+		snprintf(err, errlen, "rto_init_us %u out of range rto_min_us..rto_max_us",
+			 c->rto_init_us);
+	else if (c->ack_every == 0 || c->ack_every > c->window)
+		snprintf(err, errlen, "ack_every %u out of range 1..window", c->ack_every);
+	else
+		return 0;
+	return -EINVAL;
+}
+
+static void link_free(struct dpdkt_link *l)
+{
+	for (unsigned i = 0; i < l->nlanes; i++) {
+		struct lane *ln = &l->lanes[i];
+		dpdkt_ring_free(ln->ring);
+		if (ln->tx != NULL)
+			for (uint32_t s = 0; s < l->win; s++)
+				rte_pktmbuf_free(ln->tx[s].m);
+		if (ln->rx != NULL)
+			for (uint32_t s = 0; s < l->win; s++)
+				rte_pktmbuf_free(ln->rx[s]);
+		free(ln->tx);
+		free(ln->rx);
+		if (ln->cache != NULL) {
+			rte_mempool_cache_flush(ln->cache, l->net->port->pool);
+			rte_mempool_cache_free(ln->cache);
+		}
+		pthread_mutex_destroy(&ln->send_lock);
+	}
+	pthread_mutex_destroy(&l->lock);
+	pthread_cond_destroy(&l->cond);
+	free(l);
+}
+
+int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, uint64_t session,
+		    unsigned nlanes, const struct dpdkt_link_cfg *cfg, dpdkt_deliver_fn deliver,
+		    void *ctx, struct dpdkt_link **out, char *err, size_t errlen)
+{
+	int rc = link_cfg_check(cfg, nlanes, err, errlen);
+	if (rc < 0)
+		return rc;
+	if (deliver == NULL || peer == NULL || !rte_is_unicast_ether_addr(peer) ||
+	    rte_is_zero_ether_addr(peer) || session == 0) {
+		snprintf(err, errlen, "%s",
+			 deliver == NULL ? "deliver callback missing"
+			 : session == 0	 ? "session id 0 is reserved"
+					 : "peer must be a unicast MAC");
+		return -EINVAL;
+	}
+	struct dpdkt_link *l = calloc(1, sizeof(*l) + nlanes * sizeof(struct lane));
+	if (l == NULL)
+		goto nomem;
+	l->net = net;
+	l->peer = *peer;
+	l->session = session;
+	l->nlanes = nlanes;
+	l->cfg = *cfg;
+	l->win = pow2_at_least(cfg->window);
+	l->mask = l->win - 1;
+	l->deliver = deliver;
+	l->ctx = ctx;
+	l->rto = (uint64_t)cfg->rto_init_us * 1000;
+	pthread_mutex_init(&l->lock, NULL);
+	dpdkt_cond_init_mono(&l->cond);
+	for (unsigned i = 0; i < nlanes; i++) {
+		struct lane *ln = &l->lanes[i];
+		pthread_mutex_init(&ln->send_lock, NULL);
+		ln->urgent = (int)i == cfg->urgent_lane;
+		ln->peer_credit = l->win; /* until the peer says */
+		ln->rto_next = UINT64_MAX;
+		ln->hole_next = UINT64_MAX;
+		/* queued never exceeds the window: the ring cannot overflow. */
+		ln->ring = dpdkt_ring_new(2 * l->win, RING_F_SP_ENQ | RING_F_SC_DEQ);
+		ln->tx = calloc(l->win, sizeof(ln->tx[0]));
+		ln->rx = calloc(l->win, sizeof(ln->rx[0]));
+		ln->cache = rte_mempool_cache_create(LANE_CACHE, (int)rte_socket_id());
+		if (ln->ring == NULL || ln->tx == NULL || ln->rx == NULL || ln->cache == NULL) {
+			l->nlanes = i + 1;
+			goto nomem_link;
+		}
+	}
+	l->last_rx = l->last_tx = now_ns();
+
+	/* Our frames wait for acks and the peer's wait for their turn, in this pool; the
+	 * lanes' caches hold up to 1.5 times their size. */
+	uint64_t frames = (uint64_t)nlanes * (l->win + LANE_CACHE * 3 / 2);
+	pthread_mutex_lock(&net->lock);
+	unsigned pool = net->port->pool->size;
+	if (net->nlinks == DPDKT_MAX_LINKS) {
+		snprintf(err, errlen, "%s has %u links open already", net->port->name,
+			 DPDKT_MAX_LINKS);
+		rc = -ENOSPC;
+	} else if (net->win_frames + frames > pool / 2) {
+		snprintf(err, errlen,
+			 "%u lanes of %u frames (and %llu frames of other links) exceed half "
+			 "the %u mbufs of %s: open the port with a larger window",
+			 nlanes, l->win, (unsigned long long)net->win_frames, pool,
+			 net->port->name);
+		rc = -EINVAL;
+	}
+	for (unsigned i = 0; i < net->nlinks && rc == 0; i++)
+		if (net->links[i]->session == session) {
+			snprintf(err, errlen, "a link with session %#llx is open already",
+				 (unsigned long long)session);
+			rc = -EEXIST;
+		}
+	if (rc < 0) {
+		pthread_mutex_unlock(&net->lock);
+		link_free(l);
+		return rc;
+	}
+	net->links[net->nlinks++] = l;
+	net->win_frames += frames;
+	atomic_store(&net->gen_pub, ++net->gen);
+	pthread_mutex_unlock(&net->lock);
+	dpdkt_kick(net);
+	*out = l;
+	return 0;
+
+nomem_link:
+	link_free(l);
+nomem:
+	snprintf(err, errlen, "out of memory for a link of %u lanes of %u frames", nlanes,
+		 cfg->window);
+	return -ENOMEM;
+}
+
+/* Waits until lane's window has room (or a quarter of it after a stall). */
+static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
+{
+	if (atomic_load(&ln->queued) < l->win)
+		return atomic_load(&l->dead) ? -ENOTCONN : 0;
+	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
+	dpdkt_kick(l->net);
+	int rc = 0;
+	pthread_mutex_lock(&l->lock);
+	atomic_fetch_add(&ln->waiters, 1);
+	while (atomic_load(&l->dead) == 0 && atomic_load(&ln->queued) > l->win - l->win / 4)
+		if (!cond_wait_until(&l->cond, &l->lock, deadline)) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+	atomic_fetch_sub(&ln->waiters, 1);
+	pthread_mutex_unlock(&l->lock);
+	return atomic_load(&l->dead) ? -ENOTCONN : rc;
+}
+
+/* An mbuf for a frame, waiting while the pool is empty. */
+static int alloc_frame(struct dpdkt_link *l, struct lane *ln, unsigned lane, size_t len,
+		       uint64_t deadline, struct rte_mbuf **out)
+{
+	bool stalled = false;
+
+	for (;;) {
+		struct rte_mbuf *m = dpdkt_frame_new(l->net, ln->cache, &l->peer, DPDKT_DATA,
+						     (uint8_t)lane, l->session, len);
+		if (m != NULL) {
+			*out = m;
+			return 0;
+		}
+		if (!stalled) {
+			__atomic_store_n(&ln->pool_stalls, ln->pool_stalls + 1, __ATOMIC_RELAXED);
+			stalled = true;
+		}
+		if (atomic_load(&l->dead))
+			return -ENOTCONN;
+		if (now_ns() >= deadline)
+			return -ETIMEDOUT;
+		usleep(POOL_WAIT_US);
+	}
+}
+
+int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *iov, int iovcnt,
+		    int timeout_ms)
+{
+	struct dpdkt_net *net = link->net;
+	size_t total = 0;
+
+	if (lane >= link->nlanes || iovcnt < 0 || (iovcnt > 0 && iov == NULL))
+		return -EINVAL;
+	for (int i = 0; i < iovcnt; i++)
+		total += iov[i].iov_len;
+	if (total > DPDKT_MSG_MAX)
+		return -EMSGSIZE;
+	if (atomic_load(&link->dead))
+		return -ENOTCONN;
+
+	struct lane *ln = &link->lanes[lane];
+	uint64_t deadline = deadline_after(timeout_ms);
+	size_t pmax = net->payload_max;
+	size_t frames = total == 0 ? 1 : (total + pmax - 1) / pmax;
+	int idx = 0, rc = 0;
+	size_t ioff = 0, off = 0;
+
+	pthread_mutex_lock(&ln->send_lock);
+	for (size_t f = 0; f < frames; f++) {
+		struct rte_mbuf *m;
+		size_t n = RTE_MIN(pmax, total - off);
+
+		rc = wait_window(link, ln, deadline);
+		if (rc == 0)
+			rc = alloc_frame(link, ln, lane, n, deadline, &m);
+		if (rc < 0) {
+			/* The rest of the message can never follow what went. */
+			if (rc == -ETIMEDOUT && f > 0)
+				dpdkt_link_fail(link, -ETIMEDOUT, true);
+			break;
+		}
+		/* The CRC covers what was copied, whatever the source holds by now; the
+		 * poller finishes it over the header. */
+		uint8_t *dst = payload_of(m);
+		uint32_t crc = 0;
+		for (size_t left = n; left > 0;) {
+			size_t take = RTE_MIN(left, iov[idx].iov_len - ioff);
+			crc = dpdkt_copy_crc32c(dst, (const uint8_t *)iov[idx].iov_base + ioff,
+						take, crc);
+			dst += take;
+			left -= take;
+			ioff += take;
+			if (ioff == iov[idx].iov_len) {
+				idx++;
+				ioff = 0;
+			}
+		}
+		struct dpdkt_wire *w = wire_of(m);
+		w->crc = rte_cpu_to_le_32(crc);
+		w->flags = (uint8_t)((f == 0 ? DPDKT_FRAG_START : 0) |
+				     (f == frames - 1 ? DPDKT_FRAG_END : 0));
+		off += n;
+		atomic_fetch_add(&ln->queued, 1);
+		rte_ring_sp_enqueue(ln->ring, m); /* cannot fail: see dpdkt_link_open */
+		if (f % KICK_EVERY == KICK_EVERY - 1)
+			dpdkt_kick(net);
+	}
+	pthread_mutex_unlock(&ln->send_lock);
+	dpdkt_kick(net);
+	return rc;
+}
+
+int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
+{
+	if (lane >= link->nlanes)
+		return -EINVAL;
+	struct lane *ln = &link->lanes[lane];
+	uint64_t deadline = deadline_after(timeout_ms);
+	int rc = 0;
+
+	dpdkt_kick(link->net);
+	pthread_mutex_lock(&link->lock);
+	atomic_fetch_add(&ln->waiters, 1);
+	while (atomic_load(&ln->queued) != 0) {
+		if (atomic_load(&link->dead)) {
+			rc = -ENOTCONN;
+			break;
+		}
+		if (!cond_wait_until(&link->cond, &link->lock, deadline)) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+	}
+	atomic_fetch_sub(&ln->waiters, 1);
+	pthread_mutex_unlock(&link->lock);
+	return rc;
+}
+
+void dpdkt_link_shutdown(struct dpdkt_link *link)
+{
+	dpdkt_link_fail(link, -ECANCELED, true);
+}
+
+void dpdkt_link_close(struct dpdkt_link *link)
+{
+	if (link == NULL)
+		return;
+	struct dpdkt_net *net = link->net;
+
+	dpdkt_link_fail(link, -ECANCELED, true);
+	pthread_mutex_lock(&net->lock);
+	for (unsigned i = 0; i < net->nlinks; i++)
+		if (net->links[i] == link) {
+			net->links[i] = net->links[--net->nlinks];
+			net->win_frames -= (uint64_t)link->nlanes * link->win;
+			break;
+		}
+	uint32_t gen = ++net->gen;
+	atomic_store(&net->gen_pub, gen);
+	dpdkt_kick(net);
+	/* The poller may be using the link right now: wait until it took the table
+	 * without it. A stopped poller holds nothing. */
+	while (net->running && (int32_t)(net->seen_gen - gen) < 0)
+		pthread_cond_wait(&net->cond, &net->lock);
+	pthread_mutex_unlock(&net->lock);
+	link_free(link);
+}
+
+int dpdkt_link_error(const struct dpdkt_link *link)
+{
+	return atomic_load(&link->dead);
+}
+
+void dpdkt_link_stats(struct dpdkt_link *link, struct dpdkt_link_stats *out)
+{
+	st_copy(out, &link->st, sizeof(*out));
+	out->window_stalls = out->pool_stalls = 0;
+	for (unsigned i = 0; i < link->nlanes; i++) {
+		out->window_stalls +=
+		    __atomic_load_n(&link->lanes[i].window_stalls, __ATOMIC_RELAXED);
+		out->pool_stalls += __atomic_load_n(&link->lanes[i].pool_stalls, __ATOMIC_RELAXED);
+	}
+}
