@@ -9,7 +9,9 @@
 # 2. Pre-copy of an idle SIZE guest between two guest processes joined by net_memif:
 #    loss-free, then with 1% of the frames dropped, duplicated and reordered each way
 #    (HYMIG_TEST_DPDK_LOSS), and over tcp on a veth pair between two namespaces.
-# 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency.
+# 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency, with
+#    the background stream at full speed, and capped at 100 MB/s (--bandwidth-limit),
+#    where the pollers have CPU to spare on a small host.
 # A table goes to stderr, one JSON object to stdout. Ratios: dpdk pre-copy ÷ page-mode
 # blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
 . "$(dirname "$0")/lib.sh"
@@ -66,6 +68,8 @@ run_memif() {
 run_memif precopy-memif idle --mode precopy
 LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy
 run_memif postcopy-memif dirtier:rate=20M,pattern=uniform --mode postcopy --precopy-rounds 0
+run_memif postcopy-memif-capped dirtier:rate=20M,pattern=uniform --mode postcopy \
+	--precopy-rounds 0 --bandwidth-limit 100M
 
 say "pre-copy over tcp on veth"
 hosts_make dpb
@@ -96,6 +100,7 @@ def tput(k):
 def ratio(a, b):
     return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 pc = runs.get("postcopy-memif", {})
+pcc = runs.get("postcopy-memif-capped", {})
 out = {
     "mem": sys.argv[3],
     "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
@@ -108,6 +113,8 @@ out = {
     "frames_loss1": runs.get("precopy-memif-loss1", {}).get("frames"),
     "postcopy_fault_latency_us": pc.get("fault_latency_us"),
     "postcopy_requests": pc.get("postcopy_requests"),
+    "postcopy_capped_fault_latency_us": pcc.get("fault_latency_us"),
+    "postcopy_capped_requests": pcc.get("postcopy_requests"),
     "runs": runs,
 }
 e = sys.stderr
@@ -117,5 +124,7 @@ p = out["precopy_mb_per_s"]
 print(f"pre-copy of an idle {out['mem']} guest: dpdk/memif {p['dpdk_memif']} MB/s ({out['dpdk_over_blaster_page']}x page blaster, {out['dpdk_over_tcp']}x tcp), with 1% loss {p['dpdk_memif_1pct_loss']} ({out['loss1_over_lossfree']}x), tcp/veth {p['tcp_veth']}", file=e)
 f = out["postcopy_fault_latency_us"] or {}
 print(f"post-copy over memif: {out['postcopy_requests']} requests, fault p50 {f.get('p50')} us, p99 {f.get('p99')} us", file=e)
+f = out["postcopy_capped_fault_latency_us"] or {}
+print(f"post-copy over memif, stream capped at 100 MB/s: {out['postcopy_capped_requests']} requests, fault p50 {f.get('p50')} us, p99 {f.get('p99')} us", file=e)
 print(json.dumps(out))
 EOF
