@@ -148,23 +148,8 @@ guest a safcut --mem 256M --workload dirtier:rate=20M,pattern=uniform --dpdk-eal
 wait_status safcut '"ready":true' 60
 sleep 1
 # 20 MB/s: the 256 MiB post-copy lasts long enough to be cut.
-start_postcopy safcut --to dpdk:// --mode postcopy --precopy-rounds 0 --bandwidth-limit 20M
-sleep 1
-"$HOSTS" cut "$NAME"
-finish_bg
-[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
-[ "$(status_field safcut state)" = paused ] || fail "the source guest is not paused"
-for _ in $(seq 150); do
-	[ "$(status_field dafcut incoming)" = postcopy-paused ] && break
-	sleep 0.1
-done
-[ "$(status_field dafcut incoming)" = postcopy-paused ] || fail "destination not postcopy-paused"
-"$HOSTS" heal "$NAME"
-migrate safcut --resume
-[ $MIGRATE_RC = 0 ] || fail "resume over dpdk failed"
-[ "$(result_field status)" = completed ] || fail "resumed post-copy did not complete"
-[ "$(status_field dafcut incoming)" = arrived ] || fail "destination did not arrive"
-verify_ok dafcut
+cut_postcopy_resume safcut dafcut --to dpdk:// --mode postcopy --precopy-rounds 0 \
+	--bandwidth-limit 20M
 "$HYMIG" quit --ctl "$(ctl dafcut)"
 
 echo "PASS"

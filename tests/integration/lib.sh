@@ -149,6 +149,35 @@ start_postcopy() {
 	fail "no post-copy phase reached"
 }
 
+# cut_postcopy_resume SRC DST MIGRATE_ARGS...: starts a post-copy, cuts the hosts' link
+# mid-way, expects both sides to pause (migrate exits 4, the destination still lacks
+# pages), heals the link, and expects --resume to complete with verified memory.
+cut_postcopy_resume() {
+	local src=$1 dst=$2 missing
+	shift 2
+	start_postcopy "$src" "$@"
+	sleep 1
+	"$HOSTS" cut "$NAME"
+	finish_bg
+	[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
+	[ "$(status_field "$src" state)" = paused ] || fail "the source guest is not paused"
+	for _ in $(seq 150); do
+		[ "$(status_field "$dst" incoming)" = postcopy-paused ] && break
+		sleep 0.1
+	done
+	[ "$(status_field "$dst" incoming)" = postcopy-paused ] ||
+		fail "destination not postcopy-paused"
+	missing=$(status_field "$dst" postcopy.remaining_bytes)
+	echo "destination lacks $missing bytes while paused" >&2
+	[ "$missing" -gt 0 ] || fail "a paused destination reports nothing missing"
+	"$HOSTS" heal "$NAME"
+	migrate "$src" --resume
+	[ $MIGRATE_RC = 0 ] || fail "resume failed"
+	[ "$(result_field status)" = completed ] || fail "resumed post-copy did not complete"
+	[ "$(status_field "$dst" incoming)" = arrived ] || fail "destination did not arrive"
+	verify_ok "$dst"
+}
+
 # finish_bg: waits for the background migrate; sets RESULT and MIGRATE_RC.
 finish_bg() {
 	MIGRATE_RC=0

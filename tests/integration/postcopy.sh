@@ -133,26 +133,7 @@ step "link cut during post-copy: both sides pause, --resume finishes it"
 guest b dst5 --mem 512M --incoming "tcp://$ADDR_B:7035"
 guest a src5 --mem 512M --workload "$DIRTIER"
 sleep 1
-start_postcopy src5 --to "tcp://$ADDR_B:7035" --mode postcopy --precopy-rounds 0
-sleep 1
-"$HOSTS" cut "$NAME"
-finish_bg
-[ $MIGRATE_RC = 4 ] || fail "migrate exited $MIGRATE_RC, expected 4 (postcopy-paused)"
-[ "$(status_field src5 state)" = paused ] || fail "the source guest is not paused"
-for _ in $(seq 100); do
-	[ "$(status_field dst5 incoming)" = postcopy-paused ] && break
-	sleep 0.1
-done
-[ "$(status_field dst5 incoming)" = postcopy-paused ] || fail "destination not postcopy-paused"
-missing=$(status_field dst5 postcopy.remaining_bytes)
-echo "destination lacks $missing bytes while paused" >&2
-[ "$missing" -gt 0 ] || fail "a paused destination reports nothing missing"
-"$HOSTS" heal "$NAME"
-migrate src5 --resume
-[ $MIGRATE_RC = 0 ] || fail "resume failed"
-[ "$(result_field status)" = completed ] || fail "resumed post-copy did not complete"
-[ "$(status_field dst5 incoming)" = arrived ] || fail "destination did not arrive"
-verify_ok dst5
+cut_postcopy_resume src5 dst5 --to "tcp://$ADDR_B:7035" --mode postcopy --precopy-rounds 0
 "$HYMIG" quit --ctl "$(ctl dst5)"
 
 step "switch handshake: the state message is lost (before the switch): source runs on"
