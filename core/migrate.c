@@ -828,7 +828,7 @@ static void *server_main(void *arg)
 {
 	struct hm_migration *m = arg;
 
-	prio_set_urgent();
+	prio_set_nice(PRIO_URGENT_NICE);
 
 	while (!atomic_load(&m->server_stop)) {
 		struct tp_run req, runs[WIRE_MAX_RUN];

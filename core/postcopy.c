@@ -439,7 +439,7 @@ static void *handler_main(void *arg)
 	struct postcopy *pc = arg;
 	struct uffd_msg msgs[64];
 
-	prio_set_urgent();
+	prio_set_nice(PRIO_URGENT_NICE);
 
 	for (;;) {
 		struct pollfd p[2] = {{.fd = pc->uffd, .events = POLLIN},

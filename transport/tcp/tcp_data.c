@@ -194,10 +194,7 @@ static void *lander(void *arg)
 	struct hm_ram *ram = b->ram;
 	char why[200];
 
-	if (c->urgent)
-		prio_set_urgent();
-	else
-		prio_set_nice(PRIO_BULK_NICE);
+	prio_set_nice(c->urgent ? PRIO_URGENT_NICE : PRIO_BULK_NICE);
 	for (;;) {
 		struct wire_rec raw, r;
 		const struct ram_region *reg;
