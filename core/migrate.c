@@ -300,7 +300,9 @@ static int64_t send_block(struct sender *s, struct batch *b, uint64_t blk, bool 
 
 /* Post-copy's background stream for this channel: its blocks in order, but jumping to
  * the block of the latest fault whenever there is a new one, until a whole pass finds
- * nothing left. */
+ * nothing left. A jump starts the pass again: the blocks it skipped may still hold pages,
+ * and a pass that ended early left them to the guest's faults (a uniform dirtier took
+ * ~100 s to touch the last few thousand). */
 static int send_postcopy(struct sender *s, struct batch *b)
 {
 	struct hm_migration *m = s->m;
@@ -317,6 +319,7 @@ static int send_postcopy(struct sender *s, struct batch *b)
 			blk = atomic_load(&m->hint_page) / BLOCK_PAGES / nch * nch + s->ch;
 			if (blk >= nblocks)
 				blk = s->ch;
+			empty = 0;
 		}
 		n = send_block(s, b, blk, false, true);
 		if (n < 0)
