@@ -883,6 +883,13 @@ static int stream_postcopy(struct hm_migration *m)
 	m->postcopy = true;
 	if (serve)
 		rc = run_round(m, false);
+	/* DONE goes only once every page went: should a pass ever miss some, the guest
+	 * would have to fault each of them in. */
+	while (serve && rc == 0 && bitmap_count(&m->send) > 0) {
+		log_err("post-copy: %llu pages left after the background pass; another pass",
+			(unsigned long long)bitmap_count(&m->send));
+		rc = run_round(m, false);
+	}
 	if (rc == 0)
 		rc = send_done(m);
 	if (rc == 0)
