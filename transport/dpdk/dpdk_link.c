@@ -143,6 +143,14 @@ static int link_cfg_check(const struct dpdkt_link_cfg *c, unsigned nlanes, char 
 	return -EINVAL;
 }
 
+/* The mbufs a link may hold, for net->win_frames: our frames wait for acks and the
+ * peer's wait for their turn, in the port's pool; the lanes' caches hold up to 1.5 times
+ * their size. Open adds it and close subtracts it. */
+static uint64_t link_frames(const struct dpdkt_link *l)
+{
+	return (uint64_t)l->nlanes * (l->win + LANE_CACHE * 3 / 2);
+}
+
 static void link_free(struct dpdkt_link *l)
 {
 	for (unsigned i = 0; i < l->nlanes; i++) {
@@ -216,9 +224,7 @@ int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, ui
 	}
 	l->last_rx = l->last_tx = now_ns();
 
-	/* Our frames wait for acks and the peer's wait for their turn, in this pool; the
-	 * lanes' caches hold up to 1.5 times their size. */
-	uint64_t frames = (uint64_t)nlanes * (l->win + LANE_CACHE * 3 / 2);
+	uint64_t frames = link_frames(l);
 	pthread_mutex_lock(&net->lock);
 	unsigned pool = net->port->pool->size;
 	if (net->nlinks == DPDKT_MAX_LINKS) {
@@ -414,7 +420,7 @@ void dpdkt_link_close(struct dpdkt_link *link)
 	for (unsigned i = 0; i < net->nlinks; i++)
 		if (net->links[i] == link) {
 			net->links[i] = net->links[--net->nlinks];
-			net->win_frames -= (uint64_t)link->nlanes * link->win;
+			net->win_frames -= link_frames(link);
 			break;
 		}
 	uint32_t gen = ++net->gen;

@@ -532,6 +532,15 @@ static void test_cfg_checked(void **state)
 	assert_int_equal(dpdkt_link_send(l, 0, &huge, 1, 0), -EMSGSIZE);
 	dpdkt_link_close(l);
 
+	/* A closed link gives back all the pool it reserved: retries and resumes open links
+	 * again and again. */
+	for (int i = 0; i < 200; i++) {
+		if (dpdkt_link_open(na, &mac_b, 78, NLANES, &cfg, on_deliver, s, &l, err,
+				    sizeof(err)) != 0)
+			fail_msg("open number %d: %s", i + 1, err);
+		dpdkt_link_close(l);
+	}
+
 	struct dpdkt_loss bad = {.reorder = 1.5};
 	assert_int_equal(dpdkt_net_set_loss(na, NULL, &bad, 1, err, sizeof(err)), -EINVAL);
 	assert_non_null(strstr(err, "rx reorder"));
