@@ -885,9 +885,9 @@ static int stream_postcopy(struct hm_migration *m)
 		rc = run_round(m, false);
 	/* DONE goes only once every page went: should a pass ever miss some, the guest
 	 * would have to fault each of them in. */
-	while (serve && rc == 0 && bitmap_count(&m->send) > 0) {
+	for (uint64_t left; serve && rc == 0 && (left = bitmap_count(&m->send)) > 0;) {
 		log_err("post-copy: %llu pages left after the background pass; another pass",
-			(unsigned long long)bitmap_count(&m->send));
+			(unsigned long long)left);
 		rc = run_round(m, false);
 	}
 	if (rc == 0)

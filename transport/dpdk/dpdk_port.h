@@ -74,9 +74,9 @@ struct dpdkt_port {
 	struct dpdkt_port_stats stats; /* updated by dpdkt_tx; one tx caller at a time */
 };
 
-/* Configures and starts the port: one rx and one tx queue (two of each over memif:
- * queues), an mbuf pool sized from
- * the window, promiscuous mode off (where the PMD has it). The EAL must be running.
+/* Configures and starts the port: one rx and one tx queue (two of each over memif and
+ * net_ring, see queues), an mbuf pool sized from the window, promiscuous mode off (where
+ * the PMD has it). The EAL must be running.
  * -ENODEV when the port is missing, -EINVAL for a cfg field out of range (named). */
 int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, char *err,
 		    size_t errlen);
