@@ -21,18 +21,24 @@ dirtier_fast() {
 		fail "the dirtier reached only $v MB/s"
 }
 
-# postcopy_ran: the destination's vCPUs waited for stale pages and the numbers add up.
-postcopy_ran() {
+# switched_to_postcopy: the migration completed after handing the guest over
+# with pages still at the source.
+switched_to_postcopy() {
 	[ $MIGRATE_RC = 0 ] || fail "migration failed"
 	[ "$(result_field status)" = completed ] || fail "status not completed"
 	[ -n "$(result_field switch_reason)" ] || fail "no switch reason"
+	[ "$(result_field postcopy_bytes)" -gt 0 ] || fail "no post-copy bytes"
+}
+
+# postcopy_ran: the destination's vCPUs waited for stale pages and the numbers add up.
+postcopy_ran() {
+	switched_to_postcopy
 	[ "$(result_field postcopy_requests)" -gt 0 ] || fail "no post-copy requests"
 	[ "$(result_field postcopy_faults)" -gt 0 ] || fail "no vCPU waited for a page"
 	python3 -c "import sys; sys.exit(0 if float('$(result_field postcopy_blocked_ms)') > 0 else 1)" ||
 		fail "no blocked time measured"
 	[ "$(result_field fault_latency_us.p50)" -le "$(result_field fault_latency_us.max)" ] ||
 		fail "latency percentiles out of order"
-	[ "$(result_field postcopy_bytes)" -gt 0 ] || fail "no post-copy bytes"
 }
 
 step "post-copy at once (--precopy-rounds 0) by MISSING + COPY, destination runs while pages arrive"
@@ -121,7 +127,9 @@ guest b dst10 --mem 256M --incoming "tcp://$ADDR_B:7040"
 guest a src10 --mem 256M --workload "$HOT"
 sleep 1
 migrate src10 --to "tcp://$ADDR_B:7040" --mode hybrid --downtime-limit 1 --max-rounds 2
-postcopy_ran
+# The few pages hybrid leaves may all stream in before the guest touches one,
+# so zero requests is a fine result here.
+switched_to_postcopy
 verify_ok dst10
 hybrid=$(result_field postcopy_requests)
 echo "post-copy requests: pure $pure, hybrid $hybrid" >&2
