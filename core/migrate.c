@@ -63,6 +63,7 @@ struct hm_migration {
 	double bandwidth;    /* bytes/s of the latest measured round */
 	double fixed_ms;     /* downtime that does not depend on the data */
 	uint64_t pace_bytes; /* a batch is sent once it holds this much */
+	uint64_t bw_limit;   /* bytes/s now (0: none): the post-copy limit once switched */
 	struct bitmap mid;   /* hybrid: pages written during round 1, found mid-round */
 	atomic_bool cut;     /* hybrid: round 1 stops here, the migration switches */
 	uint64_t t_round;    /* when the current round started */
@@ -162,16 +163,25 @@ static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
  * leave. Urgent post-copy pages never wait, but they are booked: the background
  * stream then yields them the bandwidth, so together they stay under the limit and no
  * queue builds on the link in front of the next urgent page. */
+/* Called while no sender runs (before a round starts them). */
+static void set_bw_limit(struct hm_migration *m, uint64_t rate)
+{
+	m->bw_limit = rate;
+	m->pace_bytes = rate ? rate / 1000 : UINT64_MAX; /* ~1 ms of the limit per batch */
+	if (m->pace_bytes < PACE_MIN_BYTES)
+		m->pace_bytes = PACE_MIN_BYTES;
+}
+
 static void throttle(struct hm_migration *m, uint64_t bytes, bool wait)
 {
 	uint64_t now, at;
 
-	if (!m->cfg.bandwidth_limit)
+	if (!m->bw_limit)
 		return;
 	pthread_mutex_lock(&m->bw_lock);
 	now = now_ns();
 	at = m->bw_next_ns > now ? m->bw_next_ns : now;
-	m->bw_next_ns = at + bytes * 1000000000ULL / m->cfg.bandwidth_limit;
+	m->bw_next_ns = at + bytes * 1000000000ULL / m->bw_limit;
 	pthread_mutex_unlock(&m->bw_lock);
 	if (wait && at > now) {
 		struct timespec ts = {.tv_sec = (time_t)((at - now) / 1000000000ULL),
@@ -211,7 +221,7 @@ static int add_run(struct sender *s, struct batch *b, uint64_t first, uint32_t n
 		   bool skip_zero)
 {
 	struct hm_migration *m = s->m;
-	uint32_t most = m->cfg.bandwidth_limit ? (uint32_t)(m->pace_bytes / HM_PAGE_SIZE) : 0;
+	uint32_t most = m->bw_limit ? (uint32_t)(m->pace_bytes / HM_PAGE_SIZE) : 0;
 
 	/* Under a bandwidth limit, runs and batches stay small so paced data leaves in
 	 * short bursts: a burst queued on a slow link delays every urgent page behind it. */
@@ -877,6 +887,8 @@ static int stream_postcopy(struct hm_migration *m)
 	bool serve = !(m->addr.ops->caps & TP_CAP_ONE_SIDED_READ);
 	int rc = 0;
 
+	if (m->cfg.postcopy_bandwidth_limit)
+		set_bw_limit(m, m->cfg.postcopy_bandwidth_limit);
 	atomic_store(&m->server_stop, false);
 	if (serve && (rc = -pthread_create(&m->server, NULL, server_main, m)) < 0)
 		return fail(m, rc, "cannot start the page server");
@@ -1347,9 +1359,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 		    m->cfg.postcopy_mech == HM_PC_MISSING ? "missing" : "minor";
 	m->t_request = now_ns();
 	m->t_last_hb = m->t_request;
-	m->pace_bytes = cfg->bandwidth_limit ? cfg->bandwidth_limit / 1000 : UINT64_MAX;
-	if (m->pace_bytes < PACE_MIN_BYTES)
-		m->pace_bytes = PACE_MIN_BYTES;
+	set_bw_limit(m, cfg->bandwidth_limit);
 	rc = -pthread_create(&m->thread, NULL, engine_main, m);
 	if (rc < 0) {
 		snprintf(err, errlen, "cannot start the migration thread: %s", strerror(-rc));

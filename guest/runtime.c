@@ -374,6 +374,8 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 		cfg.max_rounds = (unsigned)x;
 	if (json_get_u64(req, "bandwidth_limit", &x) == 0)
 		cfg.bandwidth_limit = x;
+	if (json_get_u64(req, "postcopy_bandwidth_limit", &x) == 0)
+		cfg.postcopy_bandwidth_limit = x;
 	if (json_get_u64(req, "channels", &x) == 0)
 		cfg.channels = (unsigned)x;
 	if (json_get_u64(req, "timeout_s", &x) == 0)

@@ -77,10 +77,13 @@ struct hm_migrate_cfg {
 	unsigned downtime_limit_ms; /* default 50 */
 	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
-	unsigned channels;	    /* bulk channels; default 2 (1..16) */
-	unsigned timeout_s;	    /* whole migration; 0 = none */
-	bool keep_source;	    /* leave the source paused and alive after commitment */
-	const uint8_t *psk;	    /* pre-shared key, or NULL */
+	/* bytes/s once the guest runs on the destination (QEMU's max-postcopy-bandwidth);
+	 * 0 = bandwidth_limit. Urgent pages count against it but never wait for it. */
+	uint64_t postcopy_bandwidth_limit;
+	unsigned channels;  /* bulk channels; default 2 (1..16) */
+	unsigned timeout_s; /* whole migration; 0 = none */
+	bool keep_source;   /* leave the source paused and alive after commitment */
+	const uint8_t *psk; /* pre-shared key, or NULL */
 	size_t psk_len;
 	int dead_peer_ms; /* a silent peer is dead after this; default 5000 */
 	int tracking;	  /* enum dirty_method: -1 auto */

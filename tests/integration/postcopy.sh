@@ -137,6 +137,23 @@ echo "post-copy requests: pure $pure, hybrid $hybrid" >&2
 "$HYMIG" quit --ctl "$(ctl dst10)"
 "$HOSTS" shape "$NAME" 400mbit
 
+step "--postcopy-bandwidth-limit paces the stream after the switch, not pre-copy"
+guest b dst11 --mem 64M --incoming "tcp://$ADDR_B:7041"
+guest a src11 --mem 64M --workload dirtier:rate=20M,pattern=uniform
+sleep 1
+migrate src11 --to "tcp://$ADDR_B:7041" --mode postcopy --postcopy-bandwidth-limit 8M
+postcopy_ran
+verify_ok dst11
+# Round 1 ran at the link's 50 MB/s; what followed the switch at no more than 8 MB/s.
+python3 - "$(result_field rate_mb_per_s)" "$(result_field postcopy_bytes)" \
+	"$(result_field total_time_ms)" <<'PY' || fail "the post-copy limit did not pace as asked"
+import sys
+rate, pc_bytes, total_ms = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+print(f"pre-copy {rate} MB/s, post-copy {pc_bytes} bytes, total {total_ms} ms", file=sys.stderr)
+sys.exit(0 if rate > 16 and pc_bytes > 4e6 and total_ms >= 0.9 * pc_bytes / 8e6 * 1e3 else 1)
+PY
+"$HYMIG" quit --ctl "$(ctl dst11)"
+
 step "link cut during post-copy: both sides pause, --resume finishes it"
 guest b dst5 --mem 512M --incoming "tcp://$ADDR_B:7035"
 guest a src5 --mem 512M --workload "$DIRTIER"
