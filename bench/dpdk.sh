@@ -10,8 +10,9 @@
 #    loss-free, then with 1% of the frames dropped, duplicated and reordered each way
 #    (HYMIG_TEST_DPDK_LOSS), and over tcp on a veth pair between two namespaces.
 # 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency, with
-#    the background stream at full speed, and capped at 100 MB/s (--bandwidth-limit),
-#    where the pollers have CPU to spare on a small host.
+#    the background stream at full speed (by MINOR faults and by MISSING faults, to
+#    choose the default mechanism), and capped at 100 MB/s (--bandwidth-limit), where
+#    the pollers have CPU to spare on a small host.
 # A table goes to stderr, one JSON object to stdout. Ratios: dpdk pre-copy ÷ page-mode
 # blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
 . "$(dirname "$0")/lib.sh"
@@ -68,6 +69,8 @@ run_memif() {
 run_memif precopy-memif idle --mode precopy
 LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy
 run_memif postcopy-memif dirtier:rate=20M,pattern=uniform --mode postcopy --precopy-rounds 0
+run_memif postcopy-memif-missing dirtier:rate=20M,pattern=uniform --mode postcopy \
+	--precopy-rounds 0 --postcopy-mechanism missing
 run_memif postcopy-memif-capped dirtier:rate=20M,pattern=uniform --mode postcopy \
 	--precopy-rounds 0 --bandwidth-limit 100M
 
@@ -101,6 +104,9 @@ def ratio(a, b):
     return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 pc = runs.get("postcopy-memif", {})
 pcc = runs.get("postcopy-memif-capped", {})
+def mech(r):
+    return {k: r.get(k) for k in ("postcopy_mechanism", "total_time_ms", "postcopy_blocked_ms",
+                                  "postcopy_requests", "postcopy_faults", "fault_latency_us")}
 out = {
     "mem": sys.argv[3],
     "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
@@ -114,6 +120,7 @@ out = {
     "postcopy_fault_latency_us": pc.get("fault_latency_us"),
     "postcopy_requests": pc.get("postcopy_requests"),
     "postcopy_capped_fault_latency_us": pcc.get("fault_latency_us"),
+    "postcopy_by_mechanism": [mech(pc), mech(runs.get("postcopy-memif-missing", {}))],
     "postcopy_capped_requests": pcc.get("postcopy_requests"),
     "runs": runs,
 }
@@ -126,5 +133,11 @@ f = out["postcopy_fault_latency_us"] or {}
 print(f"post-copy over memif: {out['postcopy_requests']} requests, fault p50 {f.get('p50')} us, p99 {f.get('p99')} us", file=e)
 f = out["postcopy_capped_fault_latency_us"] or {}
 print(f"post-copy over memif, stream capped at 100 MB/s: {out['postcopy_capped_requests']} requests, fault p50 {f.get('p50')} us, p99 {f.get('p99')} us", file=e)
+print("post-copy over memif by mechanism (same dirtier, stream at full speed):", file=e)
+print(f"  {'mechanism':10} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
+for r in out["postcopy_by_mechanism"]:
+    f = r.get("fault_latency_us") or {}
+    print(f"  {str(r.get('postcopy_mechanism')):10} {r.get('total_time_ms')!s:>9} {r.get('postcopy_blocked_ms')!s:>10} "
+          f"{r.get('postcopy_requests')!s:>8} {f.get('p50')!s:>7} {f.get('p99')!s:>7}", file=e)
 print(json.dumps(out))
 EOF

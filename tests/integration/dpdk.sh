@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Migrations over the dpdk transport between two guest processes joined by DPDK's
-# net_memif (no hugepages, no NIC): pre-copy, post-copy at once and hybrid of a 256 MiB
-# dirtier, each compared byte for byte (--keep-source --no-autostart) and verified, and
-# a post-copy whose destination runs meanwhile (requests > 0, verify); pre-copy and
+# net_memif (no hugepages, no NIC): pre-copy, post-copy at once (MINOR and MISSING) and
+# hybrid of a 256 MiB dirtier, each compared byte for byte (--keep-source --no-autostart)
+# and verified, and post-copies whose destination runs meanwhile (requests > 0, verify),
+# by MINOR and by MISSING faults; pre-copy and
 # post-copy over net_af_packet on a veth pair between two namespaces; pre-copy and
 # post-copy again with 1% and 10% of the frames dropped, duplicated and reordered; a
 # destination killed during pre-copy (the source notices and runs on); the veth cut
@@ -32,10 +33,11 @@ pair() {
 	sleep 1
 }
 
-for mode in precopy postcopy0 hybrid; do
+for mode in precopy postcopy0 postcopy0missing hybrid; do
 	case $mode in
 	precopy) args=(--mode precopy --downtime-limit 50) ;;
 	postcopy0) args=(--mode postcopy --precopy-rounds 0) ;;
+	postcopy0missing) args=(--mode postcopy --precopy-rounds 0 --postcopy-mechanism missing) ;;
 	hybrid) args=(--mode hybrid --downtime-limit 1 --max-rounds 2) ;;
 	esac
 	step "$mode, compared byte for byte"
@@ -46,8 +48,10 @@ for mode in precopy postcopy0 hybrid; do
 	# (The counters are refreshed at drains: a post-copy source may end before one.)
 	[ "$mode" != precopy ] || [ "$(result_field frames.sent)" -gt 0 ] ||
 		fail "$mode: no frames counted"
-	[ "$mode" != postcopy0 ] || [ -n "$(result_field switch_reason)" ] ||
+	[ "$mode" = precopy ] || [ -n "$(result_field switch_reason)" ] ||
 		fail "$mode did not switch to post-copy"
+	[ "$mode" != postcopy0missing ] || [ "$(result_field postcopy_mechanism)" = missing ] ||
+		fail "$mode: mechanism reported as $(result_field postcopy_mechanism)"
 	eval "compare_ram \$PID_s$mode \$PID_d$mode"
 	verify_ok "d$mode"
 	"$HYMIG" quit --ctl "$(ctl "s$mode")"
@@ -97,18 +101,22 @@ echo "dead destination: migrate exited $rc after $(($(date +%s) - t0)) s: $(head
 verify_ok sgone
 "$HYMIG" quit --ctl "$(ctl sgone)"
 
-step "post-copy, the destination runs meanwhile"
-pair run -- --workload dirtier:rate=40M,pattern=uniform
-# The EAL pins its own threads; hymig's (vCPUs, the poller) keep the process's CPUs.
-for t in /proc/"$PID_srun"/task/*; do
-	case $(cat "$t/comm") in hymig | dpdkt-poll) ;; *) continue ;; esac
-	[ "$(grep Cpus_allowed_list "$t/status")" = "$(grep Cpus_allowed_list /proc/self/status)" ] ||
-		fail "thread ${t##*/} ($(cat "$t/comm")) is pinned: $(grep Cpus_allowed_list "$t/status")"
+for mech in minor missing; do
+	c=run$mech
+	step "post-copy by $mech faults, the destination runs meanwhile"
+	pair "$c" -- --workload dirtier:rate=40M,pattern=uniform
+	# The EAL pins its own threads; hymig's (vCPUs, the poller) keep the process's CPUs.
+	for t in /proc/"$(eval echo "\$PID_s$c")"/task/*; do
+		case $(cat "$t/comm") in hymig | dpdkt-poll) ;; *) continue ;; esac
+		[ "$(grep Cpus_allowed_list "$t/status")" = "$(grep Cpus_allowed_list /proc/self/status)" ] ||
+			fail "thread ${t##*/} ($(cat "$t/comm")) is pinned: $(grep Cpus_allowed_list "$t/status")"
+	done
+	migrate "s$c" --to dpdk:// --mode postcopy --precopy-rounds 0 --postcopy-mechanism "$mech"
+	[ $MIGRATE_RC = 0 ] || fail "migration failed"
+	[ "$(result_field postcopy_requests)" -gt 0 ] || fail "no post-copy requests"
+	[ "$(result_field postcopy_faults)" -gt 0 ] || fail "no vCPU waited for a page"
+	verify_ok "d$c"
 done
-migrate srun --to dpdk:// --mode postcopy --precopy-rounds 0
-[ $MIGRATE_RC = 0 ] || fail "migration failed"
-[ "$(result_field postcopy_requests)" -gt 0 ] || fail "no post-copy requests"
-verify_ok drun
 # The same over net_af_packet on a veth pair between two namespaces (the kernel's
 # packet ring; it drops what the receiver misses, and the protocol sends it again).
 hosts_up hmdpdk
