@@ -3,11 +3,13 @@
 #include "dpdk_net_priv.h"
 
 #include <errno.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -26,6 +28,20 @@
 static uint64_t deadline_after(int timeout_ms)
 {
 	return timeout_ms < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ms * 1000000ull;
+}
+
+/* Sleeps while l->wake still reads seen, until deadline, at most WAIT_SLICE_NS. Returns
+ * false after deadline. */
+static bool link_wait(struct dpdkt_link *l, unsigned seen, uint64_t deadline)
+{
+	uint64_t now = now_ns();
+	if (now >= deadline)
+		return false;
+	uint64_t left = deadline - now < WAIT_SLICE_NS ? deadline - now : WAIT_SLICE_NS;
+	struct timespec ts = {.tv_sec = (time_t)(left / 1000000000ull),
+			      .tv_nsec = (long)(left % 1000000000ull)};
+	syscall(SYS_futex, &l->wake, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
+	return true;
 }
 
 /* Waits on cond until deadline, at most WAIT_SLICE_NS. Returns false after deadline. */
@@ -170,8 +186,6 @@ static void link_free(struct dpdkt_link *l)
 		}
 		pthread_mutex_destroy(&ln->send_lock);
 	}
-	pthread_mutex_destroy(&l->lock);
-	pthread_cond_destroy(&l->cond);
 	free(l);
 }
 
@@ -203,8 +217,6 @@ int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, ui
 	l->deliver = deliver;
 	l->ctx = ctx;
 	l->rto = (uint64_t)cfg->rto_init_us * 1000;
-	pthread_mutex_init(&l->lock, NULL);
-	dpdkt_cond_init_mono(&l->cond);
 	for (unsigned i = 0; i < nlanes; i++) {
 		struct lane *ln = &l->lanes[i];
 		pthread_mutex_init(&ln->send_lock, NULL);
@@ -274,15 +286,19 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
 	dpdkt_kick(l->net);
 	int rc = 0;
-	pthread_mutex_lock(&l->lock);
+	/* waiters goes up before the checks: a poller that changes queued after them
+	 * sees it and bumps wake, so the sleep below does not start. */
 	atomic_fetch_add(&ln->waiters, 1);
-	while (atomic_load(&l->dead) == 0 && atomic_load(&ln->queued) > l->win - l->win / 4)
-		if (!cond_wait_until(&l->cond, &l->lock, deadline)) {
+	for (;;) {
+		unsigned seen = atomic_load(&l->wake);
+		if (atomic_load(&l->dead) != 0 || atomic_load(&ln->queued) <= l->win - l->win / 4)
+			break;
+		if (!link_wait(l, seen, deadline)) {
 			rc = -ETIMEDOUT;
 			break;
 		}
+	}
 	atomic_fetch_sub(&ln->waiters, 1);
-	pthread_mutex_unlock(&l->lock);
 	return atomic_load(&l->dead) ? -ENOTCONN : rc;
 }
 
@@ -387,20 +403,21 @@ int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
 	int rc = 0;
 
 	dpdkt_kick(link->net);
-	pthread_mutex_lock(&link->lock);
 	atomic_fetch_add(&ln->waiters, 1);
-	while (atomic_load(&ln->queued) != 0) {
+	for (;;) {
+		unsigned seen = atomic_load(&link->wake);
+		if (atomic_load(&ln->queued) == 0)
+			break;
 		if (atomic_load(&link->dead)) {
 			rc = -ENOTCONN;
 			break;
 		}
-		if (!cond_wait_until(&link->cond, &link->lock, deadline)) {
+		if (!link_wait(link, seen, deadline)) {
 			rc = -ETIMEDOUT;
 			break;
 		}
 	}
 	atomic_fetch_sub(&ln->waiters, 1);
-	pthread_mutex_unlock(&link->lock);
 	return rc;
 }
 

@@ -65,10 +65,11 @@ struct dpdkt_link {
 	dpdkt_deliver_fn deliver;
 	void *ctx;
 
-	/* lock and cond: blocked senders and flushers; dead and queued change under it or
-	 * are followed by a broadcast under it. */
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
+	/* Blocked senders and flushers sleep on this futex word; the poller bumps and wakes
+	 * it after dead or queued changed. No lock: a poller that took a mutex a preempted
+	 * sender held, or glibc's condvar broadcast that waits for its waiters to run,
+	 * stalled every lane for milliseconds. */
+	atomic_uint wake;
 	atomic_int dead;	/* 0 or why the link died */
 	atomic_bool want_reset; /* the poller owes the peer a RESET */
 	atomic_bool notify;	/* the poller owes the owner a dead_cb */
