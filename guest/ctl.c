@@ -114,6 +114,7 @@ static void handle_verify(struct conn *c)
 	if (v.pages_bad)
 		jw_u64(&w, "first_bad_page", v.first_bad_page);
 	jw_f64(&w, "max_stall_ms", v.max_stall_ms);
+	jw_f64(&w, "arrival_stall_ms", v.arrival_stall_ms);
 	jw_u64(&w, "pages_written", v.pages_written);
 	jw_f64(&w, "write_rate_before_mb_per_s", g->rate_before);
 	jw_f64(&w, "write_rate_during_mb_per_s", g->rate_during);

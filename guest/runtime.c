@@ -197,8 +197,10 @@ static int vm_load_state(void *opaque, const void *vcpu, uint32_t vcpu_len, cons
 		return -EPROTO;
 	}
 	memcpy(g->vcpu, vcpu, vcpu_len);
-	for (unsigned i = 0; i < d.nvcpus; i++)
+	for (unsigned i = 0; i < d.nvcpus; i++) {
 		g->vcpu[i].t_last_ns = 0; /* pacing restarts on this host's clock */
+		g->vcpu[i].arrived = true;
+	}
 	g->nvcpus = d.nvcpus;
 	g->rate_before = d.rate_before;
 	g->rate_during = d.rate_during;

@@ -37,7 +37,9 @@ struct wl_meta {
 	uint64_t data_first;
 	uint64_t hb_last_ns;	/* CLOCK_REALTIME of the last stamp; 0: no baseline */
 	uint64_t hb_max_gap_ns; /* longest gap between two stamps */
-	uint64_t reserved;
+	/* The gap from the source's last stamp to the destination's first, at the last
+	 * arrival by migration: the downtime the guest saw at that switchover. */
+	uint64_t hb_arrival_gap_ns;
 	uint64_t pages_written[WL_MAX_VCPUS];
 };
 _Static_assert(sizeof(struct wl_meta) <= HM_PAGE_SIZE, "wl_meta must fit in page 0");
@@ -394,7 +396,7 @@ void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index,
 	v->rng = wl_mix(spec->seed ^ wl_mix(index + 1)) | 1; /* xorshift needs non-zero */
 }
 
-static void wl_heartbeat(struct wl_meta *m)
+static void wl_heartbeat(struct wl_meta *m, struct wl_vcpu *v)
 {
 	uint64_t now = wl_now(CLOCK_REALTIME);
 	uint64_t last = __atomic_load_n(&m->hb_last_ns, __ATOMIC_RELAXED);
@@ -402,6 +404,12 @@ static void wl_heartbeat(struct wl_meta *m)
 	/* A realtime step backwards is not a stall. */
 	if (last && now > last && now - last > __atomic_load_n(&m->hb_max_gap_ns, __ATOMIC_RELAXED))
 		__atomic_store_n(&m->hb_max_gap_ns, now - last, __ATOMIC_RELAXED);
+	if (v->arrived) {
+		/* No baseline (an operator resumed a held guest): nothing to measure. */
+		__atomic_store_n(&m->hb_arrival_gap_ns, last && now > last ? now - last : 0,
+				 __ATOMIC_RELAXED);
+		v->arrived = false;
+	}
 	__atomic_store_n(&m->hb_last_ns, now, __ATOMIC_RELAXED);
 }
 
@@ -438,7 +446,7 @@ uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_
 	double pps, elapsed;
 
 	if (v->index == 0)
-		wl_heartbeat(m);
+		wl_heartbeat(m, v);
 	owned = v->index < ndata ? (ndata - v->index + v->nvcpus - 1) / v->nvcpus : 0;
 	if (spec->kind != WL_DIRTIER || !owned || v->index >= WL_MAX_VCPUS || !spec->rate)
 		return WL_SLEEP_MAX;
@@ -498,6 +506,7 @@ int wl_verify(const struct hm_ram *ram, struct wl_verify *out)
 			out->first_bad_page = pg;
 	}
 	out->max_stall_ms = (double)m->hb_max_gap_ns / 1e6;
+	out->arrival_stall_ms = (double)m->hb_arrival_gap_ns / 1e6;
 	out->pages_written = wl_pages_written(ram);
 	return 0;
 }

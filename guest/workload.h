@@ -46,6 +46,7 @@ struct wl_vcpu {
 	uint64_t cursor;    /* sequential pattern position */
 	uint64_t t_last_ns; /* pacing: time of the last step (CLOCK_MONOTONIC, not migrated) */
 	double credit;	    /* pacing: pages owed */
+	bool arrived;	    /* vCPU 0: its next stamp is the first since a migration's arrival */
 };
 
 /* Formats guest RAM for the spec: meta page, generation table, and every data page
@@ -70,6 +71,7 @@ struct wl_verify {
 	uint64_t pages_bad;
 	uint64_t first_bad_page; /* valid when pages_bad > 0 */
 	double max_stall_ms;	 /* longest heartbeat gap the guest saw */
+	double arrival_stall_ms; /* the gap across the last arrival by migration (0: none) */
 	uint64_t pages_written;	 /* total pages the dirtier wrote since formatting */
 };
 

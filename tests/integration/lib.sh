@@ -113,9 +113,10 @@ compare_ram() {
 	done
 }
 
-verify_ok() { # verify_ok NAME
+verify_ok() { # verify_ok NAME; the reply stays in VERIFY
 	local out
 	out=$("$HYMIG" verify --ctl "$(ctl "$1")" --json) || fail "verify of $1 failed: $out"
+	VERIFY=$out
 	echo "verify $1: $out" >&2
 	[ "$(echo "$out" | json_field pages_bad)" = 0 ] || fail "verify of $1: bad pages"
 	[ "$(echo "$out" | json_field pages_checked)" -gt 0 ] || fail "verify of $1 checked nothing"

@@ -485,6 +485,38 @@ static void test_heartbeat(void **state)
 	assert_int_equal(wl_pages_written(ram), 0); /* idle writes no data page */
 }
 
+/* The first stamp after an arrival records the gap across it, once; a baseline reset
+ * in between (an operator held the guest) leaves nothing to record. */
+static void test_arrival_stall(void **state)
+{
+	struct wl_spec s = spec_of("idle");
+	struct wl_vcpu c0;
+
+	assert_int_equal(wl_init_ram(ram, &s), 0);
+	wl_vcpu_init(&c0, &s, 0, 1);
+	wl_vcpu_step(ram, &s, &c0);
+	assert_true(verify_ok().arrival_stall_ms == 0);
+
+	c0.arrived = true; /* as the destination's load_state sets it */
+	sleep_ns(20000000);
+	wl_vcpu_step(ram, &s, &c0);
+	double gap = verify_ok().arrival_stall_ms;
+	print_message("arrival stall %.2f ms after a 20 ms switchover\n", gap);
+	assert_true(gap >= 20 && gap < 2000);
+	assert_false(c0.arrived);
+	sleep_ns(40000000);
+	wl_vcpu_step(ram, &s, &c0); /* a later gap is no arrival */
+	assert_true(verify_ok().arrival_stall_ms == gap);
+	assert_true(verify_ok().max_stall_ms >= 40);
+
+	c0.arrived = true;
+	wl_heartbeat_reset(ram);
+	sleep_ns(5000000);
+	wl_vcpu_step(ram, &s, &c0);
+	assert_true(verify_ok().arrival_stall_ms == 0);
+	assert_false(c0.arrived);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -492,7 +524,7 @@ int main(void)
 	    cmocka_unit_test(test_format_roundtrip),   cmocka_unit_test(test_init_verify),
 	    cmocka_unit_test(test_corruption),	       cmocka_unit_test(test_dirtier_rate),
 	    cmocka_unit_test(test_patterns_own_pages), cmocka_unit_test(test_sequential_wraps),
-	    cmocka_unit_test(test_heartbeat),
+	    cmocka_unit_test(test_heartbeat),	       cmocka_unit_test(test_arrival_stall),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
