@@ -70,7 +70,7 @@ static const char usage[] =
     "--postcopy-mechanism: how the destination resolves faults on pages still at the\n"
     "source: minor (MINOR faults + UFFDIO_CONTINUE) or missing (pages punched out,\n"
     "MISSING faults + UFFDIO_COPY); auto picks the one measured faster for the\n"
-    "transport (minor for tcp).\n"
+    "transport (minor for tcp, rdma and dpdk).\n"
     "--rdma-poll: how both sides wait for RDMA completions: event (sleep on a\n"
     "completion channel, the default) or busy (poll, lower latency, a core busy).\n"
     "--rdma-reg: pin-all (the default) pins all RAM on both sides before the first\n"
