@@ -69,6 +69,9 @@ case $ROLE in
 single)
 	bw=$(perftest ib_write_bw -d rxe0 -x 1 -D 5 | awk '/^ *65536 /{print $4}')
 	emit "{\"kind\":\"ib_write_bw\",\"bytes\":65536,\"mb_per_s\":${bw:-null}}"
+	# The ceiling of post-copy's background READs (64 KiB each, as RDT_PULL_PIECE).
+	bw=$(perftest ib_read_bw -d rxe0 -x 1 -D 5 | awk '/^ *65536 /{print $4}')
+	emit "{\"kind\":\"ib_read_bw\",\"bytes\":65536,\"mb_per_s\":${bw:-null}}"
 	# In the poll mode the migrations use: -e sleeps on a completion channel.
 	evt=()
 	[ "$POLL" = busy ] || evt=(-e)
