@@ -34,9 +34,8 @@
 #define RDT_URGENT_WINDOW 16	      /* urgent READs in flight */
 /* Background READs in flight per bulk QP, and pages per READ: enough to keep the link
  * busy, little enough that an urgent READ's response does not queue behind much. */
-#define RDT_PULL_WINDOW	    4
-#define RDT_PULL_PIECE	    16
-#define RDT_URGENT_FIRST_NS 500000 /* see wait_room */
+#define RDT_PULL_WINDOW 4
+#define RDT_PULL_PIECE	16
 /* Local ACK timeout, 4.096 us << this (16.8 ms). rdma_cm derives ~2 s for RoCE from
  * the packet lifetime: a lost packet (the Soft-RoCE bed's UDP link loses some under
  * load) would stall its QP that long. */
@@ -185,11 +184,10 @@ struct rdt_bulk {
 	pthread_mutex_t lock; /* guards markers, errors, done counts and the READ slots */
 	pthread_cond_t changed;
 	struct rdt_read rd[RDT_READS];
-	int free_urgent, free_pull;	/* free lists of rd */
-	unsigned next_pull;		/* round robin over the bulk QPs */
-	atomic_bool shut;		/* rdt_bulk_shutdown ran */
-	atomic_bool lost;		/* a channel failed */
-	atomic_uint_fast64_t urgent_ns; /* when the last urgent READ was posted */
+	int free_urgent, free_pull; /* free lists of rd */
+	unsigned next_pull;	    /* round robin over the bulk QPs */
+	atomic_bool shut;	    /* rdt_bulk_shutdown ran */
+	atomic_bool lost;	    /* a channel failed */
 	struct rdt_chan ch[RDT_NCH];
 };
 
