@@ -7,7 +7,8 @@
 #
 #   bench/modes.sh [--mem SIZE(1G)] [--rate RATE(100M)] [--pattern uniform|hotspot|sequential]
 #                  [--hot F] [--link TBF-RATE(400mbit)|none] [--downtime-limit MS(5)]
-#                  [--bandwidth-limit RATE] [--reps N(1)] [--precopy-timeout S(60)]
+#                  [--bandwidth-limit RATE] [--postcopy-bandwidth-limit RATE]
+#                  [--reps N(1)] [--precopy-timeout S(60)]
 #                  [--modes "precopy postcopy0 postcopy hybrid"]
 #
 # Modes: precopy (--max-rounds 30 --timeout S; a run that does not converge is recorded
@@ -27,6 +28,7 @@ HOT=
 LINK=400mbit
 LIMIT=5
 BWLIMIT=
+PCBWLIMIT=
 REPS=1
 MODES="precopy postcopy0 postcopy hybrid"
 PRECOPY_TIMEOUT=60
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
 	--link) LINK=${2:?}; shift 2 ;;
 	--downtime-limit) LIMIT=${2:?}; shift 2 ;;
 	--bandwidth-limit) BWLIMIT=${2:?}; shift 2 ;;
+	--postcopy-bandwidth-limit) PCBWLIMIT=${2:?}; shift 2 ;;
 	--reps) REPS=${2:?}; shift 2 ;;
 	--modes) MODES=${2:?}; shift 2 ;;
 	--precopy-timeout) PRECOPY_TIMEOUT=${2:?}; shift 2 ;;
@@ -122,6 +125,7 @@ one_mode() {
 	case $mode in *-minor | *-missing) args+=(--postcopy-mechanism "${mode##*-}") ;; esac
 	args+=(--downtime-limit "$LIMIT")
 	[ -z "$BWLIMIT" ] || args+=(--bandwidth-limit "$BWLIMIT")
+	[ -z "$PCBWLIMIT" ] || args+=(--postcopy-bandwidth-limit "$PCBWLIMIT")
 	next_port
 	mport=$PORT
 	guest_start "$HOST_NAME-b" dst --mem "$MEM" --incoming "tcp://$ADDR_B:$mport"
@@ -180,15 +184,16 @@ for rep in $(seq 1 "$REPS"); do
 	say "rep $rep: raw TCP baseline, iperf3 -l 1M -n $BYTES over $LINK"
 	iperf_run "$rep"
 	for mode in "${MODE_LIST[@]}"; do
-		say "rep $rep: $mode, $WORKLOAD guest of $MEM, --downtime-limit $LIMIT${BWLIMIT:+ --bandwidth-limit $BWLIMIT}"
+		say "rep $rep: $mode, $WORKLOAD guest of $MEM, --downtime-limit $LIMIT${BWLIMIT:+ --bandwidth-limit $BWLIMIT}${PCBWLIMIT:+ --postcopy-bandwidth-limit $PCBWLIMIT}"
 		one_mode "$mode" "$rep"
 	done
 done
 
 ENV_END=$(env_json)
 python3 - "$RUNS" "$IPERF" "$MEM" "$BYTES" "$LINK" "$RATE" "$PATTERN" "$HOT" "$LIMIT" "$BWLIMIT" \
-	"$REPS" "$PRECOPY_TIMEOUT" "$WORKLOAD" "$ENV_START" "$ENV_END" <<'EOF'
+	"$REPS" "$PRECOPY_TIMEOUT" "$WORKLOAD" "$ENV_START" "$ENV_END" "$PCBWLIMIT" <<'EOF'
 import json, re, statistics, sys
+pcbwlimit = sys.argv.pop()
 (runs_path, iperf_path, mem, nbytes, link, rate, pattern, hot, limit, bwlimit, reps,
  ptimeout, workload) = sys.argv[1:14]
 nbytes, limit, reps = int(nbytes), int(limit), int(reps)
@@ -284,7 +289,8 @@ except ValueError:
     pass
 out = {"mem": mem, "ram_bytes": nbytes, "link": link, "rate": rate, "pattern": pattern,
        "hot": hot, "workload": workload, "downtime_limit_ms": limit,
-       "bandwidth_limit": bwlimit or None, "precopy_timeout_s": int(ptimeout), "reps": reps,
+       "bandwidth_limit": bwlimit or None, "postcopy_bandwidth_limit": pcbwlimit or None,
+       "precopy_timeout_s": int(ptimeout), "reps": reps,
        "mb": "10^6 bytes", "raw_mb_per_s": raw, "ram_over_raw_s": raw_s, "iperf3_runs": ipr,
        "runs": rows, "targets": t, "env": env}
 
@@ -293,7 +299,8 @@ def f(v, fmt="%.1f"):
 
 print(f"\n{workload}, {mem} guest, link " +
       ("veth, unshaped" if link == "none" else f"{link} (veth, tc TBF both ways)") + ", "
-      f"--downtime-limit {limit}" + (f" --bandwidth-limit {bwlimit}" if bwlimit else ""), file=err)
+      f"--downtime-limit {limit}" + (f" --bandwidth-limit {bwlimit}" if bwlimit else "") +
+      (f" --postcopy-bandwidth-limit {pcbwlimit}" if pcbwlimit else ""), file=err)
 print("raw TCP (iperf3 -l 1M -n RAM, 1 connection): %s MB/s; RAM / raw rate = %s s%s" % (
       f(raw), f(raw_s, "%.2f"),
       "" if len(ip_ok) < 2 else " (median of %s)" % ", ".join("%.1f" % x for x in ip_ok)), file=err)
