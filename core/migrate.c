@@ -159,10 +159,6 @@ static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
 	return rc;
 }
 
-/* Books bytes against the bandwidth limit and, when wait is set, sleeps until they may
- * leave. Urgent post-copy pages never wait, but they are booked: the background
- * stream then yields them the bandwidth, so together they stay under the limit and no
- * queue builds on the link in front of the next urgent page. */
 /* Called while no sender runs (before a round starts them). */
 static void set_bw_limit(struct hm_migration *m, uint64_t rate)
 {
@@ -172,6 +168,10 @@ static void set_bw_limit(struct hm_migration *m, uint64_t rate)
 		m->pace_bytes = PACE_MIN_BYTES;
 }
 
+/* Books bytes against the bandwidth limit and, when wait is set, sleeps until they may
+ * leave. Urgent post-copy pages never wait, but they are booked: the background
+ * stream then yields them the bandwidth, so together they stay under the limit and no
+ * queue builds on the link in front of the next urgent page. */
 static void throttle(struct hm_migration *m, uint64_t bytes, bool wait)
 {
 	uint64_t now, at;
