@@ -33,14 +33,15 @@ kill -0 "$PID_src2" 2>/dev/null && fail "source guest did not exit after commitm
 [ "$(status_field dst2 state)" = running ] || fail "destination is not running"
 sleep 0.5 # let the destination's vCPUs write on top of migrated pages
 verify_ok dst2
-# The guest's own view of the switchover: no shorter than the downtime the source
-# reported (which starts once every vCPU parked), within the guest's longest gap.
+# The guest's own view of the switchover: about as long as the downtime the source
+# reported (which starts once every vCPU parked; its end is the destination's word,
+# which a busy host may delay by a little), within the guest's longest gap.
 python3 - "$(echo "$VERIFY" | json_field arrival_stall_ms)" \
 	"$(echo "$VERIFY" | json_field max_stall_ms)" "$(result_field downtime_ms)" <<'PY' ||
 import sys
 arrival, most, down = map(float, sys.argv[1:])
 print(f"arrival stall {arrival} ms, max stall {most} ms, downtime {down} ms", file=sys.stderr)
-sys.exit(0 if 0 < arrival <= most and arrival + 0.5 >= down else 1)
+sys.exit(0 if 0 < arrival <= most and arrival + 2 >= down else 1)
 PY
 	fail "the guest-observed switchover does not match the reported downtime"
 "$HYMIG" quit --ctl "$(ctl dst2)"
