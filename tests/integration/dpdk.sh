@@ -3,11 +3,10 @@
 # net_memif (no hugepages, no NIC): pre-copy, post-copy at once (MINOR and MISSING) and
 # hybrid of a 256 MiB dirtier, each compared byte for byte (--keep-source --no-autostart)
 # and verified, and post-copies whose destination runs meanwhile (requests > 0, verify),
-# by MINOR and by MISSING faults; pre-copy and
-# post-copy over net_af_packet on a veth pair between two namespaces; pre-copy and
-# post-copy again with 1% and 10% of the frames dropped, duplicated and reordered; a
-# destination killed during pre-copy (the source notices and runs on); the veth cut
-# during post-copy (both pause) and --resume.
+# by MINOR and by MISSING faults; pre-copy and post-copy over net_af_packet on a veth
+# pair between two namespaces; pre-copy and post-copy again with 1% and 10% of the
+# frames dropped, duplicated and reordered; a destination killed during pre-copy (the
+# source notices and runs on); the veth cut during post-copy (both pause) and --resume.
 . "$(dirname "$0")/lib.sh"
 
 # dpdk_guest NAME ROLE ARGS...: a guest owning a memif port of the pair in $WORK/NAME.memif

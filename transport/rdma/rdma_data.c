@@ -357,18 +357,26 @@ void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
 	pthread_mutex_unlock(&b->lock);
 }
 
-/* Waits until c may take one more background READ. Background READs do not wait for
- * urgent ones in flight: holding them back for 0.5 ms after each urgent READ left the
- * urgent READ's time as it was (~2x ib_read_lat in the bed either way) while the
- * background pulled 0.45-0.49x ib_read_bw instead of 0.68-0.78x, and vCPUs blocked
- * 1.1-1.5 s instead of 0.75-0.8 s (bench/softroce.sh, one VM; two VMs alike). */
-static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
+/* With b->lock held: waits until c may take one more READ from list (a free slot, room
+ * in c's window), or the gate closes. Background READs do not wait for urgent ones in
+ * flight: holding them back for 0.5 ms after each urgent READ left the urgent READ's
+ * time as it was (~2x ib_read_lat in the bed either way) while the background pulled
+ * 0.45-0.49x ib_read_bw instead of 0.68-0.78x, and vCPUs blocked 1.1-1.5 s instead of
+ * 0.75-0.8 s (bench/softroce.sh, one VM; two VMs alike). */
+static int wait_slot_locked(struct rdt_bulk *b, struct rdt_chan *c, const int *list)
 {
 	int rc;
 
-	pthread_mutex_lock(&b->lock);
-	while (!(rc = rdt_gate(b)) && (b->free_pull < 0 || c->reads >= c->read_window))
+	while (!(rc = rdt_gate(b)) && (*list < 0 || c->reads >= c->read_window))
 		pthread_cond_wait(&b->changed, &b->lock);
+	return rc;
+}
+
+/* Waits until bulk QP c may take one more background READ. */
+static int wait_room(struct rdt_bulk *b, struct rdt_chan *c)
+{
+	pthread_mutex_lock(&b->lock);
+	int rc = wait_slot_locked(b, c, &b->free_pull);
 	pthread_mutex_unlock(&b->lock);
 	return rc;
 }
@@ -388,9 +396,7 @@ static int post_read(struct rdt_bulk *b, struct rdt_chan *c, uint64_t first, uin
 	int idx, rc;
 
 	pthread_mutex_lock(&b->lock);
-	while (!(rc = rdt_gate(b)) && (*list < 0 || c->reads >= c->read_window))
-		pthread_cond_wait(&b->changed, &b->lock);
-	if (rc == 0) {
+	if ((rc = wait_slot_locked(b, c, list)) == 0) {
 		idx = *list;
 		*list = b->rd[idx].next;
 		c->reads++;
