@@ -89,6 +89,7 @@ out = {
                                     1e3 * (res("postcopy-faults", "rdma", "total_time_ms") or 0)),
     "source_cpu_ms": {t: cpu[t].get("source_cpu_ms") for t in ("rdma", "tcp")},
     "source_vm_kernel_ms": {t: cpu[t].get("vm_kernel_ms") for t in ("rdma", "tcp")},
+    "source_threads_ms": {t: cpu[t].get("source_threads_ms") for t in ("rdma", "tcp")},
     "source_cpu_rdma_over_tcp": ratio(cpu["rdma"].get("source_cpu_ms"), cpu["tcp"].get("source_cpu_ms")),
     "registration": {k: {f: res("registration-" + k, "rdma", f) for f in
                          ("registration_ms", "pinned_peak_bytes", "chunk_pins", "throughput_mb_per_s", "ram_bytes")}
@@ -103,7 +104,7 @@ print(f"ib_read_bw 64 KiB: {rbw} MB/s; post-copy READs (bytes READ / total time 
 print(f"urgent RDMA READ, posted to done: {out['urgent_read_avg_us']} us avg ({out['urgent_read_over_ib_read_lat_avg']}x ib_read_lat avg)", file=e)
 for t in ("rdma", "tcp"):
     print(f"post-copy fault (vCPU blocked) over {t}: {out['fault_latency_us'][t]}; blocked {out['postcopy_blocked_ms'][t]} ms", file=e)
-print(f"source process CPU during post-copy (two VMs): rdma {out['source_cpu_ms']['rdma']} ms, tcp {out['source_cpu_ms']['tcp']} ms -> {out['source_cpu_rdma_over_tcp']}x; source VM kernel time: {out['source_vm_kernel_ms']}", file=e)
+print(f"source process CPU during post-copy (two VMs): rdma {out['source_cpu_ms']['rdma']} ms, tcp {out['source_cpu_ms']['tcp']} ms -> {out['source_cpu_rdma_over_tcp']}x; source VM kernel time: {out['source_vm_kernel_ms']}; by thread: {out['source_threads_ms']}", file=e)
 reg = out["registration"]
 out["chunked_over_pin_all_throughput"] = ratio(reg["chunked"]["throughput_mb_per_s"], reg["pin-all"]["throughput_mb_per_s"])
 for k in ("pin-all", "chunked"):

@@ -39,6 +39,12 @@ start_guest() { # NAME ARGS...
 quit_guest() { "$HYMIG" quit --ctl "$WORK/$1.sock" >/dev/null 2>&1 || true; }
 # cpu_ticks PID: utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# thread_ticks PID: "tid name ticks" for each thread of a process. Sampled through a
+# window, it says which threads spent the process's CPU, the ones that ended inside it
+# too (up to their last sample).
+thread_ticks() {
+	for t in /proc/"$1"/task/*/stat; do cat "$t" 2>/dev/null || true; done | awk '{print $1, $2, $14 + $15}'
+}
 # kernel_ticks: system + irq + softirq ticks of the whole VM.
 kernel_ticks() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
 perftest() { # NAME CMD...: runs a perftest server and client here, prints the client's output
@@ -103,20 +109,34 @@ a)
 			--mode postcopy --precopy-rounds 0 --keep-source --rdma-poll "$POLL" \
 			>"$WORK/result.json" 2>>"$WORK/migrate.log" &
 		mig=$!
-		# The switch, or the end if it came and went between two looks.
-		until status src | grep -q '"phase":"postcopy"' || ! kill -0 "$mig" 2>/dev/null; do
+		# The switch, or the end if it came and went between two looks. b watches
+		# for both: a status request here would spend the source's CPU.
+		until [ -e "$OUT/b.$scheme.switched" ] || ! kill -0 "$mig" 2>/dev/null; do
 			sleep 0.05
 		done
 		c0=$(cpu_ticks "$PID_src") k0=$(kernel_ticks)
+		thread_ticks "$PID_src" >"$WORK/threads0"
+		cp "$WORK/threads0" "$WORK/threads"
 		# Serving ends when the destination holds every page (b says so: asking the
 		# source would spend its CPU); commitment and teardown come after.
 		until [ -e "$OUT/b.$scheme.complete" ] || ! kill -0 "$mig" 2>/dev/null; do
 			sleep 0.05
+			thread_ticks "$PID_src" >>"$WORK/threads"
 		done
 		c1=$(cpu_ticks "$PID_src") k1=$(kernel_ticks)
+		thread_ticks "$PID_src" >>"$WORK/threads"
 		wait "$mig" || true
 		hz=$(getconf CLK_TCK)
-		emit "{\"kind\":\"postcopy-source-cpu\",\"transport\":\"$scheme\",\"poll\":\"$POLL\",\"source_cpu_ms\":$(((c1 - c0) * 1000 / hz)),\"vm_kernel_ms\":$(((k1 - k0) * 1000 / hz)),\"result\":$(cat "$WORK/result.json")}"
+		# Per thread name: each thread's last sample less its first (a thread born
+		# inside the window counts from 0).
+		threads=$(awk -v hz="$hz" 'NR == FNR {t0[$1] = $3; next}
+			{name[$1] = $2; last[$1] = $3}
+			END {
+				for (t in last) by[name[t]] += last[t] - t0[t]
+				for (n in by) if (by[n] > 0) s = s sprintf("%s\"%s\":%d", s == "" ? "" : ",", substr(n, 2, length(n) - 2), by[n] * 1000 / hz)
+				print "{" s "}"
+			}' "$WORK/threads0" "$WORK/threads")
+		emit "{\"kind\":\"postcopy-source-cpu\",\"transport\":\"$scheme\",\"poll\":\"$POLL\",\"source_cpu_ms\":$(((c1 - c0) * 1000 / hz)),\"source_threads_ms\":$threads,\"vm_kernel_ms\":$(((k1 - k0) * 1000 / hz)),\"result\":$(cat "$WORK/result.json")}"
 		quit_guest src
 		touch "$OUT/a.$scheme.done"
 	done
@@ -128,6 +148,11 @@ b)
 		i=$((i + 1))
 		start_guest dst --mem "$MEM" --incoming "$scheme://$IP:$port"
 		touch "$OUT/b.$scheme.ready"
+		until status dst | grep -Eq '"incoming":"(postcopy|arrived)"|"remaining_bytes":0[,}]' ||
+			[ -e "$OUT/a.$scheme.done" ]; do
+			sleep 0.05
+		done
+		touch "$OUT/b.$scheme.switched"
 		until status dst | grep -Eq '"remaining_bytes":0[,}]|"incoming":"arrived"' ||
 			[ -e "$OUT/a.$scheme.done" ]; do
 			sleep 0.05

@@ -206,6 +206,7 @@ static void *uffd_handler(void *arg)
 	struct pollfd pfd[2] = {{.fd = t->uffd, .events = POLLIN},
 				{.fd = t->stop_fd, .events = POLLIN}};
 
+	pthread_setname_np(pthread_self(), "hm-wp");
 	for (;;) {
 		ssize_t n;
 

@@ -177,6 +177,7 @@ static void *puller_main(void *arg)
 	struct session *s = arg;
 	uint64_t p = 0, seen = 0, npages = s->ram->npages;
 
+	pthread_setname_np(pthread_self(), "hm-puller");
 	prio_set_nice(PRIO_BULK_NICE);
 	while (!atomic_load(&s->puller_stop) && !pc_complete(s->pc)) {
 		uint64_t gen, hint = pc_fault_hint(s->pc, &gen);
@@ -632,6 +633,7 @@ static void *incoming_main(void *arg)
 {
 	struct hm_incoming *in = arg;
 
+	pthread_setname_np(pthread_self(), "hm-incoming");
 	while (!atomic_load(&in->stop)) {
 		struct session s = {.in = in};
 		char why[200];

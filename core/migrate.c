@@ -382,6 +382,7 @@ static void *sender_main(void *arg)
 	struct hm_migration *m = s->m;
 	uint64_t seen = 0;
 
+	pthread_setname_np(pthread_self(), "hm-sender");
 	/* The network work done in a sender's context counts as bulk too. */
 	prio_set_nice(PRIO_BULK_NICE);
 
@@ -841,6 +842,7 @@ static void *server_main(void *arg)
 {
 	struct hm_migration *m = arg;
 
+	pthread_setname_np(pthread_self(), "hm-pageserver");
 	prio_set_nice(PRIO_URGENT_NICE);
 
 	while (!atomic_load(&m->server_stop)) {
@@ -1186,6 +1188,7 @@ static void *engine_main(void *arg)
 	bool at_once = m->cfg.mode == HM_MODE_POSTCOPY && m->cfg.precopy_rounds == 0;
 	int rc, sw = 0;
 
+	pthread_setname_np(pthread_self(), "hm-migrate");
 	rc = handshake(m, false, err, sizeof(err));
 	if (rc < 0) {
 		fail(m, rc, "%s", err);

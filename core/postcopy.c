@@ -439,6 +439,7 @@ static void *handler_main(void *arg)
 	struct postcopy *pc = arg;
 	struct uffd_msg msgs[64];
 
+	pthread_setname_np(pthread_self(), "hm-fault");
 	prio_set_nice(PRIO_URGENT_NICE);
 
 	for (;;) {
@@ -475,6 +476,7 @@ static void *mapper_main(void *arg)
 	struct postcopy *pc = arg;
 	uint64_t p = 0, npages = pc->ram->npages;
 
+	pthread_setname_np(pthread_self(), "hm-mapper");
 	prio_set_nice(PRIO_BULK_NICE);
 
 	while (p < npages) {

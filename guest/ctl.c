@@ -132,12 +132,24 @@ static void send_event(struct conn *c, const char *event, const struct hm_stats 
 	send_line(c->fd, jw_finish(&w));
 }
 
+/* Whether progress moved since the last event: a paused source whose destination
+ * reads pages by itself sees nothing change, and formats and sends nothing. */
+static bool progress_moved(const struct hm_stats *a, const struct hm_stats *b)
+{
+	return a->bytes_sent != b->bytes_sent || a->remaining_pages != b->remaining_pages ||
+	       a->postcopy_requests != b->postcopy_requests;
+}
+
 /* Streams progress until the migration ends; a "cancel" line on this connection
- * cancels it. A client that goes away does not stop the migration. */
+ * cancels it. A client that goes away does not stop the migration. Looks every
+ * PROGRESS_MS: a state event and a cancel take at most that long. */
+#define PROGRESS_MS	  250
+#define PROGRESS_STILL_NS 5000000000ULL /* an unchanged migration still says so this often */
 static void handle_migrate(struct conn *c, const struct jobj *req)
 {
 	struct guest *g = c->g;
 	struct hm_migration *m;
+	struct hm_stats sent = {0};
 	char err[256], line[LINE_MAX_LEN];
 	unsigned seen = ~0u, round = ~0u;
 	bool client = true;
@@ -154,12 +166,10 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 	send_line(c->fd, "{\"ok\":true,\"event\":\"started\"}");
 	for (;;) {
 		struct hm_stats st;
-		bool ended = hm_migration_wait(m, 100) == 0;
-		unsigned events;
+		bool ended = hm_migration_wait(m, last ? PROGRESS_MS : 0) == 0;
+		unsigned events = atomic_load(&g->events);
+		bool state;
 
-		pthread_mutex_lock(&g->lock);
-		events = atomic_load(&g->events);
-		pthread_mutex_unlock(&g->lock);
 		hm_migration_stats(m, &st);
 		if (ended) {
 			if (st.state == HM_MIG_COMPLETED) {
@@ -171,12 +181,13 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 				send_event(c, "result", &st);
 			break;
 		}
+		state = events != seen || st.round != round;
 		if (client &&
-		    (events != seen || st.round != round || now_ns() - last > 250000000)) {
-			send_event(c, events != seen || st.round != round ? "state" : "progress",
-				   &st);
+		    (state || progress_moved(&st, &sent) || now_ns() - last > PROGRESS_STILL_NS)) {
+			send_event(c, state ? "state" : "progress", &st);
 			seen = events;
 			round = st.round;
+			sent = st;
 			last = now_ns();
 		}
 		if (client) {
@@ -275,6 +286,7 @@ static void *conn_main(void *arg)
 	char line[LINE_MAX_LEN];
 	int n;
 
+	pthread_setname_np(pthread_self(), "hm-ctl");
 	while ((n = read_line(c, line, -1)) > 0)
 		handle(c, line);
 	if (n < 0)

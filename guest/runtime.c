@@ -42,6 +42,7 @@ static void *vcpu_main(void *arg)
 	struct wl_vcpu *v = arg;
 	struct guest *g = (struct guest *)((char *)(v - v->index) - offsetof(struct guest, vcpu));
 
+	pthread_setname_np(pthread_self(), "hm-vcpu");
 	for (;;) {
 		uint64_t ns;
 

@@ -973,7 +973,7 @@ static void *poller(void *arg)
 	struct dpdkt_net *net = arg;
 	struct dpdkt_idle idle = {0};
 
-	pthread_setname_np(pthread_self(), "dpdkt-poll");
+	pthread_setname_np(pthread_self(), "hm-dpdk-poll");
 	/* The guest comes first; without the right to change it the nice value stays. */
 	(void)setpriority(PRIO_PROCESS, (id_t)gettid(), net->cfg.nice);
 	/* An lcore id gives the mbuf pool a per-thread cache; the affinity is kept. */

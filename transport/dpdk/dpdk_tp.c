@@ -65,6 +65,7 @@ static void *dispatcher(void *arg)
 {
 	struct dpdk_slot *s = arg;
 
+	pthread_setname_np(pthread_self(), "hm-dpdk-hello");
 	while (!atomic_load(&s->stop)) {
 		struct rte_ether_addr src;
 		struct dpdk_hello h;

@@ -203,6 +203,7 @@ static void *cq_main(void *arg)
 	struct rdt_bulk *b = arg;
 	unsigned idle = 0;
 
+	pthread_setname_np(pthread_self(), "hm-rdma-cq");
 	/* A spinning thread keeps the priority it has: above the others it would starve
 	 * them, and the kernel threads that do Soft-RoCE's work, on a small host. */
 	if (!b->busy_poll)

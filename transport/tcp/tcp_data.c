@@ -194,6 +194,7 @@ static void *lander(void *arg)
 	struct hm_ram *ram = b->ram;
 	char why[200];
 
+	pthread_setname_np(pthread_self(), "hm-tcp-lander");
 	prio_set_nice(c->urgent ? PRIO_URGENT_NICE : PRIO_BULK_NICE);
 	for (;;) {
 		struct wire_rec raw, r;
