@@ -54,6 +54,7 @@ struct hm_migration {
 	pthread_t thread;
 	atomic_bool cancel;
 	uint64_t t_request, t_parked, t_last_hb;
+	uint64_t cpu_switch_ns; /* process_cpu_ns() when the guest resumed on the destination */
 	uint64_t ctl_bytes;
 	double rtt_ms;
 	bool paused;	     /* we paused the guest and must resume it on failure */
@@ -738,6 +739,8 @@ static int commit(struct hm_migration *m)
 	memcpy(m->st.fault_lat_us, complete.lat_us, sizeof(m->st.fault_lat_us));
 	memcpy(m->st.fault_lat_hist, complete.hist, sizeof(m->st.fault_lat_hist));
 	m->st.op_read_bytes = complete.read_bytes;
+	if (m->postcopy) /* serving ends here: commitment and teardown are not serving */
+		m->st.postcopy_source_cpu_ms = ms_between(m->cpu_switch_ns, process_cpu_ns());
 	if (complete.urgent_reads)
 		m->st.urgent_read_avg_us = complete.urgent_read_ns / 1e3 / complete.urgent_reads;
 	/* A destination that reads pages itself counted its requests. */
@@ -991,6 +994,7 @@ static int postcopy(struct hm_migration *m)
 	m->st.downtime_bytes = m->st.bytes_sent - bytes_paused;
 	m->st.remaining_pages = nstale;
 	pthread_mutex_unlock(&m->lock);
+	m->cpu_switch_ns = process_cpu_ns();
 	set_state(m, HM_MIG_POSTCOPY);
 	log_info("post-copy: the guest runs on the destination; %llu pages follow (%s)",
 		 (unsigned long long)nstale, m->st.switch_reason);

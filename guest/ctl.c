@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -24,6 +25,20 @@ struct conn {
 };
 
 static atomic_bool quit_requested;
+static int wake_fd = -1; /* ctl_wake's eventfd, polled by ctl_serve's loop */
+
+/* Async-signal-safe. */
+void ctl_wake(void)
+{
+	if (wake_fd >= 0)
+		(void)!write(wake_fd, &(uint64_t){1}, sizeof(uint64_t));
+}
+
+static void request_quit(void)
+{
+	atomic_store(&quit_requested, true);
+	ctl_wake();
+}
 static atomic_int streaming; /* migrate requests still streaming their result */
 
 static int send_line(int fd, const char *json)
@@ -142,8 +157,10 @@ static bool progress_moved(const struct hm_stats *a, const struct hm_stats *b)
 
 /* Streams progress until the migration ends; a "cancel" line on this connection
  * cancels it. A client that goes away does not stop the migration. Looks every
- * PROGRESS_MS: a state event and a cancel take at most that long. */
+ * PROGRESS_MS while the migration moves, less often (up to PROGRESS_QUIET_MS) while
+ * it does not: a state event or a cancel then waits that long. */
 #define PROGRESS_MS	  250
+#define PROGRESS_QUIET_MS 1000
 #define PROGRESS_STILL_NS 5000000000ULL /* an unchanged migration still says so this often */
 static void handle_migrate(struct conn *c, const struct jobj *req)
 {
@@ -154,6 +171,7 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 	unsigned seen = ~0u, round = ~0u;
 	bool client = true;
 	uint64_t last = 0;
+	int wait_ms = 0;
 
 	if (guest_migrate(g, req, err, sizeof(err)) < 0) {
 		reply_error(c->fd, err);
@@ -166,9 +184,9 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 	send_line(c->fd, "{\"ok\":true,\"event\":\"started\"}");
 	for (;;) {
 		struct hm_stats st;
-		bool ended = hm_migration_wait(m, last ? PROGRESS_MS : 0) == 0;
+		bool ended = hm_migration_wait(m, wait_ms) == 0;
 		unsigned events = atomic_load(&g->events);
-		bool state;
+		bool state, moved;
 
 		hm_migration_stats(m, &st);
 		if (ended) {
@@ -182,8 +200,11 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 			break;
 		}
 		state = events != seen || st.round != round;
-		if (client &&
-		    (state || progress_moved(&st, &sent) || now_ns() - last > PROGRESS_STILL_NS)) {
+		moved = state || progress_moved(&st, &sent);
+		wait_ms = moved				    ? PROGRESS_MS
+			  : 2 * wait_ms < PROGRESS_QUIET_MS ? 2 * wait_ms
+							    : PROGRESS_QUIET_MS;
+		if (client && (moved || now_ns() - last > PROGRESS_STILL_NS)) {
 			send_event(c, state ? "state" : "progress", &st);
 			seen = events;
 			round = st.round;
@@ -199,6 +220,7 @@ static void handle_migrate(struct conn *c, const struct jobj *req)
 		}
 	}
 	atomic_fetch_sub(&streaming, 1);
+	ctl_wake(); /* a migrated source may leave now */
 }
 
 /* Why an operator's resume must not run the guest here, or NULL. */
@@ -270,7 +292,7 @@ static void handle(struct conn *c, const char *line)
 		reply_ok(c->fd);
 	} else if (!strcmp(cmd, "quit")) {
 		reply_ok(c->fd);
-		atomic_store(&quit_requested, true);
+		request_quit();
 	} else {
 		snprintf(buf, sizeof(buf),
 			 "unknown command '%.64s' (status, pause, resume, verify, migrate, cancel, "
@@ -298,7 +320,7 @@ static void *conn_main(void *arg)
 
 static void on_signal(int sig)
 {
-	atomic_store(&quit_requested, true);
+	request_quit();
 }
 
 int ctl_serve(struct guest *g)
@@ -325,11 +347,21 @@ int ctl_serve(struct guest *g)
 		 (unsigned long long)(g->ram->size >> 20), ram_backing_name(g->ram->backing),
 		 g->cfg.ctl_path, g->cfg.incoming ? ", incoming on " : "",
 		 g->cfg.incoming ? g->cfg.incoming : "");
+	wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	/* Wakes for a connection, a ctl_wake (quit, a migration's state) or the rate
+	 * sample; a paused guest writes nothing and needs no sample. */
 	while (!atomic_load(&quit_requested)) {
-		struct pollfd p = {.fd = lfd, .events = POLLIN};
+		struct pollfd p[2] = {{.fd = lfd, .events = POLLIN},
+				      {.fd = wake_fd, .events = POLLIN}};
+		uint64_t n;
 		bool leave;
 
-		if (poll(&p, 1, 250) > 0) {
+		if (poll(p, wake_fd >= 0 ? 2 : 1,
+			 wake_fd < 0 || guest_running(g) ? RATE_SAMPLE_MS : 5 * RATE_SAMPLE_MS) >
+			0 &&
+		    (p[1].revents & POLLIN))
+			(void)!read(wake_fd, &n, sizeof(n));
+		if (p[0].revents & POLLIN) {
 			struct conn *c = calloc(1, sizeof(*c));
 			pthread_t t;
 			c->g = g;

@@ -272,6 +272,7 @@ static void vm_event(void *opaque, const char *state)
 	struct guest *g = opaque;
 
 	atomic_fetch_add(&g->events, 1);
+	ctl_wake();
 	log_debug("migration: %s", state);
 }
 
@@ -548,6 +549,7 @@ static void postcopy_json(const struct hm_stats *st, struct jw *w)
 	jw_u64(w, "postcopy_requests", st->postcopy_requests);
 	jw_u64(w, "postcopy_faults", st->postcopy_faults);
 	jw_f64(w, "postcopy_blocked_ms", st->postcopy_blocked_ms);
+	jw_f64(w, "postcopy_source_cpu_ms", st->postcopy_source_cpu_ms);
 	jw_obj_begin(w, "fault_latency_us");
 	for (int i = 0; i < 4; i++)
 		jw_u64(w, pct[i], st->fault_lat_us[i]);

@@ -9,7 +9,8 @@
 #include "../core/json.h"
 #include "guest.h"
 
-#define RATE_SAMPLES 32
+#define RATE_SAMPLES   32
+#define RATE_SAMPLE_MS 250 /* how often a running guest's write rate is sampled */
 
 struct guest {
 	struct guest_cfg cfg;
@@ -60,5 +61,7 @@ int guest_migrate(struct guest *g, const struct jobj *req, char *err, size_t err
 void guest_rate_sample(struct guest *g);
 /* Runs the control socket server until the guest quits. */
 int ctl_serve(struct guest *g);
+/* Wakes ctl_serve's loop to look at the guest now (a migration's state changed). */
+void ctl_wake(void);
 
 #endif

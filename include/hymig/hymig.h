@@ -142,6 +142,9 @@ struct hm_stats {
 	uint64_t postcopy_requests;	/* urgent page requests served */
 	uint64_t postcopy_faults;	/* destination vCPU faults that waited for a page */
 	double postcopy_blocked_ms;	/* time vCPUs waited for pages, summed over them */
+	double postcopy_source_cpu_ms;	/* the source process's CPU (all threads, user and
+					   system) from the resume on the destination until
+					   the destination held every page */
 	uint64_t fault_lat_us[4];	/* p50, p90, p99, max of those waits */
 	uint64_t fault_lat_hist[24];	/* bucket i: waits in [2^i, 2^(i+1)) us */
 
