@@ -2,7 +2,7 @@
 # The dpdk transport against its ceiling and against tcp, in one run (root; a build with
 # DPDK):
 #
-#     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)]
+#     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)] [--channels N(2)]
 #
 # 1. Ceiling: bench/dpdk_blaster.sh over net_memif (raw frames, and page mode: each
 #    4 KiB page copied into frames with a CRC32C each, checked and copied into place).
@@ -13,14 +13,15 @@
 #    the background stream at full speed (by MINOR faults and by MISSING faults, to
 #    choose the default mechanism), and paced by --postcopy-bandwidth-limit at 1000M
 #    and 250M, which leaves the pollers CPU on a small host.
-# A table goes to stderr, one JSON object to stdout. Ratios: dpdk pre-copy ÷ page-mode
-# blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
+# Every migration runs with --channels N. A table goes to stderr, one JSON object to
+# stdout. Ratios: dpdk pre-copy ÷ page-mode blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
 . "$(dirname "$0")/lib.sh"
-MEM=1G SECS=5
+MEM=1G SECS=5 CHANNELS=2
 while [ $# -gt 0 ]; do
 	case $1 in
 	--mem) MEM=${2:?}; shift 2 ;;
 	--seconds) SECS=${2:?}; shift 2 ;;
+	--channels) CHANNELS=${2:?}; shift 2 ;;
 	-h | --help) usage ;;
 	*) die "unknown argument: $1 (see --help)" ;;
 	esac
@@ -59,7 +60,7 @@ run_memif() {
 	memif_guest "s$n" client "$n" --mem "$MEM" --workload "$wl"
 	sleep 1
 	say "$kind: hymig migrate --to dpdk:// $*"
-	hymig_migrate "s$n" --to dpdk:// "$@"
+	hymig_migrate "s$n" --to dpdk:// --channels "$CHANNELS" "$@"
 	echo "{\"kind\":\"$kind\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
 	guest_quit "s$n"
 	guest_quit "d$n"
@@ -83,12 +84,12 @@ guest_start "$HOST_NAME-b" dtcp --mem "$MEM" --incoming "tcp://$ADDR_B:$PORT"
 guest_wait_ready dtcp
 guest_start "$HOST_NAME-a" stcp --mem "$MEM"
 guest_wait_ready stcp
-hymig_migrate stcp --to "tcp://$ADDR_B:$PORT" --mode precopy
+hymig_migrate stcp --to "tcp://$ADDR_B:$PORT" --channels "$CHANNELS" --mode precopy
 echo "{\"kind\":\"precopy-tcp-veth\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
 guest_quit stcp
 guest_quit dtcp
 
-python3 - "$WORK/runs.jsonl" "$WORK/blaster.json" "$MEM" <<'EOF'
+python3 - "$WORK/runs.jsonl" "$WORK/blaster.json" "$MEM" "$CHANNELS" <<'EOF'
 import json, sys
 runs = {}
 for l in open(sys.argv[1]):
@@ -111,6 +112,7 @@ def pcrun(kind, stream):
                 stream=stream)
 out = {
     "mem": sys.argv[3],
+    "channels": int(sys.argv[4]),
     "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
                                "raw_4096": blast("raw", 4096), "page_4096": blast("page", 4096)},
     "precopy_mb_per_s": {"dpdk_memif": tput("precopy-memif"), "dpdk_memif_1pct_loss": tput("precopy-memif-loss1"),
@@ -127,7 +129,7 @@ e = sys.stderr
 b = out["blaster_memif_mb_per_s"]
 print(f"\nblaster over memif: raw {b['raw_2048']} MB/s (2 KiB frames), {b['raw_4096']} (4 KiB); page mode {b['page_2048']} (2 KiB), {b['page_4096']} (4 KiB)", file=e)
 p = out["precopy_mb_per_s"]
-print(f"pre-copy of an idle {out['mem']} guest: dpdk/memif {p['dpdk_memif']} MB/s ({out['dpdk_over_blaster_page']}x page blaster, {out['dpdk_over_tcp']}x tcp), with 1% loss {p['dpdk_memif_1pct_loss']} ({out['loss1_over_lossfree']}x), tcp/veth {p['tcp_veth']}", file=e)
+print(f"pre-copy of an idle {out['mem']} guest, {out['channels']} channel(s): dpdk/memif {p['dpdk_memif']} MB/s ({out['dpdk_over_blaster_page']}x page blaster, {out['dpdk_over_tcp']}x tcp), with 1% loss {p['dpdk_memif_1pct_loss']} ({out['loss1_over_lossfree']}x), tcp/veth {p['tcp_veth']}", file=e)
 print("post-copy at once over memif, same dirtier (stream: full speed, or --postcopy-bandwidth-limit):", file=e)
 print(f"  {'mechanism':10} {'stream':>6} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
 for r in out["postcopy"]:
