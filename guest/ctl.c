@@ -25,7 +25,8 @@ struct conn {
 };
 
 static atomic_bool quit_requested;
-static int wake_fd = -1; /* ctl_wake's eventfd, polled by ctl_serve's loop */
+static atomic_int streaming; /* migrate requests still streaming their result */
+static int wake_fd = -1;     /* ctl_wake's eventfd, polled by ctl_serve's loop */
 
 /* Async-signal-safe. */
 void ctl_wake(void)
@@ -39,7 +40,6 @@ static void request_quit(void)
 	atomic_store(&quit_requested, true);
 	ctl_wake();
 }
-static atomic_int streaming; /* migrate requests still streaming their result */
 
 static int send_line(int fd, const char *json)
 {
