@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../core/clock.h"
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -170,14 +172,6 @@ static void wl_write_page(uint8_t *p, uint64_t seed, uint64_t pg, uint64_t gen)
 	w[0] = pg;
 	w[1] = gen;
 	w[2] = wl_fill(w + WL_HDR_WORDS, wl_page_base(seed, pg, gen));
-}
-
-static uint64_t wl_now(clockid_t clk)
-{
-	struct timespec ts;
-
-	clock_gettime(clk, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 /* ---- spec ---- */
@@ -398,7 +392,7 @@ void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index,
 
 static void wl_heartbeat(struct wl_meta *m, struct wl_vcpu *v)
 {
-	uint64_t now = wl_now(CLOCK_REALTIME);
+	uint64_t now = clock_ns(CLOCK_REALTIME);
 	uint64_t last = __atomic_load_n(&m->hb_last_ns, __ATOMIC_RELAXED);
 
 	/* A realtime step backwards is not a stall. */
@@ -442,7 +436,7 @@ uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_
 {
 	struct wl_meta *m = wl_meta_of(ram);
 	uint64_t first = wl_data_first(ram->npages), ndata = ram->npages - first;
-	uint64_t now = wl_now(CLOCK_MONOTONIC), owned, n;
+	uint64_t now = now_ns(), owned, n;
 	double pps, elapsed;
 
 	if (v->index == 0)
