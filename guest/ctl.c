@@ -353,13 +353,12 @@ int ctl_serve(struct guest *g)
 	while (!atomic_load(&quit_requested)) {
 		struct pollfd p[2] = {{.fd = lfd, .events = POLLIN},
 				      {.fd = wake_fd, .events = POLLIN}};
+		/* Without the eventfd (poll skips a negative fd) only the timeout wakes. */
+		int timeout = wake_fd < 0 || guest_running(g) ? RATE_SAMPLE_MS : 5 * RATE_SAMPLE_MS;
 		uint64_t n;
 		bool leave;
 
-		if (poll(p, wake_fd >= 0 ? 2 : 1,
-			 wake_fd < 0 || guest_running(g) ? RATE_SAMPLE_MS : 5 * RATE_SAMPLE_MS) >
-			0 &&
-		    (p[1].revents & POLLIN))
+		if (poll(p, 2, timeout) > 0 && (p[1].revents & POLLIN))
 			(void)!read(wake_fd, &n, sizeof(n));
 		if (p[0].revents & POLLIN) {
 			struct conn *c = calloc(1, sizeof(*c));
