@@ -846,7 +846,7 @@ static void *server_main(void *arg)
 	struct hm_migration *m = arg;
 
 	pthread_setname_np(pthread_self(), "hm-pageserver");
-	prio_set_nice(PRIO_URGENT_NICE);
+	prio_set_urgent();
 
 	while (!atomic_load(&m->server_stop)) {
 		struct tp_run req, runs[WIRE_MAX_RUN];

@@ -195,7 +195,10 @@ static void *lander(void *arg)
 	char why[200];
 
 	pthread_setname_np(pthread_self(), "hm-tcp-lander");
-	prio_set_nice(c->urgent ? PRIO_URGENT_NICE : PRIO_BULK_NICE);
+	if (c->urgent)
+		prio_set_urgent();
+	else
+		prio_set_nice(PRIO_BULK_NICE);
 	for (;;) {
 		struct wire_rec raw, r;
 		const struct ram_region *reg;
