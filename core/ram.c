@@ -97,14 +97,30 @@ static void region_unmap(struct ram_region *r)
 	r->fd = -1;
 }
 
+/* Maps every page of r and makes it warm for the two kinds of writer that land pages
+ * in it: the kernel (a tcp recv) and user space (the dpdk poller's copies). Under a
+ * hypervisor that shadows guest page tables, as on this machine's virtual hosts, each
+ * kind pays a trap on its first write to a page even after MADV_POPULATE_WRITE mapped
+ * it. Measured here with 2 GiB: recv into populated pages ran at 0.5 GB/s the first
+ * time and 2.5-3.1 GB/s after; warmed by a read of /dev/zero into them first (0.7 GB/s),
+ * 3.7 GB/s at once. User-space copies: 0.58 GB/s the first time, 22 GB/s after one
+ * stored byte per page (0.8 GB/s). On a host without the traps both passes run at
+ * memory speed. The destination does this before a migration starts, and the pages
+ * stay zero. */
 static int populate(struct ram_region *r)
 {
-	if (madvise(r->mig, r->size, MADV_POPULATE_WRITE) == 0)
-		return 0;
-	/* Kernels before 5.14 lack MADV_POPULATE_WRITE: touch each page instead. */
-	if (errno != EINVAL)
-		return -errno;
-	for (uint64_t off = 0; off < r->size; off += r->backing_page)
+	enum { CHUNK = 1 << 20 };
+	int zero;
+
+	if (madvise(r->mig, r->size, MADV_POPULATE_WRITE) < 0 && errno != EINVAL)
+		return -errno; /* EINVAL: an older kernel; the writes below map the pages */
+	zero = open("/dev/zero", O_RDONLY | O_CLOEXEC);
+	for (uint64_t off = 0; zero >= 0 && off < r->size; off += CHUNK)
+		if (read(zero, r->mig + off, r->size - off < CHUNK ? r->size - off : CHUNK) < 0)
+			break; /* only a warm-up: the stores below still map every page */
+	if (zero >= 0)
+		close(zero);
+	for (uint64_t off = 0; off < r->size; off += HM_PAGE_SIZE)
 		((volatile uint8_t *)r->mig)[off] = 0;
 	return 0;
 }
