@@ -27,7 +27,8 @@
 #define SEND_BATCH_BYTES (1u << 20)
 #define IOV_RUNS	 256 /* runs gathered into one sendmsg at most */
 /* Runs this long go by sendfile (no copy on the source); shorter ones are gathered,
- * since a syscall per 4 KiB page would cost more than the copy it saves. */
+ * since a syscall per 4 KiB page would cost more than the copy it saves. hugetlbfs
+ * cannot be spliced (sendfile fails with EINVAL): its runs are all gathered. */
 #define SENDFILE_MIN_PAGES 16
 /* How often tcp_drain looks at a channel's unacknowledged bytes. */
 #define DRAIN_POLL_NS 100000
@@ -399,7 +400,8 @@ static int send_runs(struct tcp_bulk *b, struct tcp_chan *c, const struct tp_run
 			c->pages += r->npages;
 			if (r->zero)
 				continue;
-			if (r->npages >= SENDFILE_MIN_PAGES) {
+			if (r->npages >= SENDFILE_MIN_PAGES &&
+			    b->ram->backing != RAM_BACKING_HUGETLB) {
 				by_file = true;
 				continue;
 			}
