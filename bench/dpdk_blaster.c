@@ -554,9 +554,13 @@ int main(int argc, char **argv)
 			o.buf_bytes, strerror(errno));
 		return 1;
 	}
+	/* Written from user space, as a guest's RAM is: on a virtual host that shadows page
+	 * tables, MAP_POPULATE alone leaves each page a trap for its first user write. */
 	if (o.tx) {
 		uint64_t state = o.seed;
 		fill(buf, o.buf_bytes, &state);
+	} else {
+		memset(buf, 0, o.buf_bytes);
 	}
 
 	rc = dpdkt_eal_init(o.eal, err, sizeof(err));

@@ -19,6 +19,7 @@
 #include "log.h"
 #include "prio.h"
 #include "uffd.h"
+#include "wire.h"
 
 /* A fault on a clean page maps the clean pages of its aligned 64 KiB chunk. */
 #define FAULT_CHUNK_PAGES 16
@@ -28,6 +29,12 @@
 #define MAX_PENDING 1024
 /* Fault latencies kept for percentiles. */
 #define MAX_SAMPLES 65536
+
+/* A run of pages to request. */
+struct pc_run {
+	uint64_t first;
+	uint32_t n;
+};
 
 struct pending {
 	uint64_t page;
@@ -48,6 +55,9 @@ struct postcopy {
 	void *fetch_arg;
 	pthread_t handler, mapper;
 	bool started, mapping;
+	/* Pages per mapping unit: 1, or 512 on hugetlb, where UFFDIO_CONTINUE maps whole
+	 * 2 MiB pages, so a unit goes into the guest view once all its pages are clean. */
+	uint64_t unit;
 
 	pthread_mutex_t lock; /* guards state changes to clean, pending and the stats */
 	pthread_cond_t clean; /* broadcast when stale_left reaches 0 */
@@ -93,12 +103,15 @@ int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char
 		return -ENOMEM;
 	pc->ram = ram;
 	pc->mech = mech;
+	pc->unit = ram->nregions ? ram->r[0].backing_page / HM_PAGE_SIZE : 1;
 	pc->stopfd = -1;
 	pc->state = calloc(ram->npages, 1);
 	pc->samples = calloc(MAX_SAMPLES, sizeof(*pc->samples));
 	pthread_mutex_init(&pc->lock, NULL);
 	pthread_cond_init(&pc->clean, NULL);
-	pc->uffd = uffd_new((minor ? UFFD_FEATURE_MINOR_SHMEM : UFFD_FEATURE_MISSING_SHMEM) |
+	pc->uffd = uffd_new((!minor	    ? UFFD_FEATURE_MISSING_SHMEM
+			     : pc->unit > 1 ? UFFD_FEATURE_MINOR_HUGETLBFS
+					    : UFFD_FEATURE_MINOR_SHMEM) |
 				UFFD_FEATURE_THREAD_ID,
 			    &have);
 	need_ioctls =
@@ -220,10 +233,10 @@ static void map_pages(struct postcopy *pc, uint64_t first, uint64_t n)
 			return;
 		}
 		done += c.mapped > 0 ? (uint64_t)c.mapped : 0;
-		/* The page at done is mapped already: wake whoever faulted on it. */
-		struct uffdio_range w = {.start = base + done, .len = HM_PAGE_SIZE};
+		/* The page (unit) at done is mapped already: wake whoever faulted on it. */
+		struct uffdio_range w = {.start = base + done, .len = pc->unit << HM_PAGE_SHIFT};
 		ioctl(pc->uffd, UFFDIO_WAKE, &w);
-		done += HM_PAGE_SIZE;
+		done += w.len;
 	}
 }
 
@@ -294,6 +307,70 @@ static void resolve_pending(struct postcopy *pc, uint64_t first, uint64_t n, uin
 	}
 }
 
+/* Whether every page of the unit at pg (its first page) is clean. */
+static bool unit_clean(struct postcopy *pc, uint64_t pg)
+{
+	for (uint64_t k = 0; k < pc->unit; k++)
+		if (atomic_load(&pc->state[pg + k]) != PC_CLEAN)
+			return false;
+	return true;
+}
+
+/* MINOR: maps [first, first + n) and counts its waiters served. */
+static void map_run(struct postcopy *pc, uint64_t first, uint64_t n)
+{
+	map_pages(pc, first, n);
+	pthread_mutex_lock(&pc->lock);
+	resolve_pending(pc, first, n, now_ns());
+	pthread_mutex_unlock(&pc->lock);
+}
+
+/* MINOR: maps [first, first + n), every page of which is clean; on hugetlb, the units
+ * it touches that are clean throughout. */
+static void map_clean(struct postcopy *pc, uint64_t first, uint64_t n)
+{
+	uint64_t u = pc->unit;
+
+	if (u == 1) {
+		map_run(pc, first, n);
+		return;
+	}
+	for (uint64_t p = first - first % u; p < first + n; p += u)
+		if (unit_clean(pc, p))
+			map_run(pc, p, u);
+}
+
+/* With pc->lock held: marks the stale pages of the unit at pg requested, as runs of at
+ * most WIRE_MAX_RUN pages in want; returns how many. */
+static unsigned request_unit(struct postcopy *pc, uint64_t pg, struct pc_run *want)
+{
+	unsigned n = 0;
+
+	for (uint64_t k = 0; k < pc->unit; k++) {
+		uint8_t s = PC_STALE;
+
+		if (!atomic_compare_exchange_strong(&pc->state[pg + k], &s, PC_REQUESTED))
+			continue;
+		if (n && want[n - 1].first + want[n - 1].n == pg + k &&
+		    want[n - 1].n < WIRE_MAX_RUN)
+			want[n - 1].n++;
+		else
+			want[n++] = (struct pc_run){pg + k, 1};
+	}
+	pc->st.requests += n;
+	return n;
+}
+
+/* Sends the requests request_unit made. */
+static void send_requests(struct postcopy *pc, const struct pc_run *want, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++)
+		if (pc->fetch(pc->fetch_arg, want[i].first, want[i].n) < 0)
+			log_err("post-copy: requesting page %llu failed; the vCPU waits for the "
+				"link",
+				(unsigned long long)want[i].first);
+}
+
 unsigned pc_claim(struct postcopy *pc, uint64_t first, uint32_t n, bool *claimed)
 {
 	unsigned got = 0;
@@ -339,12 +416,8 @@ void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *clai
 		if (pc->mech == PC_MISSING)
 			resolve_pending(pc, first + i, j - i, now_ns());
 		pthread_mutex_unlock(&pc->lock);
-		if (pc->mech == PC_MINOR) {
-			map_pages(pc, first + i, j - i);
-			pthread_mutex_lock(&pc->lock);
-			resolve_pending(pc, first + i, j - i, now_ns());
-			pthread_mutex_unlock(&pc->lock);
-		}
+		if (pc->mech == PC_MINOR)
+			map_clean(pc, first + i, j - i);
 		cleaned += j - i;
 		i = j;
 	}
@@ -355,13 +428,17 @@ void pc_landed(struct postcopy *pc, uint64_t first, uint32_t n, const bool *clai
 	}
 }
 
-/* A fault on a clean page: map the clean pages of its chunk. */
+/* A fault on a clean page (unit): map the clean pages of its chunk. */
 static void map_clean_chunk(struct postcopy *pc, uint64_t pg)
 {
 	const struct ram_region *r = ram_region_of(pc->ram, pg);
 	uint64_t lo = pg & ~(uint64_t)(FAULT_CHUNK_PAGES - 1), hi = lo + FAULT_CHUNK_PAGES;
 	uint64_t rend = r->first_page + r->size / HM_PAGE_SIZE, a = pg, b = pg + 1;
 
+	if (pc->unit > 1) {
+		map_clean(pc, pg, pc->unit);
+		return;
+	}
 	if (lo < r->first_page)
 		lo = r->first_page;
 	if (hi > rend)
@@ -370,7 +447,7 @@ static void map_clean_chunk(struct postcopy *pc, uint64_t pg)
 		a--;
 	while (b < hi && atomic_load(&pc->state[b]) == PC_CLEAN)
 		b++;
-	map_pages(pc, a, b - a);
+	map_clean(pc, a, b - a);
 }
 
 /* A fault on a clean page. MISSING: a clean page that is absent never landed, so it
@@ -394,12 +471,14 @@ static void resolve_clean_fault(struct postcopy *pc, uint64_t pg)
 
 static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
 {
-	bool fetch = false, clean = false;
+	struct pc_run want[WIRE_MAX_RUN];
+	unsigned nwant = 0;
+	bool clean = false;
 	uint64_t now = now_ns();
 
+	pg -= pg % pc->unit;
 	pthread_mutex_lock(&pc->lock);
-	uint8_t s = atomic_load(&pc->state[pg]);
-	if (s == PC_CLEAN) {
+	if (unit_clean(pc, pg)) {
 		clean = true;
 		pc->st.faults_clean++;
 	} else {
@@ -414,24 +493,19 @@ static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
 				pc->st.faults_stale++;
 				break;
 			}
-		/* One page: a larger request holds the vCPU for the neighbours' bytes too
-		 * (on a 400 Mbit/s link, 8 pages doubled the blocked time of a uniform
-		 * and of a hotspot guest); the background stream moves near the fault
-		 * and brings them anyway. */
-		if (s == PC_STALE) {
-			uint8_t want = PC_STALE;
-			fetch = atomic_compare_exchange_strong(&pc->state[pg], &want, PC_REQUESTED);
-			pc->st.requests += fetch;
-		}
+		/* One page (one unit on hugetlb): a larger request holds the vCPU for the
+		 * neighbours' bytes too (on a 400 Mbit/s link, 8 pages doubled the blocked
+		 * time of a uniform and of a hotspot guest); the background stream moves
+		 * near the fault and brings them anyway. */
+		nwant = request_unit(pc, pg, want);
 		atomic_store(&pc->hint_page, pg);
 		atomic_fetch_add(&pc->hint_gen, 1);
 	}
 	pthread_mutex_unlock(&pc->lock);
 	if (clean)
 		resolve_clean_fault(pc, pg);
-	else if (fetch && pc->fetch(pc->fetch_arg, pg, 1) < 0)
-		log_err("post-copy: requesting page %llu failed; the vCPU waits for the link",
-			(unsigned long long)pg);
+	else
+		send_requests(pc, want, nwant);
 }
 
 static void *handler_main(void *arg)
@@ -492,7 +566,7 @@ static void *mapper_main(void *arg)
 		       atomic_load(&pc->state[q]) == PC_CLEAN)
 			q++;
 		if (q > p)
-			map_pages(pc, p, q - p);
+			map_clean(pc, p, q - p);
 		p = q > p ? q : p + 1;
 	}
 	return NULL;
@@ -540,23 +614,16 @@ uint64_t pc_stale_words(struct postcopy *pc, uint64_t *words)
 
 void pc_refetch(struct postcopy *pc)
 {
-	uint64_t want[MAX_PENDING];
-	unsigned n = 0;
+	for (unsigned i = 0; i < MAX_PENDING; i++) {
+		struct pc_run want[WIRE_MAX_RUN];
+		unsigned n = 0;
 
-	pthread_mutex_lock(&pc->lock);
-	for (unsigned i = 0; pc->npend && i < MAX_PENDING; i++) {
-		uint8_t s = PC_STALE;
-		if (pc->pend[i].used && atomic_compare_exchange_strong(&pc->state[pc->pend[i].page],
-								       &s, PC_REQUESTED)) {
-			want[n++] = pc->pend[i].page;
-			pc->st.requests++;
-		}
+		pthread_mutex_lock(&pc->lock);
+		if (pc->pend[i].used)
+			n = request_unit(pc, pc->pend[i].page, want);
+		pthread_mutex_unlock(&pc->lock);
+		send_requests(pc, want, n);
 	}
-	pthread_mutex_unlock(&pc->lock);
-	for (unsigned i = 0; i < n; i++)
-		if (pc->fetch(pc->fetch_arg, want[i], 1) < 0)
-			log_err("post-copy: requesting page %llu again failed",
-				(unsigned long long)want[i]);
 }
 
 uint64_t pc_next_stale(struct postcopy *pc, uint64_t from, uint32_t max, uint32_t *n)

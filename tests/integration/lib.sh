@@ -22,6 +22,7 @@ cleanup() {
 	local rc=$?
 	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
 	[ -n "$NAME" ] && "$HOSTS" down "$NAME"
+	[ -n "$HUGEPAGES_WAS" ] && echo "$HUGEPAGES_WAS" >/proc/sys/vm/nr_hugepages
 	if [ $rc != 0 ]; then
 		echo "--- guest logs ---" >&2
 		tail -n 30 "$WORK"/*.log >&2 2>/dev/null || true
@@ -30,6 +31,16 @@ cleanup() {
 	exit $rc
 }
 trap cleanup EXIT
+
+# hugepages_reserve N: N more 2 MiB pages in the hugetlb pool, until the test exits.
+hugepages_reserve() {
+	local want
+	HUGEPAGES_WAS=${HUGEPAGES_WAS:-$(cat /proc/sys/vm/nr_hugepages)}
+	want=$(($(cat /proc/sys/vm/nr_hugepages) + $1))
+	echo "$want" >/proc/sys/vm/nr_hugepages
+	[ "$(cat /proc/sys/vm/nr_hugepages)" -ge "$want" ] ||
+		fail "the kernel gave $(cat /proc/sys/vm/nr_hugepages) of $want 2 MiB pages"
+}
 
 fail() {
 	echo "FAIL: $*" >&2

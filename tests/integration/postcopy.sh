@@ -4,7 +4,7 @@
 # where the destination runs on, its vCPUs fault on stale pages (requests, blocked
 # time) and verify proves every page; with --keep-source and --no-autostart both copies
 # are compared byte for byte. Both fault mechanisms run: minor (the default) and
-# missing (--postcopy-mechanism missing).
+# missing (--postcopy-mechanism missing). hugetlb RAM goes over too, mapped by 2 MiB pages.
 . "$(dirname "$0")/lib.sh"
 hosts_up hmpost
 "$HOSTS" shape "$NAME" 400mbit
@@ -201,4 +201,21 @@ migrate src8 --to "tcp://$ADDR_B:7038" --mode postcopy --precopy-rounds 0
 migrate src8 --resume
 [ $MIGRATE_RC = 0 ] || fail "resume failed"
 verify_ok dst8
+"$HYMIG" quit --ctl "$(ctl dst8)"
+
+step "hugetlb RAM: pre-copy of an idle guest, post-copy of a dirtier by 2 MiB pages"
+hugepages_reserve 256
+guest b dst12 --mem 128M --hugepages hugetlb --incoming "tcp://$ADDR_B:7042"
+guest a src12 --mem 128M --hugepages hugetlb --workload idle
+migrate src12 --to "tcp://$ADDR_B:7042" --mode precopy
+[ $MIGRATE_RC = 0 ] || fail "pre-copy of hugetlb RAM failed"
+verify_ok dst12
+"$HYMIG" quit --ctl "$(ctl dst12)"
+guest b dst13 --mem 128M --hugepages hugetlb --incoming "tcp://$ADDR_B:7043"
+guest a src13 --mem 128M --hugepages hugetlb --workload dirtier:rate=20M,pattern=uniform
+sleep 1
+migrate src13 --to "tcp://$ADDR_B:7043" --mode postcopy --precopy-rounds 0
+postcopy_ran
+verify_ok dst13
+"$HYMIG" quit --ctl "$(ctl dst13)"
 echo "PASS"
