@@ -54,6 +54,7 @@ struct hm_migration {
 	pthread_t thread;
 	atomic_bool cancel;
 	uint64_t t_request, t_parked, t_last_hb;
+	uint64_t t_go;		/* when the message that lets the destination run the guest left */
 	uint64_t cpu_switch_ns; /* process_cpu_ns() when the guest resumed on the destination */
 	uint64_t ctl_bytes;
 	double rtt_ms;
@@ -715,6 +716,17 @@ static int send_done(struct hm_migration *m)
 }
 
 /* Waits for the destination's COMPLETE, then commits. */
+/* From the pause until the destination resumed the guest, which it did about half a
+ * round trip before its confirmation arrived here; never less than until the message
+ * that let it resume left (the handshake's round trip, measured once, may be long). */
+static double downtime_ms(const struct hm_migration *m)
+{
+	double seen = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
+	double least = ms_between(m->t_parked, m->t_go);
+
+	return seen > least ? seen : least;
+}
+
 static int commit(struct hm_migration *m)
 {
 	uint8_t buf[512];
@@ -748,6 +760,7 @@ static int commit(struct hm_migration *m)
 		m->st.postcopy_requests = complete.postcopy_requests;
 	pthread_mutex_unlock(&m->lock);
 	m->commit_sent = true;
+	m->t_go = now_ns();
 	rc = ctl_send(m->ctl, WIRE_COMMIT, NULL, &m->ctl_bytes);
 	if (rc == 0)
 		rc = ctl_expect(m->ctl, WIRE_RESUMED, m->cfg.dead_peer_ms, buf, sizeof(buf), NULL,
@@ -798,7 +811,7 @@ static int finish(struct hm_migration *m)
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
+	m->st.downtime_ms = downtime_ms(m);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -975,6 +988,7 @@ static int postcopy(struct hm_migration *m)
 	}
 	/* Once the switch message left, the destination may run the guest: from then on
 	 * the source never resumes it. (A send that failed did not deliver it whole.) */
+	m->t_go = now_ns();
 	rc = ctl_send_raw(m->ctl, WIRE_POSTCOPY, msg, (size_t)len, &m->ctl_bytes);
 	m->switched = rc == 0;
 	if (rc < 0)
@@ -989,7 +1003,7 @@ static int postcopy(struct hm_migration *m)
 	m->running_seen = true;
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
+	m->st.downtime_ms = downtime_ms(m);
 	m->st.precopy_bytes = bytes_paused;
 	m->st.downtime_bytes = m->st.bytes_sent - bytes_paused;
 	m->st.remaining_pages = nstale;
