@@ -514,7 +514,7 @@ static void *handler_main(void *arg)
 	struct uffd_msg msgs[64];
 
 	pthread_setname_np(pthread_self(), "hm-fault");
-	prio_set_urgent();
+	prio_set_nice(PRIO_URGENT_NICE);
 
 	for (;;) {
 		struct pollfd p[2] = {{.fd = pc->uffd, .events = POLLIN},

@@ -1,11 +1,15 @@
 /* Thread priorities. On a busy host the guest comes first among ordinary threads, bulk
  * data last: bulk threads yield the CPU to a vCPU that wakes up instead of delaying it
- * by a scheduler slice. Urgent post-copy work (a vCPU waits for it) runs above all of
- * them, real-time: at nice -10 a fault handler that woke behind a vCPU or a kernel
- * worker still waited for its slice, and the fault latency's p99 was 5.3-5.6 ms on
- * unshaped veth against 2.9-3.3 ms at SCHED_FIFO (bench/modes.sh --link none --modes
- * postcopy0). Urgent threads only ever block on I/O between short bursts of work, so
- * they cannot starve the host; a thread that spins never gets this priority. */
+ * by a scheduler slice. The threads that answer a page request over tcp (the source's
+ * page server, the destination's urgent lander) run above all of them, real-time: at
+ * nice -10 they woke behind vCPUs and kernel workers, and the fault latency's p99 was
+ * 3.5-4.4 ms on unshaped veth against 1.5-1.7 ms at SCHED_FIFO (bench/modes.sh --link
+ * none --modes postcopy0, 2-3 runs each). They only block on a socket between short
+ * bursts of work, so they cannot starve the host. The fault handler and the rdma
+ * completion thread stay at nice -10: real-time gained nothing for the first, and the
+ * second also lands every background READ; real-time for both starved the kernel
+ * threads that do Soft-RoCE's work (urgent READ 724 us against 203 us, one bed run
+ * each). A thread that spins never gets either priority. */
 #ifndef HYMIG_CORE_PRIO_H
 #define HYMIG_CORE_PRIO_H
 
@@ -14,7 +18,7 @@
 #include <unistd.h>
 
 #define PRIO_BULK_NICE	 10  /* senders and landers of bulk data */
-#define PRIO_URGENT_NICE -10 /* urgent threads, where real-time is not allowed */
+#define PRIO_URGENT_NICE -10 /* urgent threads not real-time, or where it is not allowed */
 #define PRIO_URGENT_RT	 1   /* the lowest SCHED_FIFO priority: above every ordinary thread */
 
 /* Sets the calling thread's nice value; without the right (an unprivileged process

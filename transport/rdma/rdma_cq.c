@@ -204,10 +204,11 @@ static void *cq_main(void *arg)
 	unsigned idle = 0;
 
 	pthread_setname_np(pthread_self(), "hm-rdma-cq");
-	/* A spinning thread keeps the priority it has: above the others it would starve
-	 * them, and the kernel threads that do Soft-RoCE's work, on a small host. */
+	/* Above the guest, not real-time (see core/prio.h); a spinning thread keeps the
+	 * priority it has: above the others it would starve them, and the kernel threads
+	 * that do Soft-RoCE's work, on a small host. */
 	if (!b->busy_poll)
-		prio_set_urgent();
+		prio_set_nice(PRIO_URGENT_NICE);
 	if (b->numa_node >= 0 && numa_available() >= 0)
 		numa_run_on_node(b->numa_node);
 	while (!atomic_load(&b->stop)) {
