@@ -22,7 +22,7 @@ cleanup() {
 	local rc=$?
 	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
 	[ -n "$NAME" ] && "$HOSTS" down "$NAME"
-	[ -n "$HUGEPAGES_WAS" ] && echo "$HUGEPAGES_WAS" >/proc/sys/vm/nr_hugepages
+	[ -n "${HUGEPAGES_WAS:-}" ] && echo "$HUGEPAGES_WAS" >/proc/sys/vm/nr_hugepages
 	if [ $rc != 0 ]; then
 		echo "--- guest logs ---" >&2
 		tail -n 30 "$WORK"/*.log >&2 2>/dev/null || true
