@@ -1,6 +1,7 @@
 /* TCP bulk channels: records sent straight from the source's migrator view and received
- * straight into the destination's (pre-faulted) migrator view. Measured on this
- * machine's veth, recv into populated RAM runs at socket speed, so no staging ring. */
+ * straight into the destination's (pre-faulted and warmed, see core/ram.c) migrator
+ * view. Measured on this machine's veth, recv into warm RAM runs at socket speed, so no
+ * staging ring. */
 #include "tcp.h"
 
 #include <errno.h>
