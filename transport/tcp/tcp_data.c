@@ -161,10 +161,11 @@ static int land_record(struct tcp_chan *c, const struct wire_rec *r)
 	staged = pc_staged(b->pc);
 	for (uint32_t done = 0; done < r->npages && rc == 0;) {
 		uint64_t first = r->first_page + done;
-		uint32_t n = r->type == REC_ZERO ? r->npages : pages_ready(c->fd, r->npages - done);
-
-		if (n > LAND_PIECE_PAGES)
-			n = LAND_PIECE_PAGES;
+		uint32_t left = r->npages - done;
+		uint32_t n =
+		    r->type == REC_ZERO
+			? r->npages
+			: pages_ready(c->fd, left < LAND_PIECE_PAGES ? left : LAND_PIECE_PAGES);
 
 		pc_claim(b->pc, first, n, claimed);
 		if (staged && r->type == REC_PAGES)
