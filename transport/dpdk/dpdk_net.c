@@ -1000,6 +1000,14 @@ static void *poller(void *arg)
 		work += send_data(net);
 		release_held(net, DIR_TX);
 		work += txq_flush(net);
+		/* While urgent frames flow a vCPU is blocked on this poller's work: it
+		 * goes ahead of the guest's threads then, behind them otherwise. */
+		bool urgent = net->now < net->awake_until;
+		if (urgent != net->boosted) {
+			(void)setpriority(PRIO_PROCESS, (id_t)gettid(),
+					  urgent ? net->cfg.urgent_nice : net->cfg.nice);
+			net->boosted = urgent;
+		}
 		/* Leftovers of a full tx ring wait too: the peer is not reading. */
 		if (work != 0) {
 			dpdkt_idle_reset(&idle);
@@ -1030,6 +1038,7 @@ void dpdkt_net_cfg_init(struct dpdkt_net_cfg *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
 	cfg->nice = 5;
+	cfg->urgent_nice = -10;
 	cfg->hello_queue = 64;
 }
 
@@ -1060,8 +1069,9 @@ void dpdkt_ring_free(struct rte_ring *r)
 int dpdkt_net_create(struct dpdkt_port *port, const struct dpdkt_net_cfg *cfg,
 		     struct dpdkt_net **out, char *err, size_t errlen)
 {
-	if (cfg->nice < -20 || cfg->nice > 19) {
-		snprintf(err, errlen, "nice %d out of range -20..19", cfg->nice);
+	if (cfg->nice < -20 || cfg->nice > 19 || cfg->urgent_nice < -20 || cfg->urgent_nice > 19) {
+		snprintf(err, errlen, "nice %d or urgent_nice %d out of range -20..19", cfg->nice,
+			 cfg->urgent_nice);
 		return -EINVAL;
 	}
 	if (cfg->hello_queue == 0 || cfg->hello_queue > 4096) {

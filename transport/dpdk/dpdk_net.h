@@ -10,7 +10,8 @@
  * schedule, waking at once when a sender hands it frames). Sender threads build frames
  * themselves (one copy out of the caller's buffers, and the payload's CRC) and hand
  * them to the poller through one single-producer ring per lane; hellos go through a
- * multi-producer ring. The poller is a plain pthread at nice +5 (cfg), registered as a
+ * multi-producer ring. The poller is a plain pthread at nice +5 (cfg), -10 for as long
+ * as urgent frames flow (a vCPU waits for them), registered as a
  * non-EAL lcore for mbuf caches but keeping the affinity of the thread that started it:
  * no vCPU thread inherits a pinning from it.
  *
@@ -132,6 +133,7 @@ struct dpdkt_net_cfg {
 	struct rte_ether_addr mac;
 	bool mac_set;
 	int nice;	      /* the poller's nice value, -20..19 (default 5) */
+	int urgent_nice;      /* ... while urgent frames flow (default -10) */
 	unsigned hello_queue; /* hellos kept for dpdkt_hello_recv (default 64) */
 };
 void dpdkt_net_cfg_init(struct dpdkt_net_cfg *cfg);

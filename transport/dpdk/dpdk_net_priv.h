@@ -140,6 +140,7 @@ struct dpdkt_net {
 	uint64_t rng;
 	uint64_t now;
 	uint64_t awake_until; /* no sleeping before this (URGENT_AWAKE_NS) */
+	bool boosted;	      /* running at cfg.urgent_nice (see poller) */
 	unsigned rr_link;
 	struct txq txq[2]; /* by queue: 0 bulk, 1 urgent (when the port has it) */
 	struct held held[2][HELD_CAP];
