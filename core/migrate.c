@@ -257,7 +257,8 @@ static int add_run(struct sender *s, struct batch *b, uint64_t first, uint32_t n
 }
 
 /* Reads the page through the guest view: the guest's own page tables map it already (the
- * migrator view would take a fault per 16 pages on the source), and a read never counts
+ * migrator view would take a fault per 16 pages on the source, 20-30 us each on a host
+ * with shadow page tables: half a page request's service time), and a read never counts
  * as a write. The prefetch overlaps the cache misses of the pages ahead, since the
  * pages' data itself goes out by sendfile without the CPU reading it. */
 static bool zero_page(const struct hm_ram *ram, uint64_t p, uint64_t end)
@@ -875,7 +876,7 @@ static void *server_main(void *arg)
 			break;
 		}
 		for (uint64_t p = req.first_page; p < req.first_page + req.npages; p++) {
-			bool zero = page_is_zero(ram_mig_page(m->ram, p));
+			bool zero = zero_page(m->ram, p, req.first_page + req.npages);
 			bitmap_test_and_clear_atomic(&m->send, p);
 			if (n && runs[n - 1].zero == zero)
 				runs[n - 1].npages++;

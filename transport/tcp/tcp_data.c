@@ -416,7 +416,9 @@ static int send_runs(struct tcp_bulk *b, struct tcp_chan *c, const struct tp_run
 				by_file = true;
 				continue;
 			}
-			iov[niov] = (struct iovec){ram_mig_page(b->ram, r->first_page),
+			/* The guest view: its page tables map it already (see
+			 * zero_page in core/migrate.c). */
+			iov[niov] = (struct iovec){ram_guest_page(b->ram, r->first_page),
 						   (size_t)r->npages * HM_PAGE_SIZE};
 			total += iov[niov++].iov_len;
 		}
