@@ -265,8 +265,8 @@ static unsigned txq_flush_one(struct dpdkt_net *net, unsigned q)
 	unsigned sent = 0;
 
 	while (sent < t->n) {
-		uint16_t n = rte_eth_tx_burst(net->port->id, (uint16_t)q, t->m + sent,
-					      (uint16_t)RTE_MIN(t->n - sent, 512u));
+		uint16_t n = dpdkt_tx_burst(net->port, (uint16_t)q, t->m + sent,
+					    (uint16_t)RTE_MIN(t->n - sent, 512u));
 		if (n == 0)
 			break;
 		sent += n;
@@ -738,7 +738,7 @@ static void urgent_turn(struct dpdkt_net *net);
 static unsigned rx_queue(struct dpdkt_net *net, unsigned q)
 {
 	struct rte_mbuf *ms[RX_BURST];
-	uint16_t n = rte_eth_rx_burst(net->port->id, (uint16_t)q, ms, RX_BURST);
+	uint16_t n = dpdkt_rx_burst(net->port, (uint16_t)q, ms, RX_BURST);
 
 	st_add(&net->st.rx_frames, n);
 	/* A burst's frames are no longer in this core's cache when their turn comes:

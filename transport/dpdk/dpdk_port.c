@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -558,13 +560,79 @@ int dpdkt_port_link_wait(struct dpdkt_port *p, int timeout_ms)
 	}
 }
 
+/* A guarded burst: see dpdkt_rx_burst. The handler is the process's for SIGSEGV; a
+ * fault anywhere else goes to the action it replaced (the default: a core dump). */
+static __thread sigjmp_buf burst_env;
+static __thread volatile sig_atomic_t in_burst;
+static struct sigaction segv_prev;
+static pthread_once_t segv_once = PTHREAD_ONCE_INIT;
+
+static void on_segv(int sig, siginfo_t *si, void *uc)
+{
+	(void)si;
+	(void)uc;
+	if (in_burst) {
+		in_burst = 0;
+		siglongjmp(burst_env, 1);
+	}
+	/* Returning faults again, now under the previous action. */
+	sigaction(sig, &segv_prev, NULL);
+}
+
+static void segv_install(void)
+{
+	struct sigaction sa = {.sa_sigaction = on_segv, .sa_flags = SA_SIGINFO | SA_NODEFER};
+
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGSEGV, &sa, &segv_prev);
+}
+
+static void burst_fault(struct dpdkt_port *p, const char *dir)
+{
+	if (p->stats.burst_faults++ == 0)
+		fprintf(stderr,
+			"hymig: dpdk: %s: its rings went away during a %s burst (the peer is "
+			"gone); the burst is dropped\n",
+			p->name, dir);
+}
+
+uint16_t dpdkt_rx_burst(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **ms, uint16_t n)
+{
+	uint16_t got;
+
+	pthread_once(&segv_once, segv_install);
+	if (sigsetjmp(burst_env, 0)) {
+		burst_fault(p, "rx");
+		return 0;
+	}
+	in_burst = 1;
+	got = rte_eth_rx_burst(p->id, q, ms, n);
+	in_burst = 0;
+	return got;
+}
+
+uint16_t dpdkt_tx_burst(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **ms, uint16_t n)
+{
+	uint16_t took;
+
+	pthread_once(&segv_once, segv_install);
+	if (sigsetjmp(burst_env, 0)) {
+		burst_fault(p, "tx");
+		return n; /* gone: what the PMD did not free yet is lost, not freed twice */
+	}
+	in_burst = 1;
+	took = rte_eth_tx_burst(p->id, q, ms, n);
+	in_burst = 0;
+	return took;
+}
+
 int dpdkt_tx(struct dpdkt_port *p, struct rte_mbuf **pkts, unsigned n)
 {
 	unsigned sent = 0, idle = 0;
 
 	while (sent < n) {
 		uint16_t burst = RTE_MIN(n - sent, (unsigned)UINT16_MAX);
-		uint16_t took = rte_eth_tx_burst(p->id, 0, pkts + sent, burst);
+		uint16_t took = dpdkt_tx_burst(p, 0, pkts + sent, burst);
 		sent += took;
 		if (sent == n)
 			break;
