@@ -30,6 +30,8 @@
 /* Fault latencies kept for percentiles. */
 #define MAX_SAMPLES 65536
 
+static int start_threads(struct postcopy *pc);
+
 /* A run of pages to request. */
 struct pc_run {
 	uint64_t first;
@@ -53,8 +55,13 @@ struct postcopy {
 	atomic_uint_fast64_t hint_page, hint_gen; /* the latest fault on a stale page */
 	pc_fetch_fn fetch;
 	void *fetch_arg;
+	/* The threads start with pc_create and wait for pc_start (go) or pc_destroy
+	 * (stopping): creating them at the switch cost 2-5 ms of downtime here. */
 	pthread_t handler, mapper;
-	bool started, mapping;
+	bool have_handler, have_mapper;
+	bool go, stopping; /* guarded by lock; changed is broadcast */
+	pthread_cond_t changed;
+	bool started;
 	/* Pages per mapping unit: 1, or 512 on hugetlb, where UFFDIO_CONTINUE maps whole
 	 * 2 MiB pages, so a unit goes into the guest view once all its pages are clean. */
 	uint64_t unit;
@@ -109,6 +116,11 @@ int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char
 	pc->samples = calloc(MAX_SAMPLES, sizeof(*pc->samples));
 	pthread_mutex_init(&pc->lock, NULL);
 	pthread_cond_init(&pc->clean, NULL);
+	pthread_cond_init(&pc->changed, NULL);
+	/* The first write to a page of it costs a fault (20-30 us on a host with shadow
+	 * page tables); pc_mark_stale writes all of it between pause and resume. */
+	for (uint64_t i = 0; pc->state && i < ram->npages; i += 4096)
+		((volatile uint8_t *)pc->state)[i] = PC_CLEAN;
 	pc->uffd = uffd_new((!minor	    ? UFFD_FEATURE_MISSING_SHMEM
 			     : pc->unit > 1 ? UFFD_FEATURE_MINOR_HUGETLBFS
 					    : UFFD_FEATURE_MINOR_SHMEM) |
@@ -155,6 +167,11 @@ int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char
 			snprintf(err, errlen, "punching out region %u: %s", i, strerror(errno));
 			goto fail;
 		}
+	}
+	if (start_threads(pc) < 0) {
+		snprintf(err, errlen, "cannot start the post-copy threads");
+		pc_destroy(pc);
+		return -EAGAIN;
 	}
 	*out = pc;
 	return 0;
@@ -508,6 +525,19 @@ static void on_fault(struct postcopy *pc, uint64_t pg, uint32_t tid)
 		send_requests(pc, want, nwant);
 }
 
+/* Parks a thread until pc_start; false when pc_destroy came first. */
+static bool wait_go(struct postcopy *pc)
+{
+	bool go;
+
+	pthread_mutex_lock(&pc->lock);
+	while (!pc->go && !pc->stopping)
+		pthread_cond_wait(&pc->changed, &pc->lock);
+	go = pc->go && !pc->stopping;
+	pthread_mutex_unlock(&pc->lock);
+	return go;
+}
+
 static void *handler_main(void *arg)
 {
 	struct postcopy *pc = arg;
@@ -515,6 +545,8 @@ static void *handler_main(void *arg)
 
 	pthread_setname_np(pthread_self(), "hm-fault");
 	prio_set_nice(PRIO_URGENT_NICE);
+	if (!wait_go(pc))
+		return NULL;
 
 	for (;;) {
 		struct pollfd p[2] = {{.fd = pc->uffd, .events = POLLIN},
@@ -552,6 +584,8 @@ static void *mapper_main(void *arg)
 
 	pthread_setname_np(pthread_self(), "hm-mapper");
 	prio_set_nice(PRIO_BULK_NICE);
+	if (!wait_go(pc))
+		return NULL;
 
 	while (p < npages) {
 		const struct ram_region *r = ram_region_of(pc->ram, p);
@@ -572,21 +606,26 @@ static void *mapper_main(void *arg)
 	return NULL;
 }
 
+/* Called by pc_create: the threads wait for pc_start. */
+static int start_threads(struct postcopy *pc)
+{
+	pc->have_handler = pthread_create(&pc->handler, NULL, handler_main, pc) == 0;
+	/* MISSING needs no mapper: clean pages are present, the guest maps them itself. */
+	if (pc->have_handler && pc->mech == PC_MINOR)
+		pc->have_mapper = pthread_create(&pc->mapper, NULL, mapper_main, pc) == 0;
+	return pc->have_handler && (pc->have_mapper || pc->mech != PC_MINOR) ? 0 : -EAGAIN;
+}
+
 int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg)
 {
-	int rc;
-
 	pc->fetch = fetch;
 	pc->fetch_arg = arg;
-	rc = -pthread_create(&pc->handler, NULL, handler_main, pc);
-	/* MISSING needs no mapper: clean pages are present, the guest maps them itself. */
-	pc->mapping = rc == 0 && pc->mech == PC_MINOR;
-	if (pc->mapping && (rc = -pthread_create(&pc->mapper, NULL, mapper_main, pc)) < 0) {
-		eventfd_write(pc->stopfd, 1);
-		pthread_join(pc->handler, NULL);
-	}
-	pc->started = rc == 0;
-	return rc;
+	pthread_mutex_lock(&pc->lock);
+	pc->go = true;
+	pthread_cond_broadcast(&pc->changed);
+	pthread_mutex_unlock(&pc->lock);
+	pc->started = true;
+	return 0;
 }
 
 void pc_requeue(struct postcopy *pc)
@@ -694,12 +733,16 @@ void pc_destroy(struct postcopy *pc)
 {
 	if (!pc)
 		return;
-	if (pc->started) {
+	pthread_mutex_lock(&pc->lock);
+	pc->stopping = true;
+	pthread_cond_broadcast(&pc->changed);
+	pthread_mutex_unlock(&pc->lock);
+	if (pc->stopfd >= 0)
 		eventfd_write(pc->stopfd, 1);
+	if (pc->have_handler)
 		pthread_join(pc->handler, NULL);
-		if (pc->mapping)
-			pthread_join(pc->mapper, NULL);
-	}
+	if (pc->have_mapper)
+		pthread_join(pc->mapper, NULL);
 	if (pc->uffd >= 0) {
 		if (pc->started && !pc_complete(pc)) {
 			/* Stale pages remain: keep them guarded so no vCPU reads old data. */
@@ -714,6 +757,7 @@ void pc_destroy(struct postcopy *pc)
 		close(pc->stopfd);
 	pthread_mutex_destroy(&pc->lock);
 	pthread_cond_destroy(&pc->clean);
+	pthread_cond_destroy(&pc->changed);
 	free(pc->state);
 	free(pc->samples);
 	free(pc);

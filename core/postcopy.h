@@ -59,8 +59,8 @@ struct postcopy;
 
 const char *pc_mech_name(enum pc_mech m);
 
-/* Opens a userfaultfd and registers every region's guest view for the mechanism's
- * faults. */
+/* Opens a userfaultfd, registers every region's guest view for the mechanism's faults
+ * and starts the fault handler and the mapper, which wait for pc_start. */
 int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char *err,
 	      size_t errlen);
 /* Marks the pages whose bits are set in words (one bit per page, ram->npages bits) as
@@ -68,7 +68,8 @@ int pc_create(struct hm_ram *ram, enum pc_mech mech, struct postcopy **out, char
  * (the one cost here that grows with the stale set; PC_MINOR has none). Call before
  * pc_start. Returns 0 or the negative errno of a failed punch. */
 int pc_mark_stale(struct postcopy *pc, const uint64_t *words);
-/* Starts the fault handler and the mapper, which maps clean runs ahead of the guest. */
+/* Lets the fault handler and the mapper (which maps clean runs ahead of the guest) go;
+ * faults are served through fetch from then on. Returns 0. */
 int pc_start(struct postcopy *pc, pc_fetch_fn fetch, void *arg);
 
 /* A copy of pages [first, first + n) arrived. pc_claim moves every page it may land
