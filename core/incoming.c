@@ -646,8 +646,12 @@ static void *incoming_main(void *arg)
 			continue;
 		}
 		rc = accept_source(&s);
+		/* RAM is reserved (populated): from here the thread carries the switch. */
+		if (rc == 0)
+			prio_set_urgent();
 		if (rc == 0)
 			rc = receive(&s);
+		prio_set_normal();
 		if (rc < 0) {
 			log_err("incoming migration failed: %s", s.err);
 			pthread_mutex_lock(&in->lock);

@@ -55,6 +55,7 @@ struct hm_migration {
 	atomic_bool cancel;
 	uint64_t t_request, t_parked, t_last_hb;
 	uint64_t t_go;		/* when the message that lets the destination run the guest left */
+	uint64_t t_confirm;	/* when the destination's confirmation of it arrived */
 	uint64_t cpu_switch_ns; /* process_cpu_ns() when the guest resumed on the destination */
 	uint64_t ctl_bytes;
 	double rtt_ms;
@@ -718,14 +719,16 @@ static int send_done(struct hm_migration *m)
 
 /* Waits for the destination's COMPLETE, then commits. */
 /* From the pause until the destination resumed the guest, which it did about half a
- * round trip before its confirmation arrived here; never less than until the message
- * that let it resume left (the handshake's round trip, measured once, may be long). */
-static double downtime_ms(const struct hm_migration *m)
+ * round trip before its confirmation arrived here (t_confirm, taken on arrival: this
+ * thread may wait for a CPU after it). Half of the handshake's round trip, but never
+ * more than half of the switch's own: a slow handshake (18 ms seen) would otherwise
+ * report less than the time until the message that let the destination resume left. */
+static double downtime_ms(const struct hm_migration *m, uint64_t t_confirm)
 {
-	double seen = ms_between(m->t_parked, now_ns()) - m->rtt_ms / 2;
-	double least = ms_between(m->t_parked, m->t_go);
+	double round = ms_between(m->t_go, t_confirm);
+	double back = (m->rtt_ms < round ? m->rtt_ms : round) / 2;
 
-	return seen > least ? seen : least;
+	return ms_between(m->t_parked, t_confirm) - back;
 }
 
 static int commit(struct hm_migration *m)
@@ -766,6 +769,7 @@ static int commit(struct hm_migration *m)
 	if (rc == 0)
 		rc = ctl_expect(m->ctl, WIRE_RESUMED, m->cfg.dead_peer_ms, buf, sizeof(buf), NULL,
 				why, sizeof(why));
+	m->t_confirm = now_ns();
 	if (rc < 0 && !m->switched) {
 		m->st.source_paused = true;
 		return fail(m, rc,
@@ -812,7 +816,7 @@ static int finish(struct hm_migration *m)
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = downtime_ms(m);
+	m->st.downtime_ms = downtime_ms(m, m->t_confirm);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -974,7 +978,8 @@ static int postcopy(struct hm_migration *m)
 	pick_hot(m, &m->send, &recent, &hot, budget);
 	nstale = bitmap_count(&m->send);
 	bitmap_swap(&m->send, &hot); /* send = hot now, hot = the stale rest */
-	rc = run_round(m, false);
+	/* Without hot pages the senders need no waking: a round of nothing took 1-3 ms. */
+	rc = bitmap_next_set(&m->send, 0) < m->ram->npages ? run_round(m, false) : 0;
 	for (unsigned i = 0; rc == 0 && i < m->cfg.channels; i++)
 		if ((rc = m->bulk->ops->push_switch(m->bulk, i)) < 0)
 			fail(m, rc, "ending the pre-switch pages: %s", strerror(-rc));
@@ -997,14 +1002,16 @@ static int postcopy(struct hm_migration *m)
 	else
 		rc = ctl_expect(m->ctl, WIRE_RUNNING, m->cfg.dead_peer_ms, buf, sizeof(buf), NULL,
 				why, sizeof(why));
+	m->t_confirm = now_ns();
 	if (rc < 0) {
 		rc = fail(m, rc, "the switch to post-copy was not confirmed: %s", why);
 		goto out;
 	}
 	m->running_seen = true;
+	prio_set_normal(); /* the guest runs: the rest is background work */
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = downtime_ms(m);
+	m->st.downtime_ms = downtime_ms(m, m->t_confirm);
 	m->st.precopy_bytes = bytes_paused;
 	m->st.downtime_bytes = m->st.bytes_sent - bytes_paused;
 	m->st.remaining_pages = nstale;
@@ -1222,6 +1229,7 @@ static void *engine_main(void *arg)
 		}
 	}
 	if (m->cfg.mode == HM_MODE_COLD || at_once) {
+		prio_set_urgent(); /* until the destination runs the guest: see prio.h */
 		if ((rc = m->ops->pause(m->opaque, &m->t_parked)) < 0) {
 			fail(m, rc, "cannot pause the guest");
 			goto out;
@@ -1248,6 +1256,7 @@ static void *engine_main(void *arg)
 			rc = sw;
 			goto out;
 		}
+		prio_set_urgent();
 		if ((rc = m->ops->pause(m->opaque, &m->t_parked)) < 0) {
 			fail(m, rc, "cannot pause the guest");
 			goto out;
@@ -1255,12 +1264,14 @@ static void *engine_main(void *arg)
 		m->paused = true;
 	}
 	rc = sw == PRECOPY_SWITCH ? postcopy(m) : finish(m);
+	prio_set_normal();
 	while (rc < 0 && m->switched && !m->destroying)
 		rc = await_resume(m);
 	m->st.throughput_mb_per_s =
 	    (m->bulk_bytes_old + (m->bulk ? atomic_load(&m->bulk->wire_bytes) : 0)) / 1e3 /
 	    ms_between(t_xfer, now_ns());
 out:
+	prio_set_normal();
 	/* A failed migration untracks before the guest resumes. A completed one leaves the
 	 * source paused for good: its tracking goes once the result is out, since
 	 * unregistering 2 GiB took ~29 ms that are no part of the migration. */

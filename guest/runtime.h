@@ -21,10 +21,10 @@ struct guest {
 	pthread_mutex_t lock;
 	pthread_cond_t cv;	  /* run, quit and the workload's changes */
 	pthread_cond_t parked_cv; /* the last vCPU parked */
-	unsigned nvcpus;
+	unsigned nvcpus;	  /* the guest's vCPUs */
+	unsigned nthreads;	  /* vCPU threads started: more than nvcpus idle */
 	pthread_t vcpu_thread[WL_MAX_VCPUS];
 	struct wl_vcpu vcpu[WL_MAX_VCPUS];
-	bool vcpus_started;
 	bool run;  /* vCPUs may run (false: parked) */
 	bool quit; /* process is ending */
 	unsigned parked;
