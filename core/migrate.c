@@ -27,6 +27,9 @@
  * that is this share of RAM (sending it again would cost more than post-copy). */
 #define HYBRID_CHECK_MS	   500
 #define HYBRID_WASTE_SHARE 0.15
+/* What the switch costs besides the link: the state and stale list sent, the
+ * destination's switch work (0.4-0.9 ms measured on two cores). */
+#define SWITCH_WORK_MS 1.0
 /* Under a bandwidth limit a batch carries about 1 ms of data, at least this much. */
 #define PACE_MIN_BYTES (16 << 10)
 /* Nice value of the sender threads. */
@@ -64,7 +67,6 @@ struct hm_migration {
 	bool switched;	     /* post-copy: the destination was told to run the guest */
 	uint8_t *heat;	     /* post-copy and hybrid: how often each page was dirty lately */
 	double bandwidth;    /* bytes/s of the latest measured round */
-	double fixed_ms;     /* downtime that does not depend on the data */
 	uint64_t pace_bytes; /* a batch is sent once it holds this much */
 	uint64_t bw_limit;   /* bytes/s now (0: none): the post-copy limit once switched */
 	struct bitmap mid;   /* hybrid: pages written during round 1, found mid-round */
@@ -949,7 +951,7 @@ static int postcopy(struct hm_migration *m)
 {
 	struct bitmap recent = {0}, hot = {0};
 	uint64_t bytes_paused, budget, nstale;
-	double fixed;
+	double left;
 	uint8_t *msg = NULL, buf[512];
 	char why[256];
 	int rc, len;
@@ -967,14 +969,14 @@ static int postcopy(struct hm_migration *m)
 	set_state(m, HM_MIG_STOPCOPY);
 	stats_bytes(m);
 	bytes_paused = m->st.bytes_sent;
-	/* The hottest stale pages go now, as many as the downtime budget carries once the
-	 * fixed costs and the stale list itself are paid for. */
-	fixed = m->fixed_ms;
+	/* The hottest stale pages go now, as many as the downtime budget carries once what
+	 * the pause took so far (the final scan) and what the switch still costs (the stale
+	 * list, the state, the destination's work, the confirmation's way back) are paid. */
+	left = m->cfg.downtime_limit_ms - ms_between(m->t_parked, now_ns()) - 1.5 * m->rtt_ms -
+	       SWITCH_WORK_MS;
 	if (m->bandwidth > 0)
-		fixed += BITMAP_WORDS(m->ram->npages) * 8.0 / m->bandwidth * 1000;
-	budget = m->cfg.downtime_limit_ms > fixed ? (uint64_t)((m->cfg.downtime_limit_ms - fixed) /
-							       1000 * m->bandwidth / HM_PAGE_SIZE)
-						  : 0;
+		left -= BITMAP_WORDS(m->ram->npages) * 8.0 / m->bandwidth * 1000;
+	budget = left > 0 ? (uint64_t)(left / 1000 * m->bandwidth / HM_PAGE_SIZE) : 0;
 	pick_hot(m, &m->send, &recent, &hot, budget);
 	nstale = bitmap_count(&m->send);
 	bitmap_swap(&m->send, &hot); /* send = hot now, hot = the stale rest */
@@ -1038,6 +1040,19 @@ static int precopy(struct hm_migration *m)
 
 	conv_init(&c, 3 * m->rtt_ms + 0.5);
 	bitmap_set_all(&m->send);
+	/* The final scan does not re-arm: it costs a read-only walk (0.3-0.9 ms for 1 GiB
+	 * here), not what a round's collect-and-re-arm took (39-48 ms on a host with shadow
+	 * page tables, which made every expected downtime miss a 10 ms limit). WP_ASYNC's
+	 * walk is read-only and can be timed now; the sync tracker's final scan only reads
+	 * its own bitmap (a read-only collect there would drop pages it never re-arms). */
+	double final_scan_ms = 0;
+	if (dirty_method_of(m->dirty) == DIRTY_WP_ASYNC) {
+		uint64_t t0 = now_ns();
+		int rc = dirty_collect(m->dirty, &m->send, false, NULL); /* all set anyway */
+		if (rc < 0)
+			return fail(m, rc, "dirty scan: %s", strerror(-rc));
+		final_scan_ms = ms_between(t0, now_ns());
+	}
 	set_state(m, HM_MIG_PRECOPY);
 	for (unsigned round = 1;; round++) {
 		uint64_t t0 = now_ns(), bytes0, dirty_pages, t1;
@@ -1070,13 +1085,12 @@ static int precopy(struct hm_migration *m)
 		m->st.dirty_rate_mb_per_s = c.dirty_rate / 1e6;
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
 		pthread_mutex_unlock(&m->lock);
-		/* The final scan and the switch cost what the last scan did, plus RTTs. */
-		c.fixed_ms = 3 * m->rtt_ms + 1.0 + m->st.scan_ms;
+		/* The final scan and the switch cost a read-only scan, plus RTTs. */
+		c.fixed_ms = 3 * m->rtt_ms + 1.0 + final_scan_ms;
 		pthread_mutex_lock(&m->lock);
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
 		pthread_mutex_unlock(&m->lock);
 		m->bandwidth = c.bandwidth;
-		m->fixed_ms = c.fixed_ms;
 		if (atomic_exchange(&m->cut, false))
 			return PRECOPY_SWITCH; /* check_waste gave the reason */
 		if (m->cfg.mode == HM_MODE_POSTCOPY && round >= m->cfg.precopy_rounds)
