@@ -97,6 +97,9 @@ static int start_vcpus(struct guest *g, unsigned n, bool run)
 		int rc = -pthread_create(&g->vcpu_thread[i], NULL, vcpu_main, &g->vcpu[i]);
 		if (rc < 0) {
 			log_err("cannot start vCPU %u: %s", i, strerror(-rc));
+			pthread_mutex_lock(&g->lock);
+			g->nvcpus = i; /* a pause waits for the vCPUs that exist */
+			pthread_mutex_unlock(&g->lock);
 			return rc;
 		}
 		g->nthreads++;
