@@ -9,6 +9,9 @@
 /* Hybrid: a guest dirtying at this fraction of the link's rate or more will not
  * converge; switching at once saves sending RAM again. */
 #define CONV_SWITCH_DIRTY_SHARE 0.8
+/* The stop-and-copy is predicted at no less than this share of the best round's rate
+ * (see conv_expected_downtime_ms). */
+#define CONV_STOP_BEST_SHARE 0.5
 
 void conv_init(struct conv *c, double fixed_ms)
 {
@@ -22,6 +25,8 @@ void conv_round(struct conv *c, uint64_t bytes, double round_s, uint64_t dirty_b
 		/* The newest round predicts the next best: after round 1 the pages go as
 		 * scattered runs, slower than round 1's long ones. */
 		c->bandwidth = (double)bytes / round_s;
+		if (c->bandwidth > c->best)
+			c->best = c->bandwidth;
 	}
 	if (window_s > 0)
 		c->dirty_rate = (double)dirty_bytes / window_s;
@@ -31,11 +36,15 @@ void conv_round(struct conv *c, uint64_t bytes, double round_s, uint64_t dirty_b
 
 double conv_expected_downtime_ms(const struct conv *c)
 {
+	double bw = c->best * CONV_STOP_BEST_SHARE;
+
 	if (!c->remaining)
 		return c->fixed_ms;
-	if (c->bandwidth <= 0)
+	if (c->bandwidth > bw)
+		bw = c->bandwidth;
+	if (bw <= 0)
 		return 1e9;
-	return c->fixed_ms + (double)c->remaining / c->bandwidth * 1000.0;
+	return c->fixed_ms + (double)c->remaining / bw * 1000.0;
 }
 
 enum conv_decision conv_decide(const struct conv *c, unsigned round, unsigned max_rounds,

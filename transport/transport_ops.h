@@ -35,6 +35,9 @@ struct tp_ops {
 	/* Makes blocked calls on the connection return (from another thread). */
 	void (*conn_shutdown)(struct tp_conn *c);
 	void (*conn_close)(struct tp_conn *c);
+	/* The connection's round-trip time as the transport estimates it (µs), or -1 when it
+	 * has none yet. The engine takes the least of this and its own samples. */
+	int64_t (*conn_rtt_us)(struct tp_conn *c);
 
 	/* Bulk channels. Source: opens cfg->channels channels to a. */
 	int (*bulk_connect)(const struct tp_addr *a, const struct tp_bulk_cfg *cfg,

@@ -552,6 +552,15 @@ static void dpdk_conn_shutdown(struct tp_conn *cb)
 	dpdkt_link_shutdown(c->link);
 }
 
+/* The link's smoothed RTT, from frames acked that were sent once. */
+static int64_t dpdk_conn_rtt_us(struct tp_conn *cb)
+{
+	struct dpdkt_link_stats st;
+
+	dpdkt_link_stats(((struct dpdk_conn *)cb)->link, &st);
+	return st.srtt_us ? (int64_t)st.srtt_us : -1;
+}
+
 static void dpdk_conn_close(struct tp_conn *cb)
 {
 	struct dpdk_conn *c = (struct dpdk_conn *)cb;
@@ -592,6 +601,7 @@ const struct tp_ops dpdk_ops = {
     .recv_msg = dpdk_recv_msg,
     .conn_shutdown = dpdk_conn_shutdown,
     .conn_close = dpdk_conn_close,
+    .conn_rtt_us = dpdk_conn_rtt_us,
     .bulk_connect = dpdk_bulk_connect,
     .bulk_accept = dpdk_bulk_accept,
     .push = dpdk_push,

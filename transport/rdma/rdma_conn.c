@@ -178,6 +178,11 @@ static void rdt_conn_close(struct tp_conn *c)
 	tcp_ops.conn_close(c);
 }
 
+static int64_t rdt_conn_rtt_us(struct tp_conn *c)
+{
+	return tcp_ops.conn_rtt_us(c);
+}
+
 /* ---- bulk channels */
 
 static struct rdt_bulk *bulk_new(const struct tp_bulk_cfg *cfg, bool source)
@@ -721,6 +726,7 @@ const struct tp_ops rdma_ops = {
     .recv_msg = rdt_recv_msg,
     .conn_shutdown = rdt_conn_shutdown,
     .conn_close = rdt_conn_close,
+    .conn_rtt_us = rdt_conn_rtt_us,
     .bulk_connect = rdt_bulk_connect,
     .bulk_accept = rdt_bulk_accept,
     .push = rdt_push,

@@ -294,6 +294,19 @@ static void tcp_conn_close(struct tp_conn *cb)
 	free(cb);
 }
 
+/* The kernel's smoothed RTT of the connection: taken from acks of data, from the SYN on;
+ * unlike a message's round trip, no thread's wake-up is in it. */
+static int64_t tcp_conn_rtt_us(struct tp_conn *cb)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+
+	if (getsockopt(((struct tcp_conn *)cb)->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 ||
+	    ti.tcpi_rtt == 0)
+		return -1;
+	return ti.tcpi_rtt;
+}
+
 const struct tp_ops tcp_ops = {
     .name = "tcp",
     .scheme = "tcp",
@@ -310,6 +323,7 @@ const struct tp_ops tcp_ops = {
     .recv_msg = tcp_recv_msg,
     .conn_shutdown = tcp_conn_shutdown,
     .conn_close = tcp_conn_close,
+    .conn_rtt_us = tcp_conn_rtt_us,
     .bulk_connect = tcp_bulk_connect,
     .bulk_accept = tcp_bulk_accept,
     .push = tcp_push,
