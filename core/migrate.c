@@ -725,12 +725,12 @@ static int send_done(struct hm_migration *m)
  * thread may wait for a CPU after it). Half of the handshake's round trip, but never
  * more than half of the switch's own: a slow handshake (18 ms seen) would otherwise
  * report less than the time until the message that let the destination resume left. */
-static double downtime_ms(const struct hm_migration *m, uint64_t t_confirm)
+static double downtime_ms(const struct hm_migration *m)
 {
-	double round = ms_between(m->t_go, t_confirm);
+	double round = ms_between(m->t_go, m->t_confirm);
 	double back = (m->rtt_ms < round ? m->rtt_ms : round) / 2;
 
-	return ms_between(m->t_parked, t_confirm) - back;
+	return ms_between(m->t_parked, m->t_confirm) - back;
 }
 
 /* Waits for the destination's COMPLETE, then commits. */
@@ -819,7 +819,7 @@ static int finish(struct hm_migration *m)
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = downtime_ms(m, m->t_confirm);
+	m->st.downtime_ms = downtime_ms(m);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -1014,7 +1014,7 @@ static int postcopy(struct hm_migration *m)
 	prio_set_normal(); /* the guest runs: the rest is background work */
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = downtime_ms(m, m->t_confirm);
+	m->st.downtime_ms = downtime_ms(m);
 	m->st.precopy_bytes = bytes_paused;
 	m->st.downtime_bytes = m->st.bytes_sent - bytes_paused;
 	m->st.remaining_pages = nstale;
