@@ -272,6 +272,7 @@ cmd_setup() {
 RUN= ; declare -A QPIDFILE=()
 cleanup() { # stop every QEMU still running, wait for its output to drain, then clean
   local r f n
+  [[ -z $RMEM_SAVED ]] || sysctl -qw net.core.rmem_default="$RMEM_SAVED" || true
   for r in "${!QPIDFILE[@]}"; do
     f=${QPIDFILE[$r]}
     kill -0 "${VMPID[$r]}" 2>/dev/null || continue
@@ -387,6 +388,31 @@ free_udp_port() { # a UDP port on 127.0.0.1 nobody uses
   done
 }
 
+# QEMU's socket netdev gets the host's default UDP receive buffer (208 KiB): the QEMU of
+# the VM behind could not drain it, the host dropped 4-5% of the link's packets
+# (UdpRcvbufErrors), each one a Soft-RoCE retransmission, and on one of them 6.1's rxe
+# failed a QP with "remote invalid request" (CI, 1 run of ~10). Each QEMU's socket is
+# created with net.core.rmem_default raised to 8 MiB, more than every packet rxe keeps
+# in flight; the default is put back once both sockets are bound (drops: ~126000 per
+# migrate run before, ~1500 after).
+RMEM_SAVED=
+rmem_raise() {
+  RMEM_SAVED=$(sysctl -n net.core.rmem_default)
+  ((RMEM_SAVED >= 8388608)) || sysctl -qw net.core.rmem_default=8388608 || RMEM_SAVED=
+}
+rmem_restore() { # once the UDP ports given are bound (or 30 s passed)
+  local p n
+  [[ -n $RMEM_SAVED ]] || return 0
+  for p in "$@"; do
+    for ((n = 0; n < 300; n++)); do
+      grep -qi ":$(printf '%04X' "$p") " /proc/net/udp && break
+      sleep 0.1
+    done
+  done
+  sysctl -qw net.core.rmem_default="$RMEM_SAVED" || true
+  RMEM_SAVED=
+}
+
 report_ready() {
   local role=$1 f=$RUN/$1/ready
   [[ -e $f ]] || return 0
@@ -451,8 +477,10 @@ cmd_run() { # mode args...
   while [[ $pb == "$pa" ]]; do pb=$(free_udp_port); done
   mkdir -p "$RUN/a" "$RUN/b"
   write_cmd a "$cwd" "${cmd_a[@]}"; write_cmd b "$cwd" "${cmd_b[@]}"
+  rmem_raise
   start_vm a 10.77.0.1 b 10.77.0.2 "socket,id=n0,localaddr=127.0.0.1:$pa,udp=127.0.0.1:$pb" "[a] "
   start_vm b 10.77.0.2 a 10.77.0.1 "socket,id=n0,localaddr=127.0.0.1:$pb,udp=127.0.0.1:$pa" "[b] "
+  rmem_restore "$pa" "$pb"
   # Wait for the first VM to end; if it did not run its command successfully, stop
   # the other (at once if it never booted, else after a grace period).
   local first other ok=0

@@ -16,6 +16,22 @@ SCHEME=${SCHEME:-rdma}
 MEM=${BED_GUEST_MEM:-96M}
 PEER=${RDMA_PEER:-10.77.0.2} # the destination's address (b's in the bed)
 WAIT=300 # seconds one side waits for the other's step
+OTHER=$([ "$ROLE" = a ] && echo b || echo a)
+
+# A side that fails says so (the other then fails too, and both print their guests'
+# logs). Each side ends by showing its RDMA device's non-zero counters: a transport
+# error is often the link's (lost packets, retransmissions) rather than hymig's.
+on_exit() {
+	local rc=$? c line=
+	[ $rc = 0 ] || say "$ROLE.failed"
+	for c in /sys/class/infiniband/*/ports/1/hw_counters/*; do
+		[ -r "$c" ] && [ "$(cat "$c")" != 0 ] && line+=" $(basename "$c")=$(cat "$c")"
+	done
+	[ -z "$line" ] || echo "$ROLE: rdma counters:$line" >&2
+	(exit $rc)
+	cleanup
+}
+trap on_exit EXIT
 
 # say FILE [TEXT]: tells the other side; hear FILE: waits for it, prints its text.
 say() { echo "${2:-ok}" >"$SYNC/$1.tmp" && mv "$SYNC/$1.tmp" "$SYNC/$1"; }
@@ -23,6 +39,7 @@ hear() {
 	local t=$((WAIT * 10))
 	until [ -e "$SYNC/$1" ]; do
 		[ $t -gt 0 ] || fail "the other VM never said $1"
+		[ ! -e "$SYNC/$OTHER.failed" ] || fail "the other VM ($OTHER) failed"
 		sleep 0.1
 		t=$((t - 1))
 	done
