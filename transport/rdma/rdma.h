@@ -135,6 +135,18 @@ struct rdt_chan {
 	char reason[256];
 };
 
+enum { RDT_CQ_MAIN, RDT_CQ_URGENT, RDT_NCQ };
+
+/* A completion queue and the thread that takes its completions (rdma_cq.c); the main
+ * one's thread also takes the session's rdma_cm events. */
+struct rdt_cq {
+	struct ibv_comp_channel *cc; /* NULL when busy-polling */
+	struct ibv_cq *cq;	     /* NULL: not used */
+	unsigned unacked;	     /* events not acknowledged yet */
+	pthread_t thread;
+	bool started;
+};
+
 struct rdt_bulk {
 	struct tp_bulk base;
 	struct hm_ram *ram;
@@ -152,9 +164,11 @@ struct rdt_bulk {
 	unsigned sq_depth, max_sge;
 	int numa_node; /* of the HCA, -1 when unknown */
 	struct ibv_pd *pd;
-	struct ibv_comp_channel *cc; /* NULL when busy-polling */
-	struct ibv_cq *cq;	     /* every QP's send and receive completions */
-	unsigned cq_unacked;
+	/* RDT_CQ_MAIN takes every QP's completions but the urgent QP's when RDT_CQ_URGENT
+	 * exists: at the destination, with completion events. Its own thread then hands an
+	 * urgent READ to the faulting vCPU without waiting behind the landing of background
+	 * READs. Busy polling keeps one CQ: one thread spins on it. */
+	struct rdt_cq cqs[RDT_NCQ];
 
 	/* Registration (rdma_mr.c). */
 	struct ibv_mr *mr[HM_MAX_REGIONS]; /* pin-all */
@@ -176,9 +190,7 @@ struct rdt_bulk {
 	uint8_t peer_table[RDT_MSG_MAX]; /* the peer's table as it arrived */
 	uint32_t peer_table_len;	 /* 0: not arrived; guarded by lock */
 
-	pthread_t thread; /* completions and rdma_cm events (rdma_cq.c) */
-	bool thread_started;
-	int wakefd;
+	int wakefd; /* stops the completion threads */
 	atomic_bool stop;
 
 	pthread_mutex_t lock; /* guards markers, errors, done counts and the READ slots */

@@ -236,12 +236,37 @@ static int numa_node_of(struct ibv_context *verbs)
 
 /* The device the channels reach the peer through: protection domain, the CQ every QP
  * shares, registration. */
+/* Creates q for nqp queue pairs, with a completion channel unless busy-polling. */
+static int create_cq(struct rdt_bulk *b, struct rdt_cq *q, unsigned nqp, char *err, size_t errlen)
+{
+	const char *dev = ibv_get_device_name(b->verbs->device);
+	int cqe = (int)(nqp * (b->sq_depth + RDT_RECV_SLOTS));
+
+	if (!b->busy_poll) {
+		if (!(q->cc = ibv_create_comp_channel(b->verbs))) {
+			snprintf(err, errlen, "RDMA device %s: no completion channel: %s", dev,
+				 strerror(errno));
+			return -ENOMEM;
+		}
+		set_nonblock(q->cc->fd);
+	}
+	if (cqe > b->dev.max_cqe)
+		cqe = b->dev.max_cqe;
+	if (!(q->cq = ibv_create_cq(b->verbs, cqe, b, q->cc, 0))) {
+		snprintf(err, errlen, "RDMA device %s: no completion queue of %d entries: %s", dev,
+			 cqe, strerror(errno));
+		return -ENOMEM;
+	}
+	return 0;
+}
+
 static int dev_setup(struct rdt_bulk *b, struct ibv_context *verbs, uint8_t port, char *err,
 		     size_t errlen)
 {
 	const char *dev = ibv_get_device_name(verbs->device);
 	struct ibv_port_attr pa;
-	int cqe;
+	bool split;
+	int rc;
 
 	b->verbs = verbs;
 	if (ibv_query_device(verbs, &b->dev) || ibv_query_port(verbs, port ? port : 1, &pa)) {
@@ -260,22 +285,12 @@ static int dev_setup(struct rdt_bulk *b, struct ibv_context *verbs, uint8_t port
 			 strerror(errno));
 		return -ENOMEM;
 	}
-	if (!b->busy_poll) {
-		if (!(b->cc = ibv_create_comp_channel(verbs))) {
-			snprintf(err, errlen, "RDMA device %s: no completion channel: %s", dev,
-				 strerror(errno));
-			return -ENOMEM;
-		}
-		set_nonblock(b->cc->fd);
-	}
-	cqe = (int)(b->nqp * (b->sq_depth + RDT_RECV_SLOTS));
-	if (cqe > b->dev.max_cqe)
-		cqe = b->dev.max_cqe;
-	if (!(b->cq = ibv_create_cq(verbs, cqe, b, b->cc, 0))) {
-		snprintf(err, errlen, "RDMA device %s: no completion queue of %d entries: %s", dev,
-			 cqe, strerror(errno));
-		return -ENOMEM;
-	}
+	/* At the destination, with completion events, the urgent QP gets a CQ of its own
+	 * (see struct rdt_bulk). */
+	split = b->urgent && !b->source && !b->busy_poll;
+	if ((rc = create_cq(b, &b->cqs[RDT_CQ_MAIN], b->nqp - (split ? 1 : 0), err, errlen)) < 0 ||
+	    (split && (rc = create_cq(b, &b->cqs[RDT_CQ_URGENT], 1, err, errlen)) < 0))
+		return rc;
 	return rdt_register(b, err, errlen);
 }
 
@@ -283,9 +298,11 @@ static int dev_setup(struct rdt_bulk *b, struct ibv_context *verbs, uint8_t port
  * finds the peer without a receive. */
 static int chan_qp(struct rdt_bulk *b, struct rdt_chan *c, char *err, size_t errlen)
 {
+	struct ibv_cq *cq = c->urgent && b->cqs[RDT_CQ_URGENT].cq ? b->cqs[RDT_CQ_URGENT].cq
+								  : b->cqs[RDT_CQ_MAIN].cq;
 	struct ibv_qp_init_attr qa = {
-	    .send_cq = b->cq,
-	    .recv_cq = b->cq,
+	    .send_cq = cq,
+	    .recv_cq = cq,
 	    .qp_type = IBV_QPT_RC,
 	    .cap = {.max_send_wr = b->sq_depth,
 		    .max_recv_wr = RDT_RECV_SLOTS,
@@ -697,10 +714,12 @@ void rdt_bulk_close(struct tp_bulk *bb)
 			rdma_destroy_qp(id);
 		rdma_destroy_id(id);
 	}
-	if (b->cq)
-		ibv_destroy_cq(b->cq);
-	if (b->cc)
-		ibv_destroy_comp_channel(b->cc);
+	for (unsigned i = 0; i < RDT_NCQ; i++) {
+		if (b->cqs[i].cq)
+			ibv_destroy_cq(b->cqs[i].cq);
+		if (b->cqs[i].cc)
+			ibv_destroy_comp_channel(b->cqs[i].cc);
+	}
 	rdt_reg_keep_or_release(b);
 	rdt_deregister(b);
 	if (b->pd)

@@ -1,5 +1,5 @@
-/* RDMA completions: one thread per bulk polls the CQ every QP shares (busy, or asleep on
- * a completion channel) and the session's rdma_cm events. It lands READs through pc,
+/* RDMA completions: a thread per CQ polls it (busy, or asleep on a completion channel);
+ * the main CQ's also takes the session's rdma_cm events. It lands READs through pc,
  * takes markers and the peer's region table, and turns a failed completion or a
  * disconnect into the channel's error: a QP in error is a lost link. */
 #include "rdma.h"
@@ -161,13 +161,13 @@ static void on_wc(struct rdt_bulk *b, const struct ibv_wc *wc)
 	}
 }
 
-/* Polls until the CQ is empty; returns how many completions there were. */
-static int poll_cq(struct rdt_bulk *b)
+/* Polls q until it is empty; returns how many completions there were. */
+static int poll_cq(struct rdt_bulk *b, struct rdt_cq *q)
 {
 	struct ibv_wc wc[POLL_BATCH];
 	int n, total = 0;
 
-	while ((n = ibv_poll_cq(b->cq, POLL_BATCH, wc)) > 0) {
+	while ((n = ibv_poll_cq(q->cq, POLL_BATCH, wc)) > 0) {
 		for (int i = 0; i < n; i++)
 			on_wc(b, &wc[i]);
 		total += n;
@@ -190,7 +190,7 @@ static void cm_events(struct rdt_bulk *b)
 		if (!c || atomic_load(&b->shut))
 			continue;
 		/* What completed before the peer left is taken first (its last message). */
-		poll_cq(b);
+		poll_cq(b, &b->cqs[RDT_CQ_MAIN]);
 		if (type == RDMA_CM_EVENT_DISCONNECTED)
 			rdt_chan_fail(b, c, -ECONNRESET, "the peer disconnected");
 		else if (type == RDMA_CM_EVENT_DEVICE_REMOVAL)
@@ -198,12 +198,13 @@ static void cm_events(struct rdt_bulk *b)
 	}
 }
 
-static void *cq_main(void *arg)
+/* Takes q's completions until told to stop, and the session's rdma_cm events when q is
+ * the main CQ. */
+static void cq_loop(struct rdt_bulk *b, struct rdt_cq *q)
 {
-	struct rdt_bulk *b = arg;
+	bool main = q == &b->cqs[RDT_CQ_MAIN];
 	unsigned idle = 0;
 
-	pthread_setname_np(pthread_self(), "hm-rdma-cq");
 	/* Above the guest, not real-time (see core/prio.h); a spinning thread keeps the
 	 * priority it has: above the others it would starve them, and the kernel threads
 	 * that do Soft-RoCE's work, on a small host. */
@@ -212,72 +213,107 @@ static void *cq_main(void *arg)
 	if (b->numa_node >= 0 && numa_available() >= 0)
 		numa_run_on_node(b->numa_node);
 	while (!atomic_load(&b->stop)) {
-		struct pollfd p[3] = {{.fd = b->cc ? b->cc->fd : -1, .events = POLLIN},
-				      {.fd = b->ec->fd, .events = POLLIN},
-				      {.fd = b->wakefd, .events = POLLIN}};
+		struct pollfd p[3] = {{.fd = q->cc ? q->cc->fd : -1, .events = POLLIN},
+				      {.fd = b->wakefd, .events = POLLIN},
+				      {.fd = main ? b->ec->fd : -1, .events = POLLIN}};
 		struct ibv_cq *cq;
 		void *ctx;
 
 		if (b->busy_poll) {
 			/* Spinning, but a runnable thread on this CPU goes first: on a
 			 * small host the guest and the senders need it. */
-			if (poll_cq(b)) {
+			if (poll_cq(b, q)) {
 				idle = 0;
 			} else {
-				if (++idle % BUSY_CM_EVERY == 0)
+				if (main && ++idle % BUSY_CM_EVERY == 0)
 					cm_events(b);
 				sched_yield();
 			}
 			continue;
 		}
 		/* Armed before this poll, so a completion after it raises an event. */
-		poll_cq(b);
+		poll_cq(b, q);
 		if (poll(p, 3, -1) < 0)
 			continue;
-		if (p[1].revents)
+		if (p[2].revents)
 			cm_events(b);
-		if (p[0].revents && ibv_get_cq_event(b->cc, &cq, &ctx) == 0) {
+		if (p[0].revents && ibv_get_cq_event(q->cc, &cq, &ctx) == 0) {
 			/* Acks are batched: each takes a lock in the library. */
-			if (++b->cq_unacked >= 64) {
-				ibv_ack_cq_events(b->cq, b->cq_unacked);
-				b->cq_unacked = 0;
+			if (++q->unacked >= 64) {
+				ibv_ack_cq_events(q->cq, q->unacked);
+				q->unacked = 0;
 			}
-			ibv_req_notify_cq(b->cq, 0);
+			ibv_req_notify_cq(q->cq, 0);
 		}
 	}
+}
+
+static void *main_cq_thread(void *arg)
+{
+	struct rdt_bulk *b = arg;
+
+	pthread_setname_np(pthread_self(), "hm-rdma-cq");
+	cq_loop(b, &b->cqs[RDT_CQ_MAIN]);
+	return NULL;
+}
+
+static void *urgent_cq_thread(void *arg)
+{
+	struct rdt_bulk *b = arg;
+
+	pthread_setname_np(pthread_self(), "hm-rdma-urgent");
+	cq_loop(b, &b->cqs[RDT_CQ_URGENT]);
 	return NULL;
 }
 
 int rdt_cq_start(struct rdt_bulk *b, char *err, size_t errlen)
 {
+	void *(*const thread[RDT_NCQ])(void *) = {main_cq_thread, urgent_cq_thread};
 	int rc;
 
 	b->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (b->wakefd < 0 || (b->cc && ibv_req_notify_cq(b->cq, 0))) {
+	if (b->wakefd < 0) {
 		rc = -errno;
-		snprintf(err, errlen, "arming the completion queue: %s", strerror(errno));
+		snprintf(err, errlen, "cannot make the completion threads' eventfd: %s",
+			 strerror(errno));
 		return rc;
 	}
-	rc = -pthread_create(&b->thread, NULL, cq_main, b);
-	if (rc < 0) {
-		snprintf(err, errlen, "cannot start the completion thread: %s", strerror(-rc));
-		return rc;
+	for (unsigned i = 0; i < RDT_NCQ; i++) {
+		struct rdt_cq *q = &b->cqs[i];
+
+		if (!q->cq)
+			continue;
+		if (q->cc && ibv_req_notify_cq(q->cq, 0)) {
+			rc = -errno;
+			snprintf(err, errlen, "arming the completion queue: %s", strerror(errno));
+			return rc;
+		}
+		rc = -pthread_create(&q->thread, NULL, thread[i], b);
+		if (rc < 0) {
+			snprintf(err, errlen, "cannot start a completion thread: %s",
+				 strerror(-rc));
+			return rc;
+		}
+		q->started = true;
 	}
-	b->thread_started = true;
 	return 0;
 }
 
 void rdt_cq_stop(struct rdt_bulk *b)
 {
-	if (b->thread_started) {
-		atomic_store(&b->stop, true);
+	atomic_store(&b->stop, true);
+	if (b->wakefd >= 0)
 		eventfd_write(b->wakefd, 1);
-		pthread_join(b->thread, NULL);
-		b->thread_started = false;
+	for (unsigned i = 0; i < RDT_NCQ; i++) {
+		struct rdt_cq *q = &b->cqs[i];
+
+		if (q->started)
+			pthread_join(q->thread, NULL);
+		q->started = false;
+		if (q->unacked)
+			ibv_ack_cq_events(q->cq, q->unacked);
+		q->unacked = 0;
 	}
-	if (b->cq_unacked)
-		ibv_ack_cq_events(b->cq, b->cq_unacked);
-	b->cq_unacked = 0;
 	if (b->wakefd >= 0)
 		close(b->wakefd);
 	b->wakefd = -1;
