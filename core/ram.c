@@ -125,6 +125,8 @@ static int populate(struct ram_region *r)
 	return 0;
 }
 
+#define HM_MAX_NUMA_NODES 1024 /* the kernel's usual MAX_NUMNODES, and mbind's mask here */
+
 static int region_create(struct hm_ram *ram, unsigned idx, uint64_t size, bool populate_now,
 			 char *err, size_t errlen)
 {
@@ -163,9 +165,18 @@ static int region_create(struct hm_ram *ram, unsigned idx, uint64_t size, bool p
 		madvise(r->guest, size, MADV_HUGEPAGE);
 		madvise(r->mig, size, MADV_HUGEPAGE);
 	}
-	if (ram->numa_node >= 0)
+	if (ram->numa_node >= 0) {
 		/* mbind on shmem sets the file's shared policy, which both views obey. */
-		numa_tonode_memory(r->mig, size, ram->numa_node);
+		unsigned long mask[(HM_MAX_NUMA_NODES + 63) / 64] = {0};
+
+		mask[ram->numa_node / 64] = 1ul << (ram->numa_node % 64);
+		if (mbind(r->mig, size, MPOL_BIND, mask, HM_MAX_NUMA_NODES + 1, 0) < 0) {
+			rc = -errno;
+			snprintf(err, errlen, "binding %s to NUMA node %d: %s", name,
+				 ram->numa_node, strerror(errno));
+			goto unmap;
+		}
+	}
 	if (populate_now && (rc = populate(r)) < 0) {
 		snprintf(err, errlen,
 			 "cannot populate %s (%llu MiB): %s; is there enough memory%s?", name,
@@ -221,7 +232,8 @@ int ram_create(const struct ram_cfg *cfg, bool populate_now, struct hm_ram **out
 				 i, (unsigned long long)sizes[i]);
 			return -EINVAL;
 		}
-	if (cfg->numa_node >= 0 && (numa_available() < 0 || cfg->numa_node > numa_max_node())) {
+	if (cfg->numa_node >= 0 && (numa_available() < 0 || cfg->numa_node > numa_max_node() ||
+				    cfg->numa_node >= HM_MAX_NUMA_NODES)) {
 		snprintf(err, errlen, "NUMA node %d does not exist (this host has nodes 0-%d)",
 			 cfg->numa_node, numa_available() < 0 ? 0 : numa_max_node());
 		return -EINVAL;
