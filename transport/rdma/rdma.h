@@ -36,10 +36,13 @@
  * busy, little enough that an urgent READ's response does not queue behind much. */
 #define RDT_PULL_WINDOW 4
 #define RDT_PULL_PIECE	16
-/* Local ACK timeout, 4.096 us << this (16.8 ms). rdma_cm derives ~2 s for RoCE from
- * the packet lifetime: a lost packet (the Soft-RoCE bed's UDP link loses some under
- * load) would stall its QP that long. */
-#define RDT_ACK_TIMEOUT	 12
+/* Local ACK timeout, 4.096 us << this (67 ms). rdma_cm derives ~2 s for RoCE from the
+ * packet lifetime: a lost packet would stall its QP that long. At 16.8 ms the slow VMs
+ * of the Soft-RoCE bed answered late so often that rxe resent ~300 times per run of
+ * its migrations (completer_retry_err; 17000-30000 duplicate packets at the
+ * responder); at 67 ms 9-23 times (26-1519 duplicates). A dead peer is found after 7
+ * of them. */
+#define RDT_ACK_TIMEOUT	 14
 #define RDT_STAGE_URGENT 4 /* staging slots (WIRE_MAX_RUN pages) for urgent */
 #define RDT_STAGE_PULL	 8 /* ... and for background READs (PC_MISSING only) */
 #define RDT_READS	 (RDT_URGENT_WINDOW + RDT_PULL_WINDOW * WIRE_MAX_CHANNELS)
