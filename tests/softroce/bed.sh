@@ -394,7 +394,7 @@ free_udp_port() { # a UDP port on 127.0.0.1 nobody uses
 # failed a QP with "remote invalid request" (CI, 1 run of ~10). Each QEMU's socket is
 # created with net.core.rmem_default raised to 8 MiB, more than every packet rxe keeps
 # in flight; the default is put back once both sockets are bound (drops: ~126000 per
-# migrate run before, ~1500 after).
+# migrate run before, 0-1500 after).
 RMEM_SAVED=
 rmem_raise() {
   RMEM_SAVED=$(sysctl -n net.core.rmem_default)

@@ -234,8 +234,6 @@ static int numa_node_of(struct ibv_context *verbs)
 	return node;
 }
 
-/* The device the channels reach the peer through: protection domain, the CQ every QP
- * shares, registration. */
 /* Creates q for nqp queue pairs, with a completion channel unless busy-polling. */
 static int create_cq(struct rdt_bulk *b, struct rdt_cq *q, unsigned nqp, char *err, size_t errlen)
 {
@@ -260,6 +258,8 @@ static int create_cq(struct rdt_bulk *b, struct rdt_cq *q, unsigned nqp, char *e
 	return 0;
 }
 
+/* The device the channels reach the peer through: protection domain, completion
+ * queues, registration. */
 static int dev_setup(struct rdt_bulk *b, struct ibv_context *verbs, uint8_t port, char *err,
 		     size_t errlen)
 {
