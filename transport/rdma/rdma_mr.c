@@ -153,7 +153,8 @@ int rdt_register(struct rdt_bulk *b, char *err, size_t errlen)
 
 /* Pin-all registrations kept while post-copy is paused, one per RAM (a process holds
  * one guest, two in the conformance tests): the old QPs are gone, so nothing can use
- * the keys until a new, authenticated session swaps region tables again. */
+ * the keys until a new, authenticated session swaps region tables again. Chunked ones
+ * are not kept: pinning on demand is their point, and a resumed session repins. */
 #define KEPT_MAX 2
 static struct kept {
 	const struct hm_ram *ram;
