@@ -125,8 +125,6 @@ static int populate(struct ram_region *r)
 	return 0;
 }
 
-#define HM_MAX_NUMA_NODES 1024 /* the kernel's usual MAX_NUMNODES, and mbind's mask here */
-
 static int region_create(struct hm_ram *ram, unsigned idx, uint64_t size, bool populate_now,
 			 char *err, size_t errlen)
 {
@@ -167,13 +165,16 @@ static int region_create(struct hm_ram *ram, unsigned idx, uint64_t size, bool p
 	}
 	if (ram->numa_node >= 0) {
 		/* mbind on shmem sets the file's shared policy, which both views obey. */
-		unsigned long mask[(HM_MAX_NUMA_NODES + 63) / 64] = {0};
+		struct bitmask *nodes = numa_allocate_nodemask();
 
-		mask[ram->numa_node / 64] = 1ul << (ram->numa_node % 64);
-		if (mbind(r->mig, size, MPOL_BIND, mask, HM_MAX_NUMA_NODES + 1, 0) < 0) {
+		numa_bitmask_setbit(nodes, (unsigned)ram->numa_node);
+		rc = 0;
+		if (mbind(r->mig, size, MPOL_BIND, nodes->maskp, nodes->size + 1, 0) < 0)
 			rc = -errno;
+		numa_bitmask_free(nodes);
+		if (rc < 0) {
 			snprintf(err, errlen, "binding %s to NUMA node %d: %s", name,
-				 ram->numa_node, strerror(errno));
+				 ram->numa_node, strerror(-rc));
 			goto unmap;
 		}
 	}
@@ -232,8 +233,7 @@ int ram_create(const struct ram_cfg *cfg, bool populate_now, struct hm_ram **out
 				 i, (unsigned long long)sizes[i]);
 			return -EINVAL;
 		}
-	if (cfg->numa_node >= 0 && (numa_available() < 0 || cfg->numa_node > numa_max_node() ||
-				    cfg->numa_node >= HM_MAX_NUMA_NODES)) {
+	if (cfg->numa_node >= 0 && (numa_available() < 0 || cfg->numa_node > numa_max_node())) {
 		snprintf(err, errlen, "NUMA node %d does not exist (this host has nodes 0-%d)",
 			 cfg->numa_node, numa_available() < 0 ? 0 : numa_max_node());
 		return -EINVAL;
