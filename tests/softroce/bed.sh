@@ -380,11 +380,13 @@ check_vm() {
   return 1
 }
 
+udp_port_bound() { grep -qi ":$(printf '%04X' "$1") " /proc/net/udp; } # PORT
+
 free_udp_port() { # a UDP port on 127.0.0.1 nobody uses
   local p
   while :; do
     p=$((20000 + RANDOM % 40000))
-    grep -qi ":$(printf '%04X' "$p") " /proc/net/udp || { echo "$p"; return; }
+    udp_port_bound "$p" || { echo "$p"; return; }
   done
 }
 
@@ -405,7 +407,7 @@ rmem_restore() { # once the UDP ports given are bound (or 30 s passed)
   [[ -n $RMEM_SAVED ]] || return 0
   for p in "$@"; do
     for ((n = 0; n < 300; n++)); do
-      grep -qi ":$(printf '%04X' "$p") " /proc/net/udp && break
+      udp_port_bound "$p" && break
       sleep 0.1
     done
   done
