@@ -10,6 +10,7 @@
 #include "bitmap.h"
 #include "engine.h"
 #include "log.h"
+#include "pace.h"
 #include "postcopy.h"
 #include "prio.h"
 #include "ram.h"
@@ -34,6 +35,9 @@ struct hm_incoming {
 	/* Where the fault handler's page requests go; NULL while no link is up. */
 	pthread_mutex_t fetch_lock;
 	struct tp_bulk *fetch_bulk;
+	/* A destination that reads pages by itself keeps the source's post-copy bandwidth
+	 * limit: urgent READs are booked, the background waits (see pace.h). */
+	struct pace pull;
 };
 
 /* One attempt's working set. */
@@ -160,6 +164,8 @@ static int fetch_page(void *arg, uint64_t first_page, uint32_t npages)
 	if (in->fetch_bulk)
 		rc = in->fetch_bulk->ops->fetch(in->fetch_bulk, first_page, npages);
 	pthread_mutex_unlock(&in->fetch_lock);
+	if (rc == 0)
+		pace_book(&in->pull, (uint64_t)npages << HM_PAGE_SHIFT, false);
 	return rc;
 }
 
@@ -176,6 +182,9 @@ static void *puller_main(void *arg)
 {
 	struct session *s = arg;
 	uint64_t p = 0, seen = 0, npages = s->ram->npages;
+	/* Under a limit, paced READs go in short bursts. */
+	uint64_t burst = pace_burst_bytes(s->in->pull.rate) >> HM_PAGE_SHIFT;
+	uint32_t run = burst < PULL_RUN_PAGES ? (uint32_t)burst : PULL_RUN_PAGES;
 
 	pthread_setname_np(pthread_self(), "hm-puller");
 	prio_set_nice(PRIO_BULK_NICE);
@@ -188,14 +197,15 @@ static void *puller_main(void *arg)
 			seen = gen;
 			p = hint;
 		}
-		p = pc_next_stale(s->pc, p, PULL_RUN_PAGES, &n);
+		p = pc_next_stale(s->pc, p, run, &n);
 		if (p == npages) {
 			/* What is left is in flight, or behind the start: look again. */
-			if (pc_next_stale(s->pc, 0, PULL_RUN_PAGES, &n) == npages)
+			if (pc_next_stale(s->pc, 0, run, &n) == npages)
 				pc_wait_complete(s->pc, 1);
 			p = 0;
 			continue;
 		}
+		pace_book(&s->in->pull, (uint64_t)n << HM_PAGE_SHIFT, true);
 		rc = s->bulk->ops->pull(s->bulk, p, n);
 		if (rc < 0) {
 			/* The transport reports the lost link to land_wait as well. */
@@ -318,6 +328,7 @@ static int accept_source(struct session *s)
 	}
 	bc.busy_poll = hello.flags & WIRE_F_BUSY_POLL;
 	bc.reg_chunks = hello.reg_chunks;
+	pace_set(&in->pull, hello.pull_rate); /* the puller does not run yet */
 	if (hello.flags & WIRE_F_RESUME) {
 		bool same = hello.nregions == in->pc_ram->nregions;
 		for (unsigned i = 0; same && i < hello.nregions; i++)
@@ -727,6 +738,7 @@ int hm_incoming_start(const struct hm_vm_ops *ops, void *opaque, const struct hm
 	in->cfg.psk = NULL;
 	pthread_mutex_init(&in->lock, NULL);
 	pthread_mutex_init(&in->fetch_lock, NULL);
+	pace_init(&in->pull, 0);
 	rc = tp_parse_uri(cfg->uri, &in->addr, err, errlen);
 	if (rc == 0)
 		rc = in->addr.ops->listen(&in->addr, &in->listener, err, errlen);
@@ -762,5 +774,6 @@ void hm_incoming_destroy(struct hm_incoming *in)
 	atomic_store(&in->stop, true);
 	pthread_join(in->thread, NULL);
 	pthread_mutex_destroy(&in->lock);
+	pace_destroy(&in->pull);
 	free(in);
 }

@@ -15,6 +15,7 @@
 #include "dirty.h"
 #include "engine.h"
 #include "log.h"
+#include "pace.h"
 #include "prio.h"
 #include "ram.h"
 
@@ -30,8 +31,6 @@
 /* What the switch costs besides the link: the state and stale list sent, the
  * destination's switch work (0.4-0.9 ms measured on two cores). */
 #define SWITCH_WORK_MS 1.0
-/* Under a bandwidth limit a batch carries about 1 ms of data, at least this much. */
-#define PACE_MIN_BYTES (16 << 10)
 /* Nice value of the sender threads. */
 
 struct sender {
@@ -69,7 +68,7 @@ struct hm_migration {
 	uint8_t *heat;	     /* post-copy and hybrid: how often each page was dirty lately */
 	double bandwidth;    /* bytes/s of the latest measured round */
 	uint64_t pace_bytes; /* a batch is sent once it holds this much */
-	uint64_t bw_limit;   /* bytes/s now (0: none): the post-copy limit once switched */
+	struct pace bw;	     /* the bandwidth limit now: the post-copy one once switched */
 	struct bitmap mid;   /* hybrid: pages written during round 1, found mid-round */
 	atomic_bool cut;     /* hybrid: round 1 stops here, the migration switches */
 	uint64_t t_round;    /* when the current round started */
@@ -97,9 +96,6 @@ struct hm_migration {
 	int send_error;	     /* first sender error */
 	bool ended;
 	struct hm_stats st; /* guarded by lock */
-
-	pthread_mutex_t bw_lock;
-	uint64_t bw_next_ns; /* bandwidth limiter: when the next byte may leave */
 
 	struct sender senders[WIRE_MAX_CHANNELS];
 };
@@ -168,32 +164,8 @@ static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
 /* Called while no sender runs (before a round starts them). */
 static void set_bw_limit(struct hm_migration *m, uint64_t rate)
 {
-	m->bw_limit = rate;
-	m->pace_bytes = rate ? rate / 1000 : UINT64_MAX; /* ~1 ms of the limit per batch */
-	if (m->pace_bytes < PACE_MIN_BYTES)
-		m->pace_bytes = PACE_MIN_BYTES;
-}
-
-/* Books bytes against the bandwidth limit and, when wait is set, sleeps until they may
- * leave. Urgent post-copy pages never wait, but they are booked: the background
- * stream then yields them the bandwidth, so together they stay under the limit and no
- * queue builds on the link in front of the next urgent page. */
-static void throttle(struct hm_migration *m, uint64_t bytes, bool wait)
-{
-	uint64_t now, at;
-
-	if (!m->bw_limit)
-		return;
-	pthread_mutex_lock(&m->bw_lock);
-	now = now_ns();
-	at = m->bw_next_ns > now ? m->bw_next_ns : now;
-	m->bw_next_ns = at + bytes * 1000000000ULL / m->bw_limit;
-	pthread_mutex_unlock(&m->bw_lock);
-	if (wait && at > now) {
-		struct timespec ts = {.tv_sec = (time_t)((at - now) / 1000000000ULL),
-				      .tv_nsec = (long)((at - now) % 1000000000ULL)};
-		nanosleep(&ts, NULL);
-	}
+	pace_set(&m->bw, rate);
+	m->pace_bytes = pace_burst_bytes(rate);
 }
 
 struct batch {
@@ -208,7 +180,7 @@ static int flush(struct sender *s, struct batch *b)
 	int rc = 0;
 
 	if (b->n) {
-		throttle(m, b->bytes, true);
+		pace_book(&m->bw, b->bytes, true);
 		rc = m->bulk->ops->push(m->bulk, s->ch, b->runs, b->n);
 	}
 	pthread_mutex_lock(&m->lock);
@@ -227,7 +199,7 @@ static int add_run(struct sender *s, struct batch *b, uint64_t first, uint32_t n
 		   bool skip_zero)
 {
 	struct hm_migration *m = s->m;
-	uint32_t most = m->bw_limit ? (uint32_t)(m->pace_bytes / HM_PAGE_SIZE) : 0;
+	uint32_t most = m->bw.rate ? (uint32_t)(m->pace_bytes / HM_PAGE_SIZE) : 0;
 
 	/* Under a bandwidth limit, runs and batches stay small so paced data leaves in
 	 * short bursts: a burst queued on a slow link delays every urgent page behind it. */
@@ -623,6 +595,7 @@ static int handshake(struct hm_migration *m, bool resume, char *err, size_t errl
 	bc.urgent = may_switch(m->cfg.mode);
 	bc.busy_poll = m->cfg.rdma_busy_poll;
 	bc.reg_chunks = hello.reg_chunks = (unsigned)(m->cfg.rdma_reg_cap >> TP_REG_CHUNK_SHIFT);
+	hello.pull_rate = may_switch(m->cfg.mode) ? m->cfg.postcopy_bandwidth_limit : 0;
 	hello.flags = (m->cfg.psk_len ? WIRE_F_PSK : 0) | (resume ? WIRE_F_RESUME : 0) |
 		      (m->cfg.postcopy_mech == HM_PC_MISSING ? WIRE_F_PC_MISSING : 0) |
 		      (m->cfg.rdma_busy_poll ? WIRE_F_BUSY_POLL : 0);
@@ -895,7 +868,7 @@ static void *server_main(void *arg)
 		atomic_store(&m->hint_page, req.first_page);
 		atomic_fetch_add(&m->hint_gen, 1);
 		rc = m->bulk->ops->serve_reply(m->bulk, runs, n);
-		throttle(m, bytes + n * sizeof(struct wire_rec), false);
+		pace_book(&m->bw, bytes + n * sizeof(struct wire_rec), false);
 		if (rc < 0) {
 			log_err("post-copy page server: replying: %s", strerror(-rc));
 			break;
@@ -1411,7 +1384,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	}
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_cond_init(&m->cv, NULL);
-	pthread_mutex_init(&m->bw_lock, NULL);
+	pace_init(&m->bw, 0);
 	m->st.state = HM_MIG_SETUP;
 	m->st.mode = cfg->mode;
 	m->st.ram_bytes = ram->size;
@@ -1490,6 +1463,6 @@ void hm_migration_destroy(struct hm_migration *m)
 	free(m->heat);
 	pthread_mutex_destroy(&m->lock);
 	pthread_cond_destroy(&m->cv);
-	pthread_mutex_destroy(&m->bw_lock);
+	pace_destroy(&m->bw);
 	free(m);
 }

@@ -84,6 +84,7 @@ int wire_encode(uint16_t type, const void *msg, uint8_t *buf, size_t cap)
 		memcpy(p + 24, m->nonce, WIRE_NONCE_LEN);
 		for (unsigned i = 0; i < m->nregions && i < HM_MAX_REGIONS; i++)
 			wire_put64(p + 56 + 8 * i, m->region_size[i]);
+		wire_put64(p + 56 + 8 * HM_MAX_REGIONS, m->pull_rate);
 		break;
 	}
 	case WIRE_CHALLENGE: {
@@ -214,6 +215,7 @@ int wire_decode(uint16_t type, const uint8_t *p, uint32_t len, void *msg, char *
 		m.flags = wire_get32(p + 12);
 		m.nregions = wire_get32(p + 16);
 		m.reg_chunks = wire_get32(p + 20);
+		m.pull_rate = wire_get64(p + 56 + 8 * HM_MAX_REGIONS);
 		memcpy(m.nonce, p + 24, WIRE_NONCE_LEN);
 		if (m.mode != WIRE_MODE_PRECOPY && m.mode != WIRE_MODE_COLD &&
 		    m.mode != WIRE_MODE_POSTCOPY)

@@ -73,6 +73,9 @@ struct msg_hello {
 	uint32_t nregions;
 	uint32_t reg_chunks; /* RDMA: chunked registration's cap (tp_bulk_cfg); 0: pin-all */
 	uint64_t region_size[HM_MAX_REGIONS];
+	/* After a switch, the background stream's limit (bytes/s, 0: none) for a
+	 * destination that reads pages by itself (--postcopy-bandwidth-limit). */
+	uint64_t pull_rate;
 	uint8_t nonce[WIRE_NONCE_LEN];
 };
 

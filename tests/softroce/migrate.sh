@@ -59,7 +59,7 @@ SCENARIOS=(
 	"precopy-sums|2M|--mode precopy --downtime-limit 300 --keep-source"
 	"postcopy-sums|20M|--mode postcopy --keep-source"
 	"hybrid-sums|20M|--mode hybrid --downtime-limit 1 --max-rounds 2 --keep-source"
-	"postcopy-runs|20M|--mode postcopy --precopy-rounds 0"
+	"postcopy-paced|20M|--mode postcopy --precopy-rounds 0 --postcopy-bandwidth-limit 8M"
 	"chunked-sums|20M|--mode postcopy --rdma-reg chunked --rdma-reg-cap 16M --keep-source"
 	"postcopy-source-stopped|20M|--mode postcopy --precopy-rounds 0"
 	"teardown|2M|--mode precopy --downtime-limit 300 --bandwidth-limit 4M"
@@ -125,8 +125,13 @@ side_a() { # source
 		[ -n "$(result_field switch_reason)" ] || fail "$name did not switch to post-copy"
 		;;
 	esac
-	if [ "$name" = postcopy-runs ]; then
+	if [ "$name" = postcopy-paced ]; then
 		[ "$(result_field postcopy_requests)" -gt 0 ] || fail "no post-copy requests"
+		# The destination's READs (rdma) or the source's stream (tcp) kept the limit.
+		local moved
+		moved=$(result_field bytes_by_op.rdma_read 2>/dev/null || result_field postcopy_bytes)
+		python3 -c 'import sys; b, ms = int(sys.argv[1]), float(sys.argv[2]); print(f"paced: {b} bytes after the switch in {ms} ms", file=sys.stderr); sys.exit(0 if b > 32 << 20 and ms >= 0.9 * b / 8e6 * 1e3 else 1)' \
+			"$moved" "$(result_field total_time_ms)" || fail "--postcopy-bandwidth-limit 8M was not kept"
 	fi
 	if [ "$name" = chunked-sums ]; then
 		# 16 MiB is 8 chunks of the guest's 48: pinned on demand, never more at once.

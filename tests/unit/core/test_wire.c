@@ -112,6 +112,8 @@ static struct msg_hello sample_hello(void)
 	    .channels = 3,
 	    .flags = WIRE_F_PSK,
 	    .nregions = 5,
+	    .reg_chunks = 7,
+	    .pull_rate = 45000000,
 	};
 
 	for (unsigned i = 0; i < m.nregions; i++)
@@ -179,6 +181,10 @@ static void test_header_layout(void **state)
 	assert_int_equal(buf[HDR + 16], 5);
 	assert_memory_equal(buf + HDR + 24, h.nonce, WIRE_NONCE_LEN);
 	assert_int_equal(buf[HDR + 56 + 1], (h.region_size[0] >> 8) & 0xff);
+	/* reg_chunks at 20, the pull rate after the region sizes */
+	assert_int_equal(buf[HDR + 20], 7);
+	assert_int_equal(buf[HDR + 568], 45000000 & 0xff);
+	assert_int_equal(buf[HDR + 571], 45000000 >> 24);
 }
 
 static void test_encode_errors(void **state)
@@ -210,6 +216,8 @@ static void test_hello_roundtrip(void **state)
 	assert_int_equal(out.channels, in.channels);
 	assert_int_equal(out.flags, in.flags);
 	assert_int_equal(out.nregions, 5);
+	assert_int_equal(out.reg_chunks, 7);
+	assert_int_equal(out.pull_rate, 45000000);
 	for (unsigned i = 0; i < HM_MAX_REGIONS; i++)
 		assert_int_equal(out.region_size[i], i < 5 ? in.region_size[i] : 0);
 	assert_memory_equal(out.nonce, in.nonce, WIRE_NONCE_LEN);
