@@ -250,6 +250,7 @@ int rdt_table_exchange(struct rdt_bulk *b, const struct tp_bulk_cfg *cfg, char *
 int rdt_post_recv(struct rdt_bulk *b, unsigned ch, unsigned slot);
 int rdt_cq_start(struct rdt_bulk *b, char *err, size_t errlen);
 void rdt_cq_stop(struct rdt_bulk *b);
+void rdt_cq_take_urgent(struct rdt_bulk *b);
 bool rdt_chan_fail(struct rdt_bulk *b, struct rdt_chan *c, int rc, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 const char *rdt_chan_name(const struct rdt_bulk *b, const struct rdt_chan *c, char *buf,

@@ -266,6 +266,18 @@ static void *urgent_cq_thread(void *arg)
 	return NULL;
 }
 
+/* Takes the urgent CQ's completions that are there already, on the thread that posted
+ * the READ. Soft-RoCE processes a READ on the posting thread, inside the post (rxe
+ * loopback), so its completion is often there when the post returns: taking it here
+ * spares the wake-up of the completion thread, often on another CPU. In the bed (one
+ * VM, post-copy of a 20 MB/s dirtier, 4 runs each way) the urgent READ took 157-166 us
+ * against 220-255 us, the fault p50 157-165 against 201-205 us. */
+void rdt_cq_take_urgent(struct rdt_bulk *b)
+{
+	if (b->cqs[RDT_CQ_URGENT].cq)
+		poll_cq(b, &b->cqs[RDT_CQ_URGENT]);
+}
+
 int rdt_cq_start(struct rdt_bulk *b, char *err, size_t errlen)
 {
 	void *(*const thread[RDT_NCQ])(void *) = {main_cq_thread, urgent_cq_thread};

@@ -329,7 +329,8 @@ static uint8_t *stage_of(struct rdt_bulk *b, unsigned idx)
 	return b->stage ? b->stage + (size_t)slot * WIRE_MAX_RUN * HM_PAGE_SIZE : NULL;
 }
 
-/* Called by the completion thread, never under a lock the fault handler takes: the
+/* Called by a completion thread, or by the fault handler right after it posted an
+ * urgent READ (rdt_cq_take_urgent), never under b->lock or the post-copy's lock: the
  * claimed pages go clean (and get mapped) only after a READ that completed. A failed
  * one leaves them landing: the link is lost, and a resume requeues them. */
 void rdt_read_done(struct rdt_bulk *b, unsigned ch, unsigned idx, bool ok)
@@ -499,7 +500,11 @@ int rdt_fetch(struct tp_bulk *bb, uint64_t first_page, uint32_t npages)
 
 	if (!b->ch[RDT_URGENT].id)
 		return -ENOTCONN;
-	return read_range(b, true, first_page, npages);
+	int rc = read_range(b, true, first_page, npages);
+
+	if (rc == 0)
+		rdt_cq_take_urgent(b);
+	return rc;
 }
 
 int rdt_pull(struct tp_bulk *bb, uint64_t first_page, uint32_t npages)
