@@ -3,11 +3,12 @@
 # same run as the ceiling (root; `tests/softroce/bed.sh setup` runs first).
 #
 #   bench/softroce.sh [--mem SIZE(64M)] [--poll event|busy] [--build DIR(build)]
-#                     [--vms one|two|both]
+#                     [--vms one|two|both] [--reps N(3)]
 #
 # One VM (rxe loopback): ib_write_bw and ib_read_bw at their default 64 KiB and
-# ib_read_lat -s 4096, then an idle guest's pre-copy over rdma and over tcp, and a
-# post-copy at once of a 20 MB/s dirtier over rdma and over tcp, and an idle 1 GiB
+# ib_read_lat -s 4096, then an idle guest's pre-copy over rdma and over tcp, and N
+# post-copies at once of a 20 MB/s dirtier over rdma and over tcp, alternating, then
+# ib_read_lat again (the urgent READ's ratio is of the medians), and an idle 1 GiB
 # guest's pre-copy with pin-all and with chunked registration (256 MiB cap). Two VMs:
 # the same post-copy over rdma and over tcp, with the source guest process's CPU time
 # from the switch until the destination held every page (postcopy_source_cpu_ms) and
@@ -16,34 +17,36 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-MEM=64M POLL=event BUILD=$ROOT/build VMS=both
+MEM=64M POLL=event BUILD=$ROOT/build VMS=both REPS=3
 while [ $# -gt 0 ]; do
 	case $1 in
 	--mem) MEM=${2:?}; shift 2 ;;
 	--poll) POLL=${2:?}; shift 2 ;;
 	--build) BUILD=$(cd "${2:?}" && pwd); shift 2 ;;
 	--vms) VMS=${2:?}; shift 2 ;;
+	--reps) REPS=${2:?}; shift 2 ;;
 	-h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
 case $POLL in event | busy) ;; *) echo "--poll: event or busy" >&2; exit 2 ;; esac
 case $VMS in one | two | both) ;; *) echo "--vms: one, two or both" >&2; exit 2 ;; esac
+case $REPS in "" | *[!0-9]* | 0) echo "--reps: a count of 1 or more" >&2; exit 2 ;; esac
 [ -x "$BUILD/tools/hymig" ] || { echo "no $BUILD/tools/hymig: build first" >&2; exit 1; }
 BED=$ROOT/tests/softroce/bed.sh
 "$BED" setup >&2
 OUT=$(mktemp -d /tmp/hymig-softroce-bench.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
-export HYMIG=$BUILD/tools/hymig BENCH_MEM=$MEM BENCH_POLL=$POLL
+export HYMIG=$BUILD/tools/hymig BENCH_MEM=$MEM BENCH_POLL=$POLL BENCH_REPS=$REPS
 cd "$ROOT"
 if [ "$VMS" != two ]; then
 	echo "== one VM: perftest, pre-copy and post-copy, rdma and tcp ($MEM guest, --rdma-poll $POLL)" >&2
-	BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run --mem 3072 --timeout 1800 --share "$OUT" -- \
+	BED_ENV="HYMIG BENCH_MEM BENCH_POLL BENCH_REPS" "$BED" run --mem 3072 --timeout 1800 --share "$OUT" -- \
 		"$HERE/softroce_inner.sh single $OUT" >&2 || echo "one-VM part failed (rc $?)" >&2
 fi
 if [ "$VMS" != one ]; then
 	echo "== two VMs: post-copy source CPU, rdma and tcp" >&2
-	BED_ENV="HYMIG BENCH_MEM BENCH_POLL" "$BED" run2 --timeout 1200 --share "$OUT" -- \
+	BED_ENV="HYMIG BENCH_MEM BENCH_POLL BENCH_REPS" "$BED" run2 --timeout 1200 --share "$OUT" -- \
 		"$HERE/softroce_inner.sh a $OUT" -- "$HERE/softroce_inner.sh b $OUT" >&2 ||
 		echo "two-VM part failed (rc $?)" >&2
 fi
@@ -64,11 +67,19 @@ def res(kind, transport, key):
     for k in key.split("."):
         v = v.get(k) if isinstance(v, dict) else None
     return v
+def picks(kind, transport=None):
+    return [r for r in rows if r["kind"] == kind and (transport is None or r.get("transport") == transport)]
+def median(xs):
+    xs = sorted(x for x in xs if isinstance(x, (int, float)))
+    return None if not xs else xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 def ratio(a, b):
     return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 bw = pick("ib_write_bw").get("mb_per_s")
 rbw = pick("ib_read_bw").get("mb_per_s")
-lat = pick("ib_read_lat")
+lats = picks("ib_read_lat")
+lat_avg = median(l.get("avg_us") for l in lats)
+faults = {t: [r.get("result", {}) for r in picks("postcopy-faults", t)] for t in ("rdma", "tcp")}
+urgent = [f.get("urgent_read_avg_us") for f in faults["rdma"]]
 pre = {t: res("precopy-idle", t, "throughput_mb_per_s") for t in ("rdma", "tcp")}
 cpu = {t: pick("postcopy-source-cpu", t) for t in ("rdma", "tcp")}
 src_cpu = {t: cpu[t].get("result", {}).get("postcopy_source_cpu_ms") for t in ("rdma", "tcp")}
@@ -76,15 +87,16 @@ out = {
     "mem": mem, "poll": poll,
     "ib_write_bw_mb_per_s": bw,
     "ib_read_bw_mb_per_s": rbw,
-    "ib_read_lat_us": {"typical": lat.get("typical_us"), "avg": lat.get("avg_us")},
+    "ib_read_lat_us": {"runs": [{"typical": l.get("typical_us"), "avg": l.get("avg_us")} for l in lats],
+                       "avg_median": lat_avg},
     "precopy_idle_mb_per_s": pre,
     "precopy_rdma_over_ib_write_bw": ratio(pre["rdma"], bw),
     "registration_ms": res("precopy-idle", "rdma", "registration_ms"),
     "bytes_by_op_precopy": res("precopy-idle", "rdma", "bytes_by_op"),
-    "urgent_read_avg_us": res("postcopy-faults", "rdma", "urgent_read_avg_us"),
-    "urgent_read_over_ib_read_lat_avg": ratio(res("postcopy-faults", "rdma", "urgent_read_avg_us"), lat.get("avg_us")),
-    "fault_latency_us": {t: res("postcopy-faults", t, "fault_latency_us") for t in ("rdma", "tcp")},
-    "postcopy_blocked_ms": {t: res("postcopy-faults", t, "postcopy_blocked_ms") for t in ("rdma", "tcp")},
+    "urgent_read_avg_us": {"runs": urgent, "median": median(urgent)},
+    "urgent_read_over_ib_read_lat_avg": ratio(median(urgent), lat_avg),
+    "fault_latency_us": {t: [f.get("fault_latency_us") for f in faults[t]] for t in ("rdma", "tcp")},
+    "postcopy_blocked_ms": {t: [f.get("postcopy_blocked_ms") for f in faults[t]] for t in ("rdma", "tcp")},
     "bytes_by_op_postcopy": res("postcopy-faults", "rdma", "bytes_by_op"),
     # A post-copy at once: nearly all its time is post-copy, and READs carry its pages.
     "postcopy_read_mb_per_s": ratio(res("postcopy-faults", "rdma", "bytes_by_op.rdma_read"),
@@ -99,12 +111,17 @@ out = {
 }
 e = sys.stderr
 print(f"\nSoft-RoCE bed, {mem} guest, --rdma-poll {poll}", file=e)
-print(f"ib_write_bw 64 KiB: {bw} MB/s; ib_read_lat 4 KiB: typical {lat.get('typical_us')} us, avg {lat.get('avg_us')} us", file=e)
+print(f"ib_write_bw 64 KiB: {bw} MB/s; ib_read_lat 4 KiB, before and after the post-copies: " +
+      ", ".join(f"typical {l.get('typical_us')} us avg {l.get('avg_us')} us" for l in lats), file=e)
 print(f"pre-copy of an idle guest: rdma {pre['rdma']} MB/s ({out['precopy_rdma_over_ib_write_bw']}x ib_write_bw), tcp {pre['tcp']} MB/s; registration {out['registration_ms']} ms", file=e)
 print(f"ib_read_bw 64 KiB: {rbw} MB/s; post-copy READs (bytes READ / total time of the post-copy at once): {out['postcopy_read_mb_per_s']} MB/s ({ratio(out['postcopy_read_mb_per_s'], rbw)}x)", file=e)
-print(f"urgent RDMA READ, posted to done: {out['urgent_read_avg_us']} us avg ({out['urgent_read_over_ib_read_lat_avg']}x ib_read_lat avg)", file=e)
+print(f"urgent RDMA READ, posted to done, average of each post-copy: {urgent} us; median {median(urgent)} us = "
+      f"{out['urgent_read_over_ib_read_lat_avg']}x the median ib_read_lat avg {lat_avg} us", file=e)
 for t in ("rdma", "tcp"):
-    print(f"post-copy fault (vCPU blocked) over {t}: {out['fault_latency_us'][t]}; blocked {out['postcopy_blocked_ms'][t]} ms", file=e)
+    for f in faults[t]:
+        fl = f.get("fault_latency_us", {})
+        print(f"post-copy fault (vCPU blocked) over {t}: p50 {fl.get('p50')} p90 {fl.get('p90')} p99 {fl.get('p99')} "
+              f"max {fl.get('max')} us; blocked {f.get('postcopy_blocked_ms')} ms", file=e)
 print(f"source process CPU during post-copy (two VMs): rdma {out['source_cpu_ms']['rdma']} ms, tcp {out['source_cpu_ms']['tcp']} ms -> {out['source_cpu_rdma_over_tcp']}x; source VM kernel time: {out['source_vm_kernel_ms']}", file=e)
 reg = out["registration"]
 out["chunked_over_pin_all_throughput"] = ratio(reg["chunked"]["throughput_mb_per_s"], reg["pin-all"]["throughput_mb_per_s"])
