@@ -57,6 +57,8 @@ struct hm_migration {
 	pthread_t thread;
 	atomic_bool cancel;
 	uint64_t t_request, t_parked, t_last_hb;
+	uint64_t t_scanned; /* the pause's steps done (see hm_stats.downtime_scan_ms) */
+	uint64_t t_paged, t_stated;
 	uint64_t t_go;		/* when the message that lets the destination run the guest left */
 	uint64_t t_confirm;	/* when the destination's confirmation of it arrived */
 	uint64_t cpu_switch_ns; /* process_cpu_ns() when the guest resumed on the destination */
@@ -706,6 +708,16 @@ static double downtime_ms(const struct hm_migration *m)
 	return ms_between(m->t_parked, m->t_confirm) - back;
 }
 
+/* With m->lock held: the downtime and its steps, once the destination runs the guest. */
+static void set_downtime_locked(struct hm_migration *m)
+{
+	m->st.downtime_ms = downtime_ms(m);
+	m->st.downtime_scan_ms = ms_between(m->t_parked, m->t_scanned);
+	m->st.downtime_pages_ms = ms_between(m->t_scanned, m->t_paged);
+	m->st.downtime_state_ms = ms_between(m->t_paged, m->t_stated);
+	m->st.downtime_handover_ms = m->st.downtime_ms - ms_between(m->t_parked, m->t_stated);
+}
+
 /* Waits for the destination's COMPLETE, then commits. */
 static int commit(struct hm_migration *m)
 {
@@ -765,12 +777,14 @@ static int final_scan(struct hm_migration *m, struct bitmap *into)
 	uint64_t t0 = now_ns();
 	int rc;
 
+	m->t_scanned = t0;
 	if (!m->dirty)
 		return 0;
 	rc = dirty_collect(m->dirty, into, false, NULL);
 	if (rc < 0)
 		return fail(m, rc, "final dirty scan: %s", strerror(-rc));
-	m->st.scan_ms = ms_between(t0, now_ns());
+	m->t_scanned = now_ns();
+	m->st.scan_ms = ms_between(t0, m->t_scanned);
 	return 0;
 }
 
@@ -783,16 +797,18 @@ static int finish(struct hm_migration *m)
 		return rc;
 	set_state(m, HM_MIG_STOPCOPY);
 	rc = run_round(m, m->cfg.mode == HM_MODE_COLD);
+	m->t_paged = now_ns();
 	if (rc == 0)
 		rc = send_state(m);
 	if (rc == 0)
 		rc = send_done(m);
+	m->t_stated = now_ns();
 	if (rc == 0)
 		rc = commit(m);
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = downtime_ms(m);
+	set_downtime_locked(m);
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -959,8 +975,10 @@ static int postcopy(struct hm_migration *m)
 	for (unsigned i = 0; rc == 0 && i < m->cfg.channels; i++)
 		if ((rc = m->bulk->ops->push_switch(m->bulk, i)) < 0)
 			fail(m, rc, "ending the pre-switch pages: %s", strerror(-rc));
+	m->t_paged = now_ns();
 	if (rc == 0)
 		rc = send_state(m);
+	m->t_stated = now_ns();
 	if (rc < 0)
 		goto out;
 	len = wire_encode_postcopy(hot.words, m->ram->npages, nstale, &msg);
@@ -987,7 +1005,7 @@ static int postcopy(struct hm_migration *m)
 	prio_set_normal(); /* the guest runs: the rest is background work */
 	stats_bytes(m);
 	pthread_mutex_lock(&m->lock);
-	m->st.downtime_ms = downtime_ms(m);
+	set_downtime_locked(m);
 	m->st.precopy_bytes = bytes_paused;
 	m->st.downtime_bytes = m->st.bytes_sent - bytes_paused;
 	m->st.remaining_pages = nstale;

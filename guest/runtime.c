@@ -503,6 +503,12 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_f64(w, "total_time_ms", st->total_time_ms);
 	jw_f64(w, "setup_time_ms", st->setup_time_ms);
 	jw_f64(w, "downtime_ms", st->downtime_ms);
+	jw_obj_begin(w, "downtime_steps_ms");
+	jw_f64(w, "final_scan", st->downtime_scan_ms);
+	jw_f64(w, "pages", st->downtime_pages_ms);
+	jw_f64(w, "state", st->downtime_state_ms);
+	jw_f64(w, "handover", st->downtime_handover_ms);
+	jw_obj_end(w);
 	jw_f64(w, "expected_downtime_ms", st->expected_downtime_ms);
 	jw_u64(w, "rounds", st->round);
 	jw_u64(w, "ram_bytes", st->ram_bytes);

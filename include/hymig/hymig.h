@@ -121,6 +121,10 @@ struct hm_stats {
 	double total_time_ms; /* request → commitment */
 	double setup_time_ms; /* request → channels open and tracking armed */
 	double downtime_ms;   /* last source vCPU parked → destination ready to run */
+	/* Where the downtime went, in order; they add up to downtime_ms: the final dirty
+	 * scan, the pages sent while paused, the vCPU and device state, and the handover
+	 * (the destination's work and the messages between the two). */
+	double downtime_scan_ms, downtime_pages_ms, downtime_state_ms, downtime_handover_ms;
 	double expected_downtime_ms;
 	uint64_t bytes_sent;	    /* everything on the wire, all channels and phases */
 	uint64_t pages_sent;	    /* data pages sent */

@@ -146,6 +146,18 @@ migrate() {
 
 result_field() { echo "$RESULT" | json_field "$1"; }
 
+# downtime_steps_add_up: the last result's downtime_steps_ms are each >= 0 and add up
+# to its downtime_ms; the final scan's step holds the scan itself (scan_ms).
+downtime_steps_add_up() {
+	echo "$RESULT" | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+steps, down = r["downtime_steps_ms"], r["downtime_ms"]
+print(f"downtime {down} ms: {steps}", file=sys.stderr)
+ok = all(v >= 0 for v in steps.values()) and abs(sum(steps.values()) - down) < 0.01
+sys.exit(0 if ok and steps["final_scan"] + 0.001 >= r["scan_ms"] else 1)' ||
+		fail "the downtime's steps do not add up to downtime_ms"
+}
+
 # start_postcopy SRC MIGRATE_ARGS...: starts a migration in the background; returns once
 # the source reports the post-copy phase (MIGRATE_PID is the migrate client).
 start_postcopy() {

@@ -146,6 +146,7 @@ guest a src11 --mem 64M --workload dirtier:rate=20M,pattern=uniform
 sleep 1
 migrate src11 --to "tcp://$ADDR_B:7041" --mode postcopy --postcopy-bandwidth-limit 8M
 postcopy_ran
+downtime_steps_add_up
 verify_ok dst11
 # Round 1 ran at the link's 50 MB/s; what followed the switch at no more than 8 MB/s.
 python3 - "$(result_field rate_mb_per_s)" "$(result_field postcopy_bytes)" \

@@ -14,6 +14,7 @@ migrate src --to "tcp://$ADDR_B:7001" --keep-source --downtime-limit 50
 [ "$(result_field status)" = completed ] || fail "status not completed"
 [ "$(result_field pages_resent)" -gt 0 ] || fail "a dirtier migration resent no page"
 [ "$(result_field tracking)" != none ] || fail "no dirty tracking reported"
+downtime_steps_add_up
 [ "$(status_field src state)" = migrated ] || fail "source state is not migrated"
 [ "$(status_field dst state)" = paused ] || fail "--no-autostart destination is not paused"
 compare_ram "$PID_src" "$PID_dst"
