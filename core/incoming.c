@@ -738,7 +738,7 @@ int hm_incoming_start(const struct hm_vm_ops *ops, void *opaque, const struct hm
 	in->cfg.psk = NULL;
 	pthread_mutex_init(&in->lock, NULL);
 	pthread_mutex_init(&in->fetch_lock, NULL);
-	pace_init(&in->pull, 0);
+	pace_init(&in->pull);
 	rc = tp_parse_uri(cfg->uri, &in->addr, err, errlen);
 	if (rc == 0)
 		rc = in->addr.ops->listen(&in->addr, &in->listener, err, errlen);

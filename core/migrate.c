@@ -1402,7 +1402,7 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 	}
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_cond_init(&m->cv, NULL);
-	pace_init(&m->bw, 0);
+	pace_init(&m->bw);
 	m->st.state = HM_MIG_SETUP;
 	m->st.mode = cfg->mode;
 	m->st.ram_bytes = ram->size;

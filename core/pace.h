@@ -15,8 +15,8 @@
 /* Under a limit, data goes in bursts of about 1 ms of it, at least this much. */
 #define PACE_MIN_BYTES (16 << 10)
 /* A sender that woke late may catch up this much of the schedule, no more: sleeps
- * overshoot (by up to ~1 ms in the Soft-RoCE bed's VMs, where an 8 MB/s limit came out
- * at 3.7 MB/s without it), and a longer burst would queue on a slow link. */
+ * overshoot (~0.25 ms for 0.5-4 ms sleeps in the Soft-RoCE bed's VMs, more when the
+ * sender waits for a CPU), and a longer burst would queue on a slow link. */
 #define PACE_CATCH_UP_NS 2000000ULL
 
 struct pace {
@@ -25,10 +25,11 @@ struct pace {
 	uint64_t next_ns; /* when the next byte may go */
 };
 
-static inline void pace_init(struct pace *p, uint64_t rate)
+/* No limit until pace_set. */
+static inline void pace_init(struct pace *p)
 {
 	pthread_mutex_init(&p->lock, NULL);
-	p->rate = rate;
+	p->rate = 0;
 	p->next_ns = 0;
 }
 
