@@ -328,7 +328,9 @@ static int accept_source(struct session *s)
 	}
 	bc.busy_poll = hello.flags & WIRE_F_BUSY_POLL;
 	bc.reg_chunks = hello.reg_chunks;
-	pace_set(&in->pull, hello.pull_rate); /* the puller does not run yet */
+	/* Only a destination that reads pages itself paces them (the puller does not run
+	 * yet); elsewhere the source does, and booking here would be work for nothing. */
+	pace_set(&in->pull, in->addr.ops->caps & TP_CAP_ONE_SIDED_READ ? hello.pull_rate : 0);
 	if (hello.flags & WIRE_F_RESUME) {
 		bool same = hello.nregions == in->pc_ram->nregions;
 		for (unsigned i = 0; same && i < hello.nregions; i++)
