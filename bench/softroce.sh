@@ -57,18 +57,15 @@ try:
     rows = [json.loads(l) for l in open(path) if l.strip()]
 except FileNotFoundError:
     rows = []
+def picks(kind, transport=None):
+    return [r for r in rows if r["kind"] == kind and (transport is None or r.get("transport") == transport)]
 def pick(kind, transport=None):
-    for r in rows:
-        if r["kind"] == kind and (transport is None or r.get("transport") == transport):
-            return r
-    return {}
+    return next(iter(picks(kind, transport)), {})
 def res(kind, transport, key):
     v = pick(kind, transport).get("result", {})
     for k in key.split("."):
         v = v.get(k) if isinstance(v, dict) else None
     return v
-def picks(kind, transport=None):
-    return [r for r in rows if r["kind"] == kind and (transport is None or r.get("transport") == transport)]
 def median(xs):
     xs = sorted(x for x in xs if isinstance(x, (int, float)))
     return None if not xs else xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
