@@ -121,6 +121,15 @@ static bool dirty_pagemap_scan_works(int fd, const struct ram_region *r)
 	return dirty_scan(fd, &a) >= 0;
 }
 
+/* The bits of [i, i + n) in i's word; *take gets how many that is. */
+static uint64_t dirty_word_mask(uint64_t i, uint64_t n, uint64_t *take)
+{
+	unsigned bit = i % 64;
+
+	*take = 64 - bit < n ? 64 - bit : n;
+	return (*take == 64 ? ~0ULL : (1ULL << *take) - 1) << bit;
+}
+
 /* Sets bits [i, i + n), atomically in a map others write too; returns how many were
  * clear. */
 static uint64_t dirty_set_range(struct bitmap *b, uint64_t i, uint64_t n, bool atomic)
@@ -128,9 +137,7 @@ static uint64_t dirty_set_range(struct bitmap *b, uint64_t i, uint64_t n, bool a
 	uint64_t added = 0;
 
 	while (n) {
-		unsigned bit = i % 64;
-		uint64_t take = 64 - bit < n ? 64 - bit : n;
-		uint64_t mask = (take == 64 ? ~0ULL : (1ULL << take) - 1) << bit;
+		uint64_t take, mask = dirty_word_mask(i, n, &take);
 		uint64_t *w = &b->words[i / 64], old;
 
 		if (atomic)
@@ -375,18 +382,64 @@ void dirty_destroy(struct dirty_tracker *t)
 	free(t);
 }
 
+int dirty_start_lazy(struct dirty_tracker *t)
+{
+	pthread_mutex_lock(&t->lock);
+	/* WP_ASYNC reports an unprotected page written by itself; the sync method sees
+	 * only faults, so its unarmed pages are pending until armed. */
+	for (uint64_t i = 0; i < BITMAP_WORDS(t->pending.nbits); i++)
+		__atomic_store_n(&t->pending.words[i], t->method == DIRTY_UFFD_WP_SYNC ? ~0ULL : 0,
+				 __ATOMIC_RELAXED);
+	t->armed = true;
+	pthread_mutex_unlock(&t->lock);
+	return 0;
+}
+
+int dirty_arm(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
+{
+	int rc = 0;
+
+	if (first_page > t->ram->npages || npages > t->ram->npages - first_page)
+		return -EINVAL;
+	pthread_mutex_lock(&t->lock);
+	for (unsigned i = 0; i < t->ram->nregions && rc == 0 && npages; i++) {
+		const struct ram_region *r = &t->ram->r[i];
+		uint64_t bp = r->backing_page / HM_PAGE_SIZE, rend = r->size / HM_PAGE_SIZE;
+		uint64_t s, e;
+
+		if (first_page + npages <= r->first_page || first_page >= r->first_page + rend)
+			continue;
+		s = first_page > r->first_page ? first_page - r->first_page : 0;
+		e = first_page + npages - r->first_page < rend ? first_page + npages - r->first_page
+							       : rend;
+		s = s / bp * bp;
+		e = (e + bp - 1) / bp * bp;
+		rc = uffd_wp(t->uffd, (uintptr_t)r->guest + s * HM_PAGE_SIZE,
+			     (e - s) * HM_PAGE_SIZE, true);
+		if (rc < 0) {
+			log_err("dirty: write-protect hymig-ram:%u: %s", i, strerror(-rc));
+			break;
+		}
+		/* Protected now: what was recorded of these pages is the caller's to read. */
+		for (uint64_t p = r->first_page + s, take; p < r->first_page + e; p += take)
+			__atomic_fetch_and(&t->pending.words[p / 64],
+					   ~dirty_word_mask(p, r->first_page + e - p, &take),
+					   __ATOMIC_RELAXED);
+	}
+	pthread_mutex_unlock(&t->lock);
+	return rc;
+}
+
 int dirty_start(struct dirty_tracker *t)
 {
-	int rc;
+	int rc = dirty_start_lazy(t);
 
-	pthread_mutex_lock(&t->lock);
-	rc = dirty_protect_all(t, true);
-	if (rc < 0)
+	if (rc == 0 && (rc = dirty_arm(t, 0, t->ram->npages)) < 0) {
+		pthread_mutex_lock(&t->lock);
 		dirty_protect_all(t, false); /* no half-armed state */
-	for (uint64_t i = 0; rc == 0 && i < BITMAP_WORDS(t->pending.nbits); i++)
-		__atomic_store_n(&t->pending.words[i], 0, __ATOMIC_RELAXED);
-	t->armed = rc == 0;
-	pthread_mutex_unlock(&t->lock);
+		t->armed = false;
+		pthread_mutex_unlock(&t->lock);
+	}
 	return rc;
 }
 

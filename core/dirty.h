@@ -38,6 +38,15 @@ const char *dirty_method_name(enum dirty_method m);
 /* Write-protects every guest view and forgets earlier writes: from now on each write
  * is recorded. */
 int dirty_start(struct dirty_tracker *t);
+/* Starts recording with nothing protected yet, so the first round need not wait for the
+ * whole guest to be write-protected (~40 ms a GiB here): until dirty_arm covers a page, a
+ * collect may report it written whether it was or not, and reports every write to it.
+ * Earlier writes and marks are forgotten. */
+int dirty_start_lazy(struct dirty_tracker *t);
+/* Write-protects pages [first_page, first_page + npages) (rounded out to whole backing
+ * pages) and forgets what was recorded of them: the caller reads them all after this.
+ * -EINVAL for a range outside the guest. */
+int dirty_arm(struct dirty_tracker *t, uint64_t first_page, uint64_t npages);
 /* Sets in out (npages bits, global page index) every page written (or marked) since
  * dirty_start or the previous collect with rearm. With rearm the collected pages are
  * protected again and consumed: the next collect sees only newer writes. Without it (the

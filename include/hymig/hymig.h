@@ -119,7 +119,7 @@ struct hm_stats {
 	const char *tracking; /* "wp-async", "uffd-wp-sync" or "none" (cold) */
 	const char *transport;
 	double total_time_ms; /* request → commitment */
-	double setup_time_ms; /* request → channels open and tracking armed */
+	double setup_time_ms; /* request → channels open and tracking started */
 	double downtime_ms;   /* last source vCPU parked → destination ready to run */
 	/* Where the downtime went, in order; they add up to downtime_ms: the final dirty
 	 * scan, the pages sent while paused, the vCPU and device state, and the handover

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Pre-copy between two hosts over veth: a 256 MiB dirtier and an idle guest. With
-# --keep-source and --no-autostart both copies are compared byte for byte; without,
-# the destination runs on and verifies.
+# Pre-copy between two hosts over veth: a 256 MiB dirtier (tracked by each method) and
+# an idle guest. With --keep-source and --no-autostart both copies are compared byte for
+# byte; without, the destination runs on and verifies.
 . "$(dirname "$0")/lib.sh"
 hosts_up hmpre
 
@@ -23,12 +23,13 @@ verify_ok dst
 "$HYMIG" quit --ctl "$(ctl dst)"
 sleep 0.5
 
-step "dirtier, destination runs on"
+step "dirtier, destination runs on (the sync write-protect tracker)"
 guest b dst2 --mem 256M --incoming "tcp://$ADDR_B:7002"
 guest a src2 --mem 256M --workload dirtier:rate=20M,pattern=hotspot --vcpus 2
 sleep 1
-migrate src2 --to "tcp://$ADDR_B:7002" --channels 3
+migrate src2 --to "tcp://$ADDR_B:7002" --channels 3 --tracking uffd-wp-sync
 [ $MIGRATE_RC = 0 ] || fail "migration failed"
+[ "$(result_field tracking)" = uffd-wp-sync ] || fail "tracking is not uffd-wp-sync"
 for _ in $(seq 50); do kill -0 "$PID_src2" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$PID_src2" 2>/dev/null && fail "source guest did not exit after commitment"
 [ "$(status_field dst2 state)" = running ] || fail "destination is not running"

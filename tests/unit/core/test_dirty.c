@@ -232,6 +232,34 @@ static void test_mark(void **state)
 	assert_int_equal(collect(f, true), 0);
 }
 
+/* Lazy start: a page counts as written until it is armed, arming forgets what came
+ * before, and once all is armed a collect is exact again. */
+static void test_lazy_arm(void **state)
+{
+	struct fx *f = fixture(state);
+	uint64_t r1 = f->ram->r[1].first_page, n0 = f->ram->r[0].size / HM_PAGE_SIZE;
+
+	assert_int_equal(dirty_start_lazy(f->t), 0);
+	guest_write(f->ram, 9, 1);
+	collect(f, false);
+	assert_true(bitmap_test(&f->out, 9)); /* not armed: written */
+	assert_int_equal(dirty_arm(f->t, 0, n0), 0);
+	guest_write(f->ram, 20, 1);
+	guest_write(f->ram, r1 + 3, 1);
+	collect(f, true);
+	assert_false(bitmap_test(&f->out, 9)); /* written before its arming */
+	assert_true(bitmap_test(&f->out, 20) && bitmap_test(&f->out, r1 + 3));
+	for (uint64_t pg = 0; pg < n0; pg++)
+		if (pg != 20 && bitmap_test(&f->out, pg))
+			fail_msg("armed page %llu reported unwritten", (unsigned long long)pg);
+	assert_int_equal(dirty_arm(f->t, r1, f->ram->npages - r1), 0);
+	guest_write(f->ram, r1 + 40, 2);
+	assert_int_equal(collect(f, true), 1);
+	assert_true(bitmap_test(&f->out, r1 + 40));
+	assert_int_equal(dirty_arm(f->t, f->ram->npages - 1, 2), -EINVAL);
+	assert_int_equal(dirty_arm(f->t, f->ram->npages + 1, 0), -EINVAL);
+}
+
 /* Every other page of region 1 written: more runs than one PAGEMAP_SCAN call returns. */
 static void test_many_runs(void **state)
 {
@@ -485,6 +513,7 @@ int main(void)
 	    BOTH(test_mig_view_not_reported),
 	    BOTH(test_mark),
 	    BOTH(test_many_runs),
+	    BOTH(test_lazy_arm),
 	    BOTH(test_concurrent_writer),
 	    BOTH(test_stop_unprotects),
 	    {"wp-async/test_destroy_cleans_up", test_destroy_cleans_up, NULL, NULL, &m_async},
