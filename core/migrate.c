@@ -35,7 +35,6 @@
  * before the first page goes: arming took ~40 ms a GiB here, during which nothing was
  * sent. A piece costs one TLB shootdown (~18 us with running vCPUs). */
 #define ARM_PIECE_PAGES 4096
-/* Nice value of the sender threads. */
 
 struct sender {
 	struct hm_migration *m;
