@@ -582,6 +582,12 @@ static int receive(struct session *s)
 		switch (h.type) {
 		case WIRE_HEARTBEAT:
 			break;
+		case WIRE_PING:
+			if ((rc = ctl_send(s->ctl, WIRE_PONG, NULL, NULL)) < 0) {
+				snprintf(s->err, sizeof(s->err), "control connection lost");
+				return rc;
+			}
+			break;
 		case WIRE_STATE:
 			if (s->state) {
 				snprintf(s->err, sizeof(s->err), "state sent twice");

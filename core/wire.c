@@ -15,7 +15,8 @@ static const char *const type_names[WIRE_TYPE_MAX] = {
     [WIRE_DONE] = "done",	    [WIRE_COMPLETE] = "complete",
     [WIRE_COMMIT] = "commit",	    [WIRE_RESUMED] = "resumed",
     [WIRE_ABORT] = "abort",	    [WIRE_POSTCOPY] = "postcopy",
-    [WIRE_RUNNING] = "running",
+    [WIRE_RUNNING] = "running",	    [WIRE_PING] = "ping",
+    [WIRE_PONG] = "pong",
 };
 
 /* Fixed payload sizes; STATE and POSTCOPY are variable (at least their two lengths). */
@@ -23,7 +24,8 @@ static const uint32_t payload_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	 [WIRE_CHALLENGE] = 88,	 [WIRE_AUTH] = 32,     [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200, [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_STATE] = 8,
     [WIRE_DONE] = 136,	 [WIRE_COMPLETE] = 280,	 [WIRE_COMMIT] = 0,    [WIRE_RESUMED] = 0,
-    [WIRE_ABORT] = 200,	 [WIRE_POSTCOPY] = 16,	 [WIRE_RUNNING] = 0,
+    [WIRE_ABORT] = 200,	 [WIRE_POSTCOPY] = 16,	 [WIRE_RUNNING] = 0,   [WIRE_PING] = 0,
+    [WIRE_PONG] = 0,
 };
 
 /* Types whose payload length varies; they have their own encoders and decoders. */

@@ -17,7 +17,7 @@
 
 #define WIRE_MAGIC	  0x474d5948u /* "HYMG" */
 #define WIRE_REC_MAGIC	  0x50474d48u /* "HMGP" */
-#define WIRE_VERSION	  1
+#define WIRE_VERSION	  2
 #define WIRE_NONCE_LEN	  32
 #define WIRE_MAC_LEN	  32
 #define WIRE_SID_LEN	  16
@@ -42,6 +42,8 @@ enum wire_type {
 	WIRE_ABORT,	 /* src→dst: migration cancelled; a reason */
 	WIRE_POSTCOPY,	 /* src→dst: switch: the stale pages; the guest is yours, run it */
 	WIRE_RUNNING,	 /* dst→src: the guest runs here (post-copy) */
+	WIRE_PING,	 /* src→dst: answer at once (a round-trip sample) */
+	WIRE_PONG,	 /* dst→src: the answer */
 	WIRE_TYPE_MAX,
 };
 

@@ -22,7 +22,7 @@ static const uint32_t fixed_len[WIRE_TYPE_MAX] = {
     [WIRE_HELLO] = 584,	   [WIRE_CHALLENGE] = 88,  [WIRE_AUTH] = 32,	 [WIRE_READY] = 16,
     [WIRE_REFUSE] = 200,   [WIRE_CHAN_HELLO] = 56, [WIRE_HEARTBEAT] = 0, [WIRE_DONE] = 136,
     [WIRE_COMPLETE] = 280, [WIRE_COMMIT] = 0,	   [WIRE_RESUMED] = 0,	 [WIRE_ABORT] = 200,
-    [WIRE_RUNNING] = 0,
+    [WIRE_RUNNING] = 0,	   [WIRE_PING] = 0,	   [WIRE_PONG] = 0,
 };
 
 static int variable_type(uint16_t t)
@@ -472,7 +472,8 @@ static void test_complete_malformed(void **state)
 
 static void test_empty_roundtrip(void **state)
 {
-	static const uint16_t types[] = {WIRE_HEARTBEAT, WIRE_COMMIT, WIRE_RESUMED, WIRE_RUNNING};
+	static const uint16_t types[] = {WIRE_HEARTBEAT, WIRE_COMMIT, WIRE_RESUMED,
+					 WIRE_RUNNING,	 WIRE_PING,   WIRE_PONG};
 	uint8_t buf[BUFSZ];
 
 	for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
@@ -491,6 +492,9 @@ static void test_empty_roundtrip(void **state)
 	assert_int_equal(buf[7], 0);
 	assert_int_equal(buf[8] | buf[9] | buf[10] | buf[11], 0);
 	assert_int_equal(buf[HDR], 0xee);
+	/* ping 16, pong 17 */
+	assert_int_equal(WIRE_PING, 16);
+	assert_int_equal(WIRE_PONG, 17);
 }
 
 static void test_state_roundtrip(void **state)
