@@ -659,8 +659,9 @@ static int sample_rtt(struct hm_migration *m, char *err, size_t errlen)
 				errlen);
 		if (rc < 0)
 			return rc;
-		if (ms_between(t0, now_ns()) < m->rtt_ms)
-			m->rtt_ms = ms_between(t0, now_ns());
+		double ms = ms_between(t0, now_ns());
+		if (ms < m->rtt_ms)
+			m->rtt_ms = ms;
 	}
 	return 0;
 }
