@@ -7,8 +7,9 @@
 #
 # One VM (rxe loopback): ib_write_bw and ib_read_bw at their default 64 KiB and
 # ib_read_lat -s 4096, then an idle guest's pre-copy over rdma and over tcp, and N
-# post-copies at once of a 20 MB/s dirtier over rdma and over tcp, alternating, then
-# ib_read_lat again (the urgent READ's ratio is of the medians), and an idle 1 GiB
+# post-copies at once of a 20 MB/s dirtier over rdma and over tcp, alternating, with
+# ib_read_lat again after each pair (the urgent READ's ratio is of the medians of the
+# N post-copies and N + 1 ib_read_lat runs), and an idle 1 GiB
 # guest's pre-copy with pin-all and with chunked registration (256 MiB cap), N times
 # each, alternating (ratio of the median throughputs). Two VMs:
 # the same post-copy over rdma and over tcp, with the source guest process's CPU time
@@ -112,7 +113,7 @@ out = {
 }
 e = sys.stderr
 print(f"\nSoft-RoCE bed, {mem} guest, --rdma-poll {poll}", file=e)
-print(f"ib_write_bw 64 KiB: {bw} MB/s; ib_read_lat 4 KiB, before and after the post-copies: " +
+print(f"ib_write_bw 64 KiB: {bw} MB/s; ib_read_lat 4 KiB, around the post-copies: " +
       ", ".join(f"typical {l.get('typical_us')} us avg {l.get('avg_us')} us" for l in lats), file=e)
 print(f"pre-copy of an idle guest: rdma {pre['rdma']} MB/s ({out['precopy_rdma_over_ib_write_bw']}x ib_write_bw), tcp {pre['tcp']} MB/s; registration {out['registration_ms']} ms", file=e)
 print(f"ib_read_bw 64 KiB: {rbw} MB/s; post-copy READs (bytes READ / total time of the post-copy at once): {out['postcopy_read_mb_per_s']} MB/s ({ratio(out['postcopy_read_mb_per_s'], rbw)}x)", file=e)
