@@ -80,7 +80,7 @@ rbw = pick("ib_read_bw").get("mb_per_s")
 lats = picks("ib_read_lat")
 lat_avg = median(l.get("avg_us") for l in lats)
 faults = {t: [r.get("result", {}) for r in picks("postcopy-faults", t)] for t in ("rdma", "tcp")}
-urgent = [f.get("urgent_read_avg_us") for f in faults["rdma"]]
+urgent = [f.get("urgent_read_avg_us") for f in faults["rdma"] if f.get("status") == "completed"]
 pre = {t: res("precopy-idle", t, "throughput_mb_per_s") for t in ("rdma", "tcp")}
 cpu = {t: pick("postcopy-source-cpu", t) for t in ("rdma", "tcp")}
 src_cpu = {t: cpu[t].get("result", {}).get("postcopy_source_cpu_ms") for t in ("rdma", "tcp")}
@@ -106,7 +106,7 @@ out = {
     "source_vm_kernel_ms": {t: cpu[t].get("vm_kernel_ms") for t in ("rdma", "tcp")},
     "source_cpu_rdma_over_tcp": ratio(src_cpu["rdma"], src_cpu["tcp"]),
     "registration": {k: [{f: r.get("result", {}).get(f) for f in
-                          ("registration_ms", "pinned_peak_bytes", "chunk_pins", "throughput_mb_per_s", "ram_bytes")}
+                          ("status", "registration_ms", "pinned_peak_bytes", "chunk_pins", "throughput_mb_per_s", "ram_bytes")}
                          for r in picks("registration-" + k, "rdma")]
                      for k in ("pin-all", "chunked")},
     "runs": rows,
@@ -126,11 +126,12 @@ for t in ("rdma", "tcp"):
               f"max {fl.get('max')} us; blocked {f.get('postcopy_blocked_ms')} ms", file=e)
 print(f"source process CPU during post-copy (two VMs): rdma {out['source_cpu_ms']['rdma']} ms, tcp {out['source_cpu_ms']['tcp']} ms -> {out['source_cpu_rdma_over_tcp']}x; source VM kernel time: {out['source_vm_kernel_ms']}", file=e)
 reg = out["registration"]
-reg_tput = {k: median(r["throughput_mb_per_s"] for r in reg[k]) for k in reg}
+# A failed migration has no throughput: it is listed, not counted.
+reg_tput = {k: median(r["throughput_mb_per_s"] for r in reg[k] if r["status"] == "completed") for k in reg}
 out["chunked_over_pin_all_throughput"] = ratio(reg_tput["chunked"], reg_tput["pin-all"])
 for k in ("pin-all", "chunked"):
     for r in reg[k]:
-        print(f"registration, {k}, idle {r['ram_bytes']} B guest: {r['registration_ms']} ms registering, peak {r['pinned_peak_bytes']} B pinned, {r['chunk_pins']} chunk pins, pre-copy {r['throughput_mb_per_s']} MB/s", file=e)
+        print(f"registration, {k}, idle {r['ram_bytes']} B guest, {r['status']}: {r['registration_ms']} ms registering, peak {r['pinned_peak_bytes']} B pinned, {r['chunk_pins']} chunk pins, pre-copy {r['throughput_mb_per_s']} MB/s", file=e)
 print(f"chunked over pin-all pre-copy throughput, medians: {reg_tput['chunked']} / {reg_tput['pin-all']} MB/s = {out['chunked_over_pin_all_throughput']}x", file=e)
 print(json.dumps(out))
 PY
