@@ -18,15 +18,22 @@ if [ "$(id -u)" != 0 ]; then
 	exit 77
 fi
 
+# guest_logs: the end of every guest's log on stderr, once.
+guest_logs() {
+	[ -z "${GUEST_LOGS_SHOWN:-}" ] || return 0
+	GUEST_LOGS_SHOWN=1
+	echo "--- guest logs ---" >&2
+	tail -n 30 "$WORK"/*.log >&2 2>/dev/null || true
+}
+
+# cleanup [RC]: the EXIT trap; RC (default $?) is the test's status. A trap that passes
+# it on must not run `(exit RC)` first: under set -e that ends the shell there.
 cleanup() {
-	local rc=$?
+	local rc=${1:-$?}
 	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
 	[ -n "$NAME" ] && "$HOSTS" down "$NAME"
 	[ -n "${HUGEPAGES_WAS:-}" ] && echo "$HUGEPAGES_WAS" >/proc/sys/vm/nr_hugepages
-	if [ $rc != 0 ]; then
-		echo "--- guest logs ---" >&2
-		tail -n 30 "$WORK"/*.log >&2 2>/dev/null || true
-	fi
+	[ $rc = 0 ] || guest_logs
 	rm -rf "$WORK"
 	exit $rc
 }

@@ -18,18 +18,21 @@ PEER=${RDMA_PEER:-10.77.0.2} # the destination's address (b's in the bed)
 WAIT=300 # seconds one side waits for the other's step
 OTHER=$([ "$ROLE" = a ] && echo b || echo a)
 
-# A side that fails says so (the other then fails too, and both print their guests'
-# logs). Each side ends by showing its RDMA device's non-zero counters: a transport
-# error is often the link's (lost packets, retransmissions) rather than hymig's.
+# Each side ends by showing its RDMA device's non-zero counters: a transport error is
+# often the link's (lost packets, retransmissions) rather than hymig's. A side that
+# fails shows its guests' logs, then says so; not before, since the other side then
+# fails too and the bed stops this VM as soon as both have.
 on_exit() {
 	local rc=$? c line=
-	[ $rc = 0 ] || say "$ROLE.failed"
 	for c in /sys/class/infiniband/*/ports/1/hw_counters/*; do
 		[ -r "$c" ] && [ "$(cat "$c")" != 0 ] && line+=" $(basename "$c")=$(cat "$c")"
 	done
 	[ -z "$line" ] || echo "$ROLE: rdma counters:$line" >&2
-	(exit $rc)
-	cleanup
+	if [ $rc != 0 ]; then
+		guest_logs
+		say "$ROLE.failed"
+	fi
+	cleanup "$rc"
 }
 trap on_exit EXIT
 
