@@ -64,7 +64,7 @@ static void *vcpu_main(void *arg)
 		pthread_mutex_unlock(&g->lock);
 		if (g->quit)
 			return NULL;
-		ns = wl_vcpu_step(g->ram, &g->cfg.wl, v);
+		ns = wl_vcpu_step(g->ram, &g->cfg.wl, v, &g->run);
 		/* Idle vCPUs other than the heartbeat's have nothing to do: let them sleep
 		 * long, since a pause wakes them at once. */
 		if (g->cfg.wl.kind == WL_IDLE && v->index)
@@ -90,7 +90,7 @@ static int start_vcpus(struct guest *g, unsigned n, bool run)
 {
 	pthread_mutex_lock(&g->lock);
 	g->nvcpus = n;
-	g->run = run;
+	__atomic_store_n(&g->run, run, __ATOMIC_RELAXED);
 	pthread_cond_broadcast(&g->cv);
 	pthread_mutex_unlock(&g->lock);
 	for (unsigned i = g->nthreads; i < n; i++) {
@@ -110,7 +110,7 @@ static int start_vcpus(struct guest *g, unsigned n, bool run)
 int guest_pause(struct guest *g, uint64_t *parked_ns)
 {
 	pthread_mutex_lock(&g->lock);
-	g->run = false;
+	__atomic_store_n(&g->run, false, __ATOMIC_RELAXED);
 	pthread_cond_broadcast(&g->cv); /* wakes sleeping vCPUs so they park now */
 	while (g->parked < g->nvcpus && !g->quit)
 		pthread_cond_wait(&g->parked_cv, &g->lock);
@@ -124,7 +124,7 @@ void guest_resume(struct guest *g)
 {
 	pthread_mutex_lock(&g->lock);
 	if (!g->migrated) {
-		g->run = true;
+		__atomic_store_n(&g->run, true, __ATOMIC_RELAXED);
 		pthread_cond_broadcast(&g->cv);
 	}
 	pthread_mutex_unlock(&g->lock);
@@ -690,7 +690,7 @@ int guest_main(const struct guest_cfg *cfg)
 out:
 	pthread_mutex_lock(&g->lock);
 	g->quit = true;
-	g->run = false;
+	__atomic_store_n(&g->run, false, __ATOMIC_RELAXED);
 	pthread_cond_broadcast(&g->cv);
 	pthread_cond_broadcast(&g->parked_cv);
 	pthread_mutex_unlock(&g->lock);

@@ -25,7 +25,8 @@ struct guest {
 	unsigned nthreads;	  /* vCPU threads started: more than nvcpus idle */
 	pthread_t vcpu_thread[WL_MAX_VCPUS];
 	struct wl_vcpu vcpu[WL_MAX_VCPUS];
-	bool run;  /* vCPUs may run (false: parked) */
+	bool run;  /* vCPUs may run (false: parked); stored atomically, since a vCPU
+		      reads it between pages without the lock */
 	bool quit; /* process is ending */
 	unsigned parked;
 	uint64_t parked_ns; /* when the last vCPU parked */

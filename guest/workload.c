@@ -432,7 +432,8 @@ static uint64_t wl_pick(const struct wl_spec *spec, struct wl_vcpu *v, uint64_t 
 	return wl_below(&v->rng, owned);
 }
 
-uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_vcpu *v)
+uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_vcpu *v,
+		      const bool *run)
 {
 	struct wl_meta *m = wl_meta_of(ram);
 	uint64_t first = wl_data_first(ram->npages), ndata = ram->npages - first;
@@ -459,6 +460,12 @@ uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_
 	v->credit -= (double)n;
 
 	for (uint64_t i = 0; i < n; i++) {
+		if (i > 0 && v->index == 0)
+			wl_heartbeat(m, v);
+		if (run && !__atomic_load_n(run, __ATOMIC_RELAXED)) {
+			v->credit += (double)(n - i);
+			return 0;
+		}
 		uint64_t pg = first + v->index + wl_pick(spec, v, ndata, owned) * v->nvcpus;
 		uint32_t *slot = wl_gen_slot(ram, pg);
 		uint32_t gen = *slot + 1; /* only this vCPU writes pg: no race */

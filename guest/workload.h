@@ -57,11 +57,16 @@ uint64_t wl_data_first(uint64_t npages);
 /* index < nvcpus <= WL_MAX_VCPUS (a vCPU beyond that has no counter and writes
  * nothing). vCPU i owns the data pages whose (page - data_first) % nvcpus == i. */
 void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index, uint32_t nvcpus);
-/* One slice of vCPU work (at most ~100 us): writes the pages the rate owes since the
- * previous step, and vCPU 0 stamps the heartbeat (CLOCK_REALTIME) and updates the
- * longest gap. Returns the number of nanoseconds the vCPU may sleep before the next
- * step. Always returns between pages, so a pause between steps is safe. */
-uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_vcpu *v);
+/* One slice of vCPU work: writes the pages the rate owes since the previous step (at
+ * most WL_STEP_MAX), and vCPU 0 stamps the heartbeat (CLOCK_REALTIME), updating the
+ * longest gap, at the start and before each page: a page's first write may take a
+ * write-protect fault, so a step can last milliseconds while the guest runs. Returns
+ * the nanoseconds the vCPU may sleep before the next step (0 when it stopped early).
+ * Always returns between pages; when run is given, as soon as *run (read atomically)
+ * is false, so a pause waits for one page rather than a whole step. Pages owed and not
+ * written stay owed. */
+uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_vcpu *v,
+		      const bool *run);
 /* Forget the heartbeat baseline (after a deliberate, operator-requested pause the
  * stall is not counted): the next stamp starts a new baseline. */
 void wl_heartbeat_reset(struct hm_ram *ram);

@@ -281,7 +281,7 @@ static void test_corruption(void **state)
 	/* Give pages non-zero generations first. */
 	wl_vcpu_init(&c, &s, 0, 1);
 	for (uint64_t t0 = now_ns(); now_ns() - t0 < 20000000;)
-		sleep_ns(wl_vcpu_step(ram, &s, &c));
+		sleep_ns(wl_vcpu_step(ram, &s, &c, NULL));
 	assert_true(wl_pages_written(ram) > 100);
 	assert_int_equal(verify_ok().pages_bad, 0);
 
@@ -335,12 +335,12 @@ static void test_dirtier_rate(void **state)
 	wl_vcpu_init(&c[0], &s, 0, 2);
 	wl_vcpu_init(&c[1], &s, 1, 2);
 	/* The first step of each vCPU only sets the pacing baseline. */
-	wl_vcpu_step(ram, &s, &c[0]);
-	wl_vcpu_step(ram, &s, &c[1]);
+	wl_vcpu_step(ram, &s, &c[0], NULL);
+	wl_vcpu_step(ram, &s, &c[1], NULL);
 	t0 = now_ns();
 	do {
-		uint64_t a = wl_vcpu_step(ram, &s, &c[0]);
-		uint64_t b = wl_vcpu_step(ram, &s, &c[1]);
+		uint64_t a = wl_vcpu_step(ram, &s, &c[0], NULL);
+		uint64_t b = wl_vcpu_step(ram, &s, &c[1], NULL);
 		assert_true(a <= 100000 && b <= 100000);
 		sleep_ns(a < b ? a : b);
 		t1 = now_ns();
@@ -370,7 +370,7 @@ static void run_vcpu(const struct wl_spec *s, struct wl_vcpu *c, uint64_t n)
 	uint64_t start = wl_pages_written(ram), t0 = now_ns();
 
 	while (wl_pages_written(ram) - start < n) {
-		sleep_ns(wl_vcpu_step(ram, s, c));
+		sleep_ns(wl_vcpu_step(ram, s, c, NULL));
 		assert_true(now_ns() - t0 < 5000000000ULL);
 	}
 }
@@ -460,16 +460,16 @@ static void test_heartbeat(void **state)
 	assert_int_equal(wl_init_ram(ram, &s), 0);
 	wl_vcpu_init(&c0, &s, 0, 2);
 	wl_vcpu_init(&c1, &s, 1, 2);
-	assert_int_equal(wl_vcpu_step(ram, &s, &c0), 100000);
+	assert_int_equal(wl_vcpu_step(ram, &s, &c0, NULL), 100000);
 	sleep_ns(1000000);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	double base = verify_ok().max_stall_ms;
 	assert_true(base < 30);
 
 	sleep_ns(30000000);
-	wl_vcpu_step(ram, &s, &c1); /* only vCPU 0 stamps */
+	wl_vcpu_step(ram, &s, &c1, NULL); /* only vCPU 0 stamps */
 	assert_true(verify_ok().max_stall_ms < 30);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	double stall = verify_ok().max_stall_ms;
 	print_message("heartbeat: max stall %.2f ms after a 30 ms sleep\n", stall);
 	assert_true(stall >= 30 && stall < 2000);
@@ -477,10 +477,10 @@ static void test_heartbeat(void **state)
 	/* After a reset the gap across the pause is not a stall. */
 	wl_heartbeat_reset(ram);
 	sleep_ns(60000000);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	assert_true(verify_ok().max_stall_ms == stall);
 	sleep_ns(1000000);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	assert_true(verify_ok().max_stall_ms == stall);
 	assert_int_equal(wl_pages_written(ram), 0); /* idle writes no data page */
 }
@@ -494,37 +494,67 @@ static void test_arrival_stall(void **state)
 
 	assert_int_equal(wl_init_ram(ram, &s), 0);
 	wl_vcpu_init(&c0, &s, 0, 1);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	assert_true(verify_ok().arrival_stall_ms == 0);
 
 	c0.arrived = true; /* as the destination's load_state sets it */
 	sleep_ns(20000000);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	double gap = verify_ok().arrival_stall_ms;
 	print_message("arrival stall %.2f ms after a 20 ms switchover\n", gap);
 	assert_true(gap >= 20 && gap < 2000);
 	assert_false(c0.arrived);
 	sleep_ns(40000000);
-	wl_vcpu_step(ram, &s, &c0); /* a later gap is no arrival */
+	wl_vcpu_step(ram, &s, &c0, NULL); /* a later gap is no arrival */
 	assert_true(verify_ok().arrival_stall_ms == gap);
 	assert_true(verify_ok().max_stall_ms >= 40);
 
 	c0.arrived = true;
 	wl_heartbeat_reset(ram);
 	sleep_ns(5000000);
-	wl_vcpu_step(ram, &s, &c0);
+	wl_vcpu_step(ram, &s, &c0, NULL);
 	assert_true(verify_ok().arrival_stall_ms == 0);
 	assert_false(c0.arrived);
+}
+
+/* A pause asked mid-step ends the step before the next page, and what the rate owed
+ * is written after it. */
+static void test_step_stops_for_pause(void **state)
+{
+	struct wl_spec s = spec_of("dirtier:rate=1G,pattern=uniform,seed=5");
+	struct wl_vcpu c0;
+	bool run = true;
+
+	assert_int_equal(wl_init_ram(ram, &s), 0);
+	wl_vcpu_init(&c0, &s, 0, 1);
+	wl_vcpu_step(ram, &s, &c0, &run); /* the pacing baseline */
+	uint64_t before = wl_pages_written(ram);
+	sleep_ns(2000000); /* ~490 pages owed at 1 GB/s: a full step */
+	run = false;
+	assert_int_equal(wl_vcpu_step(ram, &s, &c0, &run), 0);
+	assert_int_equal(wl_pages_written(ram), before);
+	run = true;
+	wl_vcpu_step(ram, &s, &c0, &run);
+	uint64_t wrote = wl_pages_written(ram) - before;
+	print_message("step after a pause: %llu pages\n", (unsigned long long)wrote);
+	assert_true(wrote >= 32 && wrote <= 64);
+	assert_int_equal(verify_ok().pages_bad, 0);
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_parse_accepts),      cmocka_unit_test(test_parse_rejects),
-	    cmocka_unit_test(test_format_roundtrip),   cmocka_unit_test(test_init_verify),
-	    cmocka_unit_test(test_corruption),	       cmocka_unit_test(test_dirtier_rate),
-	    cmocka_unit_test(test_patterns_own_pages), cmocka_unit_test(test_sequential_wraps),
-	    cmocka_unit_test(test_heartbeat),	       cmocka_unit_test(test_arrival_stall),
+	    cmocka_unit_test(test_parse_accepts),
+	    cmocka_unit_test(test_parse_rejects),
+	    cmocka_unit_test(test_format_roundtrip),
+	    cmocka_unit_test(test_init_verify),
+	    cmocka_unit_test(test_corruption),
+	    cmocka_unit_test(test_dirtier_rate),
+	    cmocka_unit_test(test_patterns_own_pages),
+	    cmocka_unit_test(test_sequential_wraps),
+	    cmocka_unit_test(test_heartbeat),
+	    cmocka_unit_test(test_arrival_stall),
+	    cmocka_unit_test(test_step_stops_for_pause),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
