@@ -71,9 +71,11 @@ static int expect(struct tp_conn *c, uint16_t type, int timeout_ms, bool silence
 			if (wire_decode(h.type, buf + sizeof(h), h.len, &r, err, errlen) < 0)
 				return -EPROTO;
 			snprintf(err, errlen, "%s", r.reason);
+			/* Not -ECONNREFUSED: that is a connect nobody answered, which a
+			 * retry may cure; a refusal by the peer it would not. */
 			return r.code == REFUSE_AUTH	     ? -EACCES
 			       : r.code == REFUSE_NO_SESSION ? -ENOENT
-							     : -ECONNREFUSED;
+							     : -ECONNABORTED;
 		}
 		if (h.type != type) {
 			snprintf(err, errlen, "expected a %s message, got %s", wire_type_name(type),

@@ -90,9 +90,31 @@ static int fail(struct hm_migration *m, int rc, const char *fmt, ...)
 		va_start(ap, fmt);
 		vsnprintf(m->st.error, sizeof(m->st.error), fmt, ap);
 		va_end(ap);
+		m->error_rc = rc;
 	}
 	pthread_mutex_unlock(&m->lock);
 	return rc;
+}
+
+/* The errors of a link that was refused, broke or went silent: the destination may
+ * listen again (it does after a failed attempt) or the link may heal. Refusals by the
+ * destination itself (layout, key) are -ECONNABORTED, -EACCES or -EPROTO. */
+static bool link_error(int rc)
+{
+	switch (-rc) {
+	case ECONNREFUSED:
+	case ECONNRESET:
+	case EPIPE:
+	case ENOTCONN:
+	case ETIMEDOUT:
+	case EHOSTUNREACH:
+	case EHOSTDOWN:
+	case ENETUNREACH:
+	case ENETDOWN:
+		return true;
+	default:
+		return false;
+	}
 }
 
 /* Called while no sender runs (before a round starts them). */
@@ -280,6 +302,7 @@ static int run_round(struct hm_migration *m, bool skip_zero)
 			m->bulk->ops->bulk_shutdown(m->bulk);
 		}
 		if (!rc && timed_out(m) && !m->paused) {
+			m->gave_up = true;
 			rc = fail(m, -ETIMEDOUT, "timeout of %u s reached during round %u",
 				  m->cfg.timeout_s, m->st.round);
 			m->bulk->ops->bulk_shutdown(m->bulk);
@@ -894,6 +917,7 @@ static int precopy(struct hm_migration *m)
 		case CONV_GIVE_UP:
 			if (m->cfg.mode == HM_MODE_HYBRID)
 				return switch_because(m, "%s", why);
+			m->gave_up = true;
 			return fail(m, -ETIMEDOUT, "%s", why);
 		case CONV_STOP_COPY:
 			return 0;
@@ -1099,6 +1123,8 @@ out:
 	}
 	if (rc < 0)
 		log_err("migration to %s failed: %s", m->uri, m->st.error);
+	m->st.retryable =
+	    rc < 0 && !m->commit_sent && !m->switched && !m->gave_up && link_error(m->error_rc);
 	m->st.total_time_ms = ms_between(m->t_request, now_ns());
 	if (m->bulk)
 		m->bulk->ops->bulk_close(m->bulk);

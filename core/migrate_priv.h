@@ -46,6 +46,8 @@ struct hm_migration {
 	double rtt_ms;
 	bool paused;	     /* we paused the guest and must resume it on failure */
 	bool commit_sent;    /* from here on the source never resumes by itself */
+	int error_rc;	     /* the errno of the first failure (the one st.error tells) */
+	bool gave_up;	     /* --timeout or non-convergence ended it: a retry would too */
 	bool switched;	     /* post-copy: the destination was told to run the guest */
 	uint8_t *heat;	     /* post-copy and hybrid: how often each page was dirty lately */
 	double bandwidth;    /* bytes/s of the latest measured round */

@@ -500,6 +500,8 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_str(w, "phase", hm_mig_state_name(st->state));
 	jw_str(w, "mode", mode_names[st->mode]);
 	jw_bool(w, "source_paused", st->source_paused);
+	if (st->state == HM_MIG_FAILED)
+		jw_bool(w, "retryable", st->retryable);
 	jw_f64(w, "total_time_ms", st->total_time_ms);
 	jw_f64(w, "setup_time_ms", st->setup_time_ms);
 	jw_f64(w, "downtime_ms", st->downtime_ms);

@@ -12,6 +12,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "../core/clock.h"
 #include "../core/json.h"
 #include "../core/log.h"
 #include "../guest/guest.h"
@@ -37,7 +38,7 @@ static const char usage[] =
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
     "                [--postcopy-bandwidth-limit RATE]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
-    "                [--tracking auto|wp-async|uffd-wp-sync] [--json]\n"
+    "                [--tracking auto|wp-async|uffd-wp-sync] [--retries N] [--json]\n"
     "  hymig migrate --ctl PATH --resume [--to URI] [--json]\n"
     "  hymig status  --ctl PATH [--json]\n"
     "  hymig verify  --ctl PATH [--json]\n"
@@ -78,6 +79,10 @@ static const char usage[] =
     "page moves; chunked pins 2 MiB chunks on demand, at most --rdma-reg-cap (default\n"
     "256M) at once on each side, for RAM larger than the memlock limit or the HCA;\n"
     "then each side's CPU pins the chunks the other asks for, post-copy included.\n"
+    "--retries N: a migration that failed before the switch because the link was\n"
+    "refused, broke or went silent (result field retryable) is started again, up to\n"
+    "N times, after 1, 2, 4... (at most 10) seconds; the guest runs here meanwhile.\n"
+    "The result then has attempts, failed_attempts and elapsed_ms. Default 0.\n"
     "migrate --ctl SRC --resume [--to URI] resumes a post-copy whose link broke\n"
     "(status postcopy-paused), to the same or a new address.\n"
     "Transports built in: %s.\n"
@@ -417,6 +422,69 @@ static void progress_line(const struct jobj *o)
 		dirty, expect);
 }
 
+static double ms_since(uint64_t t0)
+{
+	return (double)(now_ns() - t0) / 1e6;
+}
+
+/* A retryable failure: says so on stderr, adds the attempt to the JSON array in
+ * failed (open, without its "]"), and sleeps 1, 2, 4... (at most 10) seconds. Returns
+ * -ECANCELED when a signal came during the wait, else 0 with *attempt counted up. */
+static int retry_wait(const struct jobj *ev, unsigned *attempt, unsigned retries, char *failed,
+		      size_t cap)
+{
+	const char *why = json_get(ev, "error") ?: "";
+	unsigned delay_s = *attempt < 5 ? 1u << (*attempt - 1) : 10;
+	char one[512];
+	struct jw e;
+	double t = 0;
+
+	if (delay_s > 10)
+		delay_s = 10;
+	json_get_f64(ev, "total_time_ms", &t);
+	jw_init(&e, one, sizeof(one));
+	jw_str(&e, "error", why);
+	jw_f64(&e, "total_time_ms", t);
+	if (jw_finish(&e) && strlen(failed) + strlen(one) + 2 < cap) {
+		if (failed[1])
+			strcat(failed, ",");
+		strcat(failed, one);
+	}
+	fprintf(stderr, "hymig migrate: attempt %u failed: %s; trying again in %u s (%u left)\n",
+		*attempt, why, delay_s, retries - *attempt);
+	for (unsigned i = 0; i < delay_s * 10; i++) {
+		if (cancel_signal)
+			return -ECANCELED;
+		usleep(100000);
+	}
+	if (cancel_signal)
+		return -ECANCELED;
+	(*attempt)++;
+	return 0;
+}
+
+/* The result line with attempts, failed_attempts and elapsed_ms in front. */
+static int splice_attempts(char *out, size_t cap, const char *result, unsigned attempts,
+			   const char *failed, double elapsed_ms)
+{
+	char arr[4200], pre[4400];
+	struct jw p;
+	int n;
+
+	if (result[0] != '{')
+		return -EINVAL;
+	snprintf(arr, sizeof(arr), "%s]", failed);
+	jw_init(&p, pre, sizeof(pre));
+	jw_u64(&p, "attempts", attempts);
+	jw_raw(&p, "failed_attempts", arr);
+	jw_f64(&p, "elapsed_ms", elapsed_ms);
+	if (!jw_finish(&p))
+		return -ENOSPC;
+	pre[strlen(pre) - 1] = 0; /* drop "}" */
+	n = snprintf(out, cap, "%s,%s", pre, result + 1);
+	return n > 0 && (size_t)n < cap ? 0 : -ENOSPC;
+}
+
 static int cmd_migrate(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -438,16 +506,19 @@ static int cmd_migrate(int argc, char **argv)
 	    {"keep-source", no_argument, 0, 'K'},
 	    {"psk-file", required_argument, 0, 'k'},
 	    {"tracking", required_argument, 0, 'x'},
+	    {"retries", required_argument, 0, 'y'},
 	    {"json", no_argument, 0, 'j'},
 	    {"help", no_argument, 0, 'h'},
 	    {0, 0, 0, 0},
 	};
 	char req[2048], line[16384], err[256], abspath[PATH_MAX];
+	char failed[4096] = "[", out[sizeof(line) + sizeof(failed) + 256];
 	const char *ctl = NULL;
 	struct jw w;
 	struct reader r = {0};
 	bool json = false, tty = isatty(2), cancel_sent = false, chunked = false, cap_given = false;
-	unsigned u;
+	unsigned u, retries = 0, attempt = 1;
+	uint64_t t_first;
 	uint64_t x, reg_cap = 256ull << 20;
 	int o, rc;
 
@@ -563,6 +634,10 @@ static int cmd_migrate(int argc, char **argv)
 						   optarg);
 			jw_str(&w, "tracking", optarg);
 			break;
+		case 'y':
+			if (parse_uint(optarg, 100, &retries) < 0)
+				return usage_error("--retries '%s': expected 0..100", optarg);
+			break;
 		case 'j':
 			json = true;
 			break;
@@ -589,6 +664,7 @@ static int cmd_migrate(int argc, char **argv)
 	signal(SIGTERM, on_cancel);
 	signal(SIGPIPE, SIG_IGN);
 	strcat(req, "\n");
+	t_first = now_ns();
 	if (send(r.fd, req, strlen(req), MSG_NOSIGNAL) < 0) {
 		fprintf(stderr, "hymig: cannot send to the guest: %s\n", strerror(errno));
 		return EXIT_FAILED;
@@ -631,16 +707,29 @@ static int cmd_migrate(int argc, char **argv)
 		const char *status = json_get(&ev, "status") ?: "failed";
 		if (tty)
 			fprintf(stderr, "\r\033[K");
-		if (json) {
-			/* Drop the "event" member: stdout carries the statistics object. */
-			char *p = strstr(line, "\"event\":\"result\",");
-			if (p)
-				memmove(p, p + strlen("\"event\":\"result\","),
-					strlen(p + strlen("\"event\":\"result\",")) + 1);
-			puts(line);
-		} else {
-			print_human(line);
+		if (!strcmp(status, "failed") && json_get_bool(&ev, "retryable", false) &&
+		    attempt <= retries && !cancel_signal) {
+			if (retry_wait(&ev, &attempt, retries, failed, sizeof(failed)) < 0 ||
+			    send(r.fd, req, strlen(req), MSG_NOSIGNAL) < 0) {
+				fprintf(stderr, "hymig migrate: cancelled before attempt %u\n",
+					attempt);
+				return EXIT_CANCELLED;
+			}
+			continue;
 		}
+		/* Drop the "event" member: stdout carries the statistics object. */
+		char *p = strstr(line, "\"event\":\"result\",");
+		const char *result = line;
+		if (p)
+			memmove(p, p + strlen("\"event\":\"result\","),
+				strlen(p + strlen("\"event\":\"result\",")) + 1);
+		if (attempt > 1 && splice_attempts(out, sizeof(out), line, attempt, failed,
+						   ms_since(t_first)) == 0)
+			result = out;
+		if (json)
+			puts(result);
+		else
+			print_human(result);
 		if (strcmp(status, "completed"))
 			fprintf(stderr, "hymig migrate: %s: %s\n", status,
 				json_get(&ev, "error") ?: "");

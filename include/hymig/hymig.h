@@ -113,6 +113,8 @@ struct hm_stats {
 	enum hm_mode mode;
 	char error[256];    /* why it failed or was cancelled */
 	bool source_paused; /* failure after commit was sent: the source stays paused */
+	bool retryable;	    /* failed before the commit, the guest running here, because the
+			       link was refused or lost: the same migration may be tried again */
 	uint64_t ram_bytes;
 	unsigned round;
 	unsigned channels;

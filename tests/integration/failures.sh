@@ -27,10 +27,12 @@ step "bad URI"
 "$HYMIG" migrate --ctl "$(ctl src)" --to "rdmx://x:1" 2>"$WORK/err" && fail "bad URI accepted"
 grep -q "unknown transport" "$WORK/err" || fail "bad URI: unclear error"
 
-step "destination too small"
+step "destination too small (a refusal: never retried)"
 guest b small --mem 128M --incoming "tcp://$ADDR_B:7022"
-migrate src --to "tcp://$ADDR_B:7022"
+migrate src --to "tcp://$ADDR_B:7022" --retries 2
 expect_failure "cannot hold the guest"
+[ "$(result_field retryable)" = false ] || fail "a refusal was marked retryable"
+[ -z "$(result_field attempts 2>/dev/null)" ] || fail "a refusal was retried"
 [ "$(status_field small incoming)" = listening ] || fail "destination stopped listening"
 
 step "bad pre-shared key"
@@ -47,6 +49,25 @@ verify_ok auth
 "$HYMIG" quit --ctl "$(ctl auth)"
 sleep 0.3
 
+step "refused connection, tried again until the destination listens (--retries)"
+guest a srcr --mem 128M --workload dirtier:rate=5M,pattern=uniform
+"$HYMIG" migrate --ctl "$(ctl srcr)" --to "tcp://$ADDR_B:7027" --mode precopy --retries 4 \
+	--keep-source --json >"$WORK/retry.json" 2>"$WORK/retry.err" &
+mp=$!
+sleep 1.5 # at least the first attempt is refused
+guest b dstr --mem 128M --incoming "tcp://$ADDR_B:7027" --no-autostart
+wait $mp || fail "the migration with --retries failed: $(cat "$WORK/retry.err")"
+RESULT=$(cat "$WORK/retry.json")
+echo "migrate with --retries: $RESULT" >&2
+[ "$(result_field status)" = completed ] || fail "the retried migration did not complete"
+[ "$(result_field attempts)" -ge 2 ] || fail "no attempt was refused: the test proves nothing"
+result_field failed_attempts | grep -q "refused" || fail "failed_attempts does not say why"
+grep -q "trying again" "$WORK/retry.err" || fail "the retry was not said on stderr"
+compare_ram "$PID_srcr" "$PID_dstr"
+verify_ok dstr
+"$HYMIG" quit --ctl "$(ctl srcr)"
+"$HYMIG" quit --ctl "$(ctl dstr)"
+
 step "destination killed during pre-copy"
 guest a src2 --mem 512M --workload dirtier:rate=40M,pattern=uniform
 guest b dst --mem 512M --incoming "tcp://$ADDR_B:7024"
@@ -58,6 +79,7 @@ t1=$(date +%s)
 [ $MIGRATE_RC != 0 ] || fail "migration to a killed destination succeeded"
 [ $((t1 - t0)) -le 15 ] || fail "the dead destination was noticed only after $((t1 - t0)) s"
 [ "$(status_field src2 state)" = running ] || fail "source guest is not running"
+[ "$(result_field retryable)" = true ] || fail "a lost destination was not marked retryable"
 verify_ok src2
 
 step "link cut during pre-copy"
@@ -92,6 +114,7 @@ migrate src3 --to "tcp://$ADDR_B:7026" --mode precopy --downtime-limit 1 --max-r
 	--bandwidth-limit 20M
 [ $MIGRATE_RC != 0 ] || fail "non-converging migration succeeded"
 result_field error | grep -q "did not converge\|cannot converge" || fail "unclear convergence error"
+[ "$(result_field retryable)" = false ] || fail "non-convergence was marked retryable"
 [ "$(status_field src3 state)" = running ] || fail "source guest is not running"
 verify_ok src3
 [ "$(status_field dst6 incoming)" = listening ] || fail "destination did not return to listening"
