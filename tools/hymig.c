@@ -427,9 +427,9 @@ static double ms_since(uint64_t t0)
 	return (double)(now_ns() - t0) / 1e6;
 }
 
-/* A retryable failure: says so on stderr, adds the attempt to the JSON array in
- * failed (open, without its "]"), and sleeps 1, 2, 4... (at most 10) seconds. Returns
- * -ECANCELED when a signal came during the wait, else 0 with *attempt counted up. */
+/* A retryable failure: says so on stderr and sleeps 1, 2, 4... (at most 10) seconds.
+ * Returns -ECANCELED when a signal came meanwhile; else adds the attempt to the JSON
+ * array in failed (open, without its "]"), counts *attempt up and returns 0. */
 static int retry_wait(const struct jobj *ev, unsigned *attempt, unsigned retries, char *failed,
 		      size_t cap)
 {
@@ -439,8 +439,12 @@ static int retry_wait(const struct jobj *ev, unsigned *attempt, unsigned retries
 	struct jw e;
 	double t = 0;
 
-	if (delay_s > 10)
-		delay_s = 10;
+	fprintf(stderr, "hymig migrate: attempt %u failed: %s; trying again in %u s (%u left)\n",
+		*attempt, why, delay_s, retries - *attempt);
+	for (unsigned i = 0; i < delay_s * 10 && !cancel_signal; i++)
+		usleep(100000);
+	if (cancel_signal)
+		return -ECANCELED;
 	json_get_f64(ev, "total_time_ms", &t);
 	jw_init(&e, one, sizeof(one));
 	jw_str(&e, "error", why);
@@ -450,15 +454,6 @@ static int retry_wait(const struct jobj *ev, unsigned *attempt, unsigned retries
 			strcat(failed, ",");
 		strcat(failed, one);
 	}
-	fprintf(stderr, "hymig migrate: attempt %u failed: %s; trying again in %u s (%u left)\n",
-		*attempt, why, delay_s, retries - *attempt);
-	for (unsigned i = 0; i < delay_s * 10; i++) {
-		if (cancel_signal)
-			return -ECANCELED;
-		usleep(100000);
-	}
-	if (cancel_signal)
-		return -ECANCELED;
 	(*attempt)++;
 	return 0;
 }
@@ -709,13 +704,12 @@ static int cmd_migrate(int argc, char **argv)
 			fprintf(stderr, "\r\033[K");
 		if (!strcmp(status, "failed") && json_get_bool(&ev, "retryable", false) &&
 		    attempt <= retries && !cancel_signal) {
-			if (retry_wait(&ev, &attempt, retries, failed, sizeof(failed)) < 0 ||
-			    send(r.fd, req, strlen(req), MSG_NOSIGNAL) < 0) {
-				fprintf(stderr, "hymig migrate: cancelled before attempt %u\n",
-					attempt);
-				return EXIT_CANCELLED;
-			}
-			continue;
+			if (retry_wait(&ev, &attempt, retries, failed, sizeof(failed)) == 0 &&
+			    send(r.fd, req, strlen(req), MSG_NOSIGNAL) >= 0)
+				continue;
+			/* The failed attempt stands as the result. */
+			fprintf(stderr, "hymig migrate: not tried again: %s\n",
+				cancel_signal ? "cancelled" : "the guest closed the connection");
 		}
 		/* Drop the "event" member: stdout carries the statistics object. */
 		char *p = strstr(line, "\"event\":\"result\",");
