@@ -880,9 +880,9 @@ static int precopy(struct hm_migration *m)
 		m->st.dirty_rate_mb_per_s = c.dirty_rate / 1e6;
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
 		pthread_mutex_unlock(&m->lock);
-		/* The handshake's one sample may hold a retransmission or a wake-up (18 ms
-		 * seen, and then no expected downtime met a 50 ms limit): the transport's
-		 * own estimate, when less, replaces it. */
+		/* The handshake's samples may each hold a retransmission or a wake-up (18
+		 * ms seen, and then no expected downtime met a 50 ms limit): the
+		 * transport's own estimate, when less, replaces them. */
 		int64_t rtt_us = m->addr.ops->conn_rtt_us ? m->addr.ops->conn_rtt_us(m->ctl) : -1;
 		if (rtt_us > 0 && rtt_us / 1000.0 < m->rtt_ms)
 			m->rtt_ms = rtt_us / 1000.0;
@@ -890,6 +890,7 @@ static int precopy(struct hm_migration *m)
 		c.fixed_ms = 3 * m->rtt_ms + 1.0 + final_scan_ms;
 		pthread_mutex_lock(&m->lock);
 		m->st.expected_downtime_ms = conv_expected_downtime_ms(&c);
+		m->st.rtt_ms = m->rtt_ms;
 		pthread_mutex_unlock(&m->lock);
 		m->bandwidth = c.bandwidth;
 		if (atomic_exchange(&m->cut, false))
@@ -1036,6 +1037,9 @@ static void *engine_main(void *arg)
 		fail(m, rc, "%s", err);
 		goto out;
 	}
+	pthread_mutex_lock(&m->lock);
+	m->st.rtt_ms = m->rtt_ms;
+	pthread_mutex_unlock(&m->lock);
 	for (unsigned i = 0; i < m->cfg.channels; i++) {
 		m->senders[i] = (struct sender){.m = m, .ch = i};
 		if ((rc = -pthread_create(&m->senders[i].thread, NULL, sender_main,

@@ -512,6 +512,7 @@ void stats_json(const struct hm_stats *st, struct jw *w)
 	jw_f64(w, "handover", st->downtime_handover_ms);
 	jw_obj_end(w);
 	jw_f64(w, "expected_downtime_ms", st->expected_downtime_ms);
+	jw_f64(w, "rtt_ms", st->rtt_ms);
 	jw_u64(w, "rounds", st->round);
 	jw_u64(w, "ram_bytes", st->ram_bytes);
 	jw_u64(w, "bytes_sent", st->bytes_sent);

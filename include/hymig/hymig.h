@@ -128,10 +128,11 @@ struct hm_stats {
 	 * (the destination's work and the messages between the two). */
 	double downtime_scan_ms, downtime_pages_ms, downtime_state_ms, downtime_handover_ms;
 	double expected_downtime_ms;
-	uint64_t bytes_sent;	    /* everything on the wire, all channels and phases */
-	uint64_t pages_sent;	    /* data pages sent */
-	uint64_t pages_zero;	    /* zero pages found (marked, not sent) */
-	uint64_t pages_resent;	    /* data pages sent more than once */
+	double rtt_ms;	       /* the control connection's round trip the downtime model counts */
+	uint64_t bytes_sent;   /* everything on the wire, all channels and phases */
+	uint64_t pages_sent;   /* data pages sent */
+	uint64_t pages_zero;   /* zero pages found (marked, not sent) */
+	uint64_t pages_resent; /* data pages sent more than once */
 	uint64_t remaining_pages;   /* dirty pages still to send */
 	double throughput_mb_per_s; /* 10^6 B/s, bulk bytes over transfer time */
 	double rate_mb_per_s;	    /* last round's rate */

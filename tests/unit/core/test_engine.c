@@ -162,6 +162,9 @@ static void test_precopy_states(void **state)
 	assert_string_equal(dst.state, "vcpu-state");
 	/* Two of three pages are zero: marked, not sent. */
 	assert_true(st.pages_zero >= src.ram->npages / 2);
+	/* The model counts three round trips as fixed cost, and says which. */
+	assert_true(st.rtt_ms > 0 && st.rtt_ms < 1000);
+	assert_true(st.expected_downtime_ms >= 3 * st.rtt_ms);
 	assert_int_equal(memcmp(src.ram->r[0].mig, dst.ram->r[0].mig, src.ram->size), 0);
 	ram_destroy(src.ram);
 	ram_destroy(dst.ram);
@@ -178,6 +181,7 @@ static void test_cold_states(void **state)
 	assert_string_equal(src.events, "stop-copy commit completed");
 	assert_int_equal(st.state, HM_MIG_COMPLETED);
 	assert_string_equal(st.tracking, "none");
+	assert_true(st.rtt_ms > 0);
 	assert_int_equal(memcmp(src.ram->r[0].mig, dst.ram->r[0].mig, src.ram->size), 0);
 	ram_destroy(src.ram);
 	ram_destroy(dst.ram);
@@ -192,6 +196,7 @@ static void test_refused_layout(void **state)
 	run(&src, &dst, HM_MODE_PRECOPY, &st);
 	assert_int_equal(st.state, HM_MIG_FAILED);
 	assert_non_null(strstr(st.error, "layout differs"));
+	assert_false(st.retryable); /* a refusal, not a lost link */
 	assert_string_equal(src.events, "failed");
 	assert_int_equal(src.pauses, 0);
 	assert_true(src.running);
