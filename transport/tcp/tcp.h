@@ -42,8 +42,10 @@ struct tcp_bulk {
 	pthread_cond_t changed;
 	struct tcp_chan ch[WIRE_MAX_CHANNELS + 1]; /* the last one is the urgent channel */
 	struct postcopy *pc;
-	pthread_mutex_t urgent_lock; /* destination: one request written at a time */
-	atomic_bool shut;	     /* tcp_bulk_shutdown ran */
+	pthread_mutex_t urgent_lock;	 /* destination: one request written at a time */
+	atomic_int_fast64_t urgent_owed; /* destination: pages requested, not yet answered */
+	int owed_evfd;			 /* destination: written when a request goes out */
+	atomic_bool shut;		 /* tcp_bulk_shutdown ran */
 };
 
 /* A dead or silent peer is noticed within this long by default. */
