@@ -10,6 +10,9 @@
 # it starts a destination and an idle source guest of SIZE, runs
 # `iperf3 -c IP -l 1M -n SIZE` in the same direction, then migrates the guest with
 # --channels N, so each migration has an iperf3 run right before it (noise hits both).
+# With N > 1 channels an `iperf3 -P N` run (N connections, SIZE bytes in all) follows:
+# the ceiling of N connections on this link and CPU count, reported beside the
+# single-connection ratio the targets use.
 # Migration throughput = RAM bytes / total_time_ms (setup included). MB = 10^6 bytes.
 # A table goes to stderr, one JSON object to stdout.
 # Environment: HYMIG (default build/tools/hymig), MIGRATE_TIMEOUT (s, default 900).
@@ -56,10 +59,11 @@ link_setup() {
 	esac
 }
 
-# iperf_run: one single-connection transfer of BYTES from NS_SRC to DST_IP (server in
-# NS_DST); sets IPERF_REC (JSON with the receiver's and sender's rates).
+# iperf_run [CONNS]: one transfer of BYTES in all over CONNS (default 1) connections from
+# NS_SRC to DST_IP (server in NS_DST); sets IPERF_REC (JSON with the receiver's and
+# sender's rates).
 iperf_run() {
-	local spid t=100 out rc=0
+	local conns=${1:-1} spid t=100 out rc=0
 	next_port
 	ip netns exec "$NS_DST" iperf3 -s -1 -B "$DST_IP" -p "$PORT" >"$WORK/iperf-server.log" 2>&1 &
 	spid=$!
@@ -70,7 +74,7 @@ iperf_run() {
 		sleep 0.05
 		t=$((t - 1))
 	done
-	out=$(timeout 600 ip netns exec "$NS_SRC" iperf3 -c "$DST_IP" -p "$PORT" -l 1M -n "$BYTES" -J) ||
+	out=$(timeout 600 ip netns exec "$NS_SRC" iperf3 -c "$DST_IP" -p "$PORT" -l 1M -n "$BYTES" -P "$conns" -J) ||
 		rc=$?
 	pid_wait_exit "$spid" 10 || pid_kill "$spid"
 	IPERF_REC=$(python3 -c '
@@ -106,6 +110,12 @@ migrate_run() {
 	python3 -c 'import json,sys; d=json.loads(sys.argv[4]); d.update(kind="iperf3", link=sys.argv[1], rep=int(sys.argv[2]), pair_channels=int(sys.argv[3])); print(json.dumps(d))' \
 		"$link" "$rep" "$ch" "$IPERF_REC" >>"$SAMPLES"
 	say "$link rep $rep: iperf3: $IPERF_REC"
+	if [ "$ch" -gt 1 ]; then
+		iperf_run "$ch"
+		python3 -c 'import json,sys; d=json.loads(sys.argv[4]); d.update(kind="iperf3_parallel", link=sys.argv[1], rep=int(sys.argv[2]), pair_channels=int(sys.argv[3])); print(json.dumps(d))' \
+			"$link" "$rep" "$ch" "$IPERF_REC" >>"$SAMPLES"
+		say "$link rep $rep: iperf3 -P $ch: $IPERF_REC"
+	fi
 
 	hymig_migrate src --to "tcp://$DST_IP:$mport" --channels "$ch"
 	wait_source_exit src
@@ -193,6 +203,14 @@ for link in links:
              "errors": [s["result"].get("error") for s in ms if not s.get("ok")]}
         L["migration"][str(ch)] = C
         C["paired_ratio_median"] = med(pairs)
+        if ch > 1:
+            par = med([s["mb_per_s"] for s in samples if s["link"] == link and
+                       s["kind"] == "iperf3_parallel" and s["pair_channels"] == ch and s.get("ok")])
+            C["iperf3_parallel_mb_per_s"] = par
+            C["iperf3_parallel_ratio_to_iperf3"] = par / ip_med if par and ip_med else None
+            C["ratio_to_iperf3_parallel"] = mig_med / par if mig_med and par else None
+            rows.append((link, f"iperf3 -l 1M -P {ch}", par, C["iperf3_parallel_ratio_to_iperf3"],
+                         None, "", ""))
         rows.append((link, f"migrate --channels {ch}", mig_med, C["ratio_to_iperf3"],
                      C["paired_ratio_median"], C["downtime_ms"], C["total_time_ms"]))
     out["links"][link] = L
