@@ -51,6 +51,7 @@ struct hm_migration {
 	bool switched;	     /* post-copy: the destination was told to run the guest */
 	uint8_t *heat;	     /* post-copy and hybrid: how often each page was dirty lately */
 	double bandwidth;    /* bytes/s of the latest measured round */
+	double bw_best;	     /* bytes/s of the fastest round that measured the link */
 	uint64_t pace_bytes; /* a batch is sent once it holds this much */
 	struct pace bw;	     /* the bandwidth limit now: the post-copy one once switched */
 	struct bitmap mid;   /* hybrid: pages written during round 1, found mid-round */

@@ -566,6 +566,7 @@ static void postcopy_json(const struct hm_stats *st, struct jw *w)
 	char key[16];
 
 	jw_u64(w, "postcopy_requests", st->postcopy_requests);
+	jw_f64(w, "postcopy_pace_mb_per_s", st->postcopy_pace_mb_per_s);
 	jw_u64(w, "postcopy_faults", st->postcopy_faults);
 	jw_f64(w, "postcopy_blocked_ms", st->postcopy_blocked_ms);
 	jw_f64(w, "postcopy_source_cpu_ms", st->postcopy_source_cpu_ms);

@@ -16,6 +16,7 @@
 #include "../core/json.h"
 #include "../core/log.h"
 #include "../guest/guest.h"
+#include "../include/hymig/hymig.h"
 #include "../transport/transport.h"
 
 /* Exit codes (documented in --help and the README). */
@@ -36,7 +37,7 @@ static const char usage[] =
     "                [--postcopy-mechanism auto|minor|missing] [--rdma-poll event|busy]\n"
     "                [--rdma-reg pin-all|chunked] [--rdma-reg-cap SIZE]\n"
     "                [--downtime-limit MS] [--max-rounds N] [--bandwidth-limit RATE]\n"
-    "                [--postcopy-bandwidth-limit RATE]\n"
+    "                [--postcopy-bandwidth-limit RATE|none]\n"
     "                [--channels N] [--timeout S] [--keep-source] [--psk-file F]\n"
     "                [--tracking auto|wp-async|uffd-wp-sync] [--retries N] [--json]\n"
     "  hymig migrate --ctl PATH --resume [--to URI] [--json]\n"
@@ -65,9 +66,10 @@ static const char usage[] =
     "destination and its remaining pages follow, urgent ones on request); postcopy\n"
     "switches after --precopy-rounds rounds (0: at once); cold pauses first.\n"
     "--postcopy-bandwidth-limit: caps the background stream once the guest runs on\n"
-    "the destination (default: --bandwidth-limit); urgent pages count against it but\n"
-    "never wait. On a small host a stream below full speed leaves CPU to the fault\n"
-    "path (faster faults, longer post-copy).\n"
+    "the destination; urgent pages count against it but never wait. Default:\n"
+    "--bandwidth-limit, else 95%% of the fastest pre-copy round's rate (no queue at\n"
+    "the link's bottleneck in front of urgent pages), else none (post-copy from the\n"
+    "start); none: full speed. Over rdma only a given RATE applies (to the READs).\n"
     "--postcopy-mechanism: how the destination resolves faults on pages still at the\n"
     "source: minor (MINOR faults + UFFDIO_CONTINUE) or missing (pages punched out,\n"
     "MISSING faults + UFFDIO_COPY); auto picks the one measured faster for the\n"
@@ -593,9 +595,11 @@ static int cmd_migrate(int argc, char **argv)
 			jw_u64(&w, "bandwidth_limit", x);
 			break;
 		case 'B':
-			if (parse_scaled(optarg, false, &x) < 0 || !x)
+			if (strcmp(optarg, "none") == 0)
+				x = HM_RATE_UNLIMITED;
+			else if (parse_scaled(optarg, false, &x) < 0 || !x)
 				return usage_error("--postcopy-bandwidth-limit '%s': expected a "
-						   "rate like 100M",
+						   "rate like 100M, or none",
 						   optarg);
 			jw_u64(&w, "postcopy_bandwidth_limit", x);
 			break;

@@ -65,6 +65,12 @@ struct hm_vm_ops {
 	void (*event)(void *opaque, const char *state);
 };
 
+/* postcopy_bandwidth_limit: no limit, not even the measured one. */
+#define HM_RATE_UNLIMITED UINT64_MAX
+/* Post-copy's background stream runs at this share of the fastest pre-copy round by
+ * default, so no queue builds at the link's bottleneck in front of urgent pages. */
+#define HM_POSTCOPY_PACE 0.95
+
 struct hm_migrate_cfg {
 	const char *uri;	 /* "tcp://HOST:PORT" */
 	enum hm_mode mode;	 /* default HM_MODE_HYBRID */
@@ -78,7 +84,9 @@ struct hm_migrate_cfg {
 	unsigned max_rounds;	    /* pre-copy rounds before giving up; default 30 */
 	uint64_t bandwidth_limit;   /* bytes/s on the wire; 0 = unlimited */
 	/* bytes/s once the guest runs on the destination (QEMU's max-postcopy-bandwidth);
-	 * 0 = bandwidth_limit. Urgent pages count against it but never wait for it. */
+	 * 0 = bandwidth_limit if set, else HM_POSTCOPY_PACE of the fastest pre-copy round
+	 * (none without one); HM_RATE_UNLIMITED = none. Urgent pages count against it but
+	 * never wait for it. */
 	uint64_t postcopy_bandwidth_limit;
 	unsigned channels;  /* bulk channels; default 2 (1..16) */
 	unsigned timeout_s; /* whole migration; 0 = none */
@@ -154,6 +162,7 @@ struct hm_stats {
 					   the destination held every page */
 	uint64_t fault_lat_us[4];	/* p50, p90, p99, max of those waits */
 	uint64_t fault_lat_hist[24];	/* bucket i: waits in [2^i, 2^(i+1)) us */
+	double postcopy_pace_mb_per_s;	/* the stream's limit after the switch; 0: none */
 
 	/* Page and message bytes by operation, for transports with one-sided operations
 	 * (RDMA): written by the source, read by the destination, sent as messages. */

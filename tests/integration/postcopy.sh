@@ -21,6 +21,15 @@ dirtier_fast() {
 		fail "the dirtier reached only $v MB/s"
 }
 
+# paced LOW HIGH: the background stream's pace after the switch lies in [LOW, HIGH] MB/s.
+paced() {
+	local v
+	v=$(result_field postcopy_pace_mb_per_s)
+	echo "post-copy pace: $v MB/s" >&2
+	python3 -c "import sys; sys.exit(0 if $1 <= float('$v') <= $2 else 1)" ||
+		fail "post-copy paced at $v MB/s, expected $1..$2"
+}
+
 # switched_to_postcopy: the migration completed after handing the guest over
 # with pages still at the source.
 switched_to_postcopy() {
@@ -54,6 +63,7 @@ postcopy_ran
 [ "$(result_field postcopy_mechanism)" = missing ] || fail "mechanism not reported as missing"
 dirtier_fast dst1
 [ "$(result_field rounds)" = 0 ] || fail "pre-copy rounds ran"
+paced 0 0 # no round measured the link
 for _ in $(seq 50); do kill -0 "$PID_src1" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$PID_src1" 2>/dev/null && fail "source guest did not exit after commitment"
 [ "$(status_field dst1 state)" = running ] || fail "destination is not running"
@@ -71,19 +81,24 @@ postcopy_ran
 dirtier_fast dst2
 [ "$(result_field rounds)" -ge 1 ] || fail "hybrid ran no pre-copy round"
 [ "$(result_field precopy_bytes)" -gt 0 ] || fail "no pre-copy bytes"
+# below the link, at 95% of what round 1 measured
+paced 1 "$(python3 -c "print(1.05 * $LINK_MB)")"
 verify_ok dst2
 "$HYMIG" quit --ctl "$(ctl dst2)"
 
 for run in postcopy:minor hybrid:minor hybrid:missing; do
-	mode=${run%:*} mech=${run#*:}
-	step "$mode by $mech faults with --keep-source and --no-autostart, compared byte for byte"
+	mode=${run%:*} mech=${run#*:} pace=()
+	# pure post-copy here runs its stream at full speed, as asked
+	[ "$mode" != postcopy ] || pace=(--postcopy-bandwidth-limit none)
+	step "$mode by $mech faults with --keep-source and --no-autostart ${pace[*]}, compared byte for byte"
 	guest b "dst$mode" --mem 512M --incoming "tcp://$ADDR_B:7033" --no-autostart
 	guest a "src$mode" --mem 512M --workload "$DIRTIER"
 	sleep 1
 	migrate "src$mode" --to "tcp://$ADDR_B:7033" --mode "$mode" --keep-source \
-		--downtime-limit 5 --postcopy-mechanism "$mech"
+		--downtime-limit 5 --postcopy-mechanism "$mech" "${pace[@]}"
 	[ $MIGRATE_RC = 0 ] || fail "migration failed"
 	[ -n "$(result_field switch_reason)" ] || fail "$mode did not switch"
+	[ ${#pace[@]} = 0 ] || paced 0 0
 	[ "$(status_field "dst$mode" state)" = paused ] || fail "--no-autostart destination runs"
 	eval "compare_ram \$PID_src$mode \$PID_dst$mode"
 	verify_ok "dst$mode"
