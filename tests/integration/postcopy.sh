@@ -132,7 +132,7 @@ kill -0 "$PID_src4" 2>/dev/null || fail "the source guest exited with the only f
 
 step "hotspot guest on an unshaped link: hybrid needs fewer requests than post-copy"
 "$HOSTS" shape "$NAME" 10gbit
-HOT=dirtier:rate=150M,pattern=hotspot,hot=0.04
+HOT=dirtier:rate=150M,pattern=hotspot,hot=0.01
 guest b dst9 --mem 256M --incoming "tcp://$ADDR_B:7039"
 guest a src9 --mem 256M --workload "$HOT"
 sleep 1
