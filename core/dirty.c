@@ -153,16 +153,22 @@ static uint64_t dirty_set_range(struct bitmap *b, uint64_t i, uint64_t n, bool a
 	return added;
 }
 
-/* ORs one pending word into out (and with consume, clears it); returns the word. */
+/* ORs one pending word into out (atomically when others write out too; with consume,
+ * clears it); returns the word. */
 static uint64_t dirty_take_word(struct dirty_tracker *t, struct bitmap *out, uint64_t wi,
-				bool consume, uint64_t *added)
+				bool consume, bool atomic, uint64_t *added)
 {
-	uint64_t *p = &t->pending.words[wi], w = __atomic_load_n(p, __ATOMIC_RELAXED);
+	uint64_t *p = &t->pending.words[wi], w = __atomic_load_n(p, __ATOMIC_RELAXED), old;
 
 	if (w && consume)
 		w = __atomic_exchange_n(p, 0, __ATOMIC_RELAXED);
-	*added += (uint64_t)__builtin_popcountll(w & ~out->words[wi]);
-	out->words[wi] |= w;
+	if (atomic) {
+		old = __atomic_fetch_or(&out->words[wi], w, __ATOMIC_RELAXED);
+	} else {
+		old = out->words[wi];
+		out->words[wi] = old | w;
+	}
+	*added += (uint64_t)__builtin_popcountll(w & ~old);
 	return w;
 }
 
@@ -464,9 +470,11 @@ void dirty_mark(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
 	dirty_set_range(&t->pending, first_page, npages, true);
 }
 
-/* WP_ASYNC: one region's written pages, re-protected in the same walk when rearm. */
-static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, struct bitmap *out, bool rearm,
-			       uint64_t *added)
+/* WP_ASYNC: the written pages of [s, e) of a region (pages of it), re-protected in the
+ * same walk when rearm, put in out through vec (vec_len entries). */
+static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, uint64_t s, uint64_t e,
+			       struct bitmap *out, bool rearm, bool atomic,
+			       struct hm_page_region *vec, uint64_t vec_len, uint64_t *added)
 {
 	const struct ram_region *r = &t->ram->r[ri];
 	uint64_t base = (uintptr_t)r->guest;
@@ -475,10 +483,10 @@ static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, struct bitm
 	struct hm_pm_scan_arg a = {
 	    .size = sizeof(a),
 	    .flags = HM_PM_SCAN_CHECK_WPASYNC | (rearm ? HM_PM_SCAN_WP_MATCHING : 0),
-	    .start = base,
-	    .end = base + r->size,
-	    .vec = (uintptr_t)t->vec,
-	    .vec_len = DIRTY_VEC_LEN,
+	    .start = base + s * HM_PAGE_SIZE,
+	    .end = base + e * HM_PAGE_SIZE,
+	    .vec = (uintptr_t)vec,
+	    .vec_len = vec_len,
 	    .category_mask = HM_PAGE_IS_WRITTEN,
 	    .return_mask = HM_PAGE_IS_WRITTEN,
 	};
@@ -492,8 +500,8 @@ static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, struct bitm
 		}
 		for (int i = 0; i < n; i++)
 			*added += dirty_set_range(
-			    out, r->first_page + (t->vec[i].start - base) / HM_PAGE_SIZE,
-			    (t->vec[i].end - t->vec[i].start) / HM_PAGE_SIZE, false);
+			    out, r->first_page + (vec[i].start - base) / HM_PAGE_SIZE,
+			    (vec[i].end - vec[i].start) / HM_PAGE_SIZE, atomic);
 		/* The walk stops where the vector filled: go on from there. */
 		if (a.walk_end <= a.start && n == 0) {
 			log_err("dirty: PAGEMAP_SCAN made no progress at 0x%llx",
@@ -515,19 +523,18 @@ static int dirty_reprotect(struct dirty_tracker *t, const struct ram_region *r, 
 		       true);
 }
 
-/* Sync: moves one region's pending bits into out and, with rearm, re-protects them in
- * merged runs. Runs with t->lock held. */
-static int dirty_collect_sync(struct dirty_tracker *t, unsigned ri, struct bitmap *out, bool rearm,
-			      uint64_t *added)
+/* Sync: moves the pending bits of [s, e) of a region (pages of it, whole words) into out
+ * and, with rearm, re-protects them in merged runs. Runs with t->lock held. */
+static int dirty_collect_sync(struct dirty_tracker *t, unsigned ri, uint64_t s, uint64_t e,
+			      struct bitmap *out, bool rearm, bool atomic, uint64_t *added)
 {
 	const struct ram_region *r = &t->ram->r[ri];
-	uint64_t first = r->first_page, npg = r->size / HM_PAGE_SIZE;
+	uint64_t first = r->first_page;
 	uint64_t bp = r->backing_page / HM_PAGE_SIZE, run_s = 0, run_e = 0;
 	int rc = 0;
 
-	/* Regions are 2 MiB multiples, so they start and end on whole words. */
-	for (uint64_t wi = first / 64; wi < (first + npg) / 64 && rc == 0; wi++) {
-		uint64_t w = dirty_take_word(t, out, wi, rearm, added);
+	for (uint64_t wi = (first + s) / 64; wi < (first + e) / 64 && rc == 0; wi++) {
+		uint64_t w = dirty_take_word(t, out, wi, rearm, atomic, added);
 
 		for (; rearm && w && rc == 0; w &= w - 1) {
 			/* Page index in the region, rounded down to its backing page. */
@@ -562,17 +569,63 @@ int dirty_collect(struct dirty_tracker *t, struct bitmap *out, bool rearm, uint6
 	}
 	if (t->method == DIRTY_WP_ASYNC) {
 		for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++)
-			rc = dirty_collect_async(t, i, out, rearm, &added);
+			rc = dirty_collect_async(t, i, 0, t->ram->r[i].size / HM_PAGE_SIZE, out,
+						 rearm, false, t->vec, DIRTY_VEC_LEN, &added);
 		/* Marked pages are not write-protected: consuming them is all rearm means. */
 		for (uint64_t wi = 0; rc == 0 && wi < BITMAP_WORDS(t->ram->npages); wi++)
-			dirty_take_word(t, out, wi, rearm, &added);
+			dirty_take_word(t, out, wi, rearm, false, &added);
 	} else {
 		pthread_mutex_lock(&t->lock);
 		for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++)
-			rc = dirty_collect_sync(t, i, out, rearm, &added);
+			rc = dirty_collect_sync(t, i, 0, t->ram->r[i].size / HM_PAGE_SIZE, out,
+						rearm, false, &added);
 		pthread_mutex_unlock(&t->lock);
 	}
 	if (rc == 0 && count)
 		*count = added;
+	return rc;
+}
+
+int dirty_collect_range(struct dirty_tracker *t, uint64_t first_page, uint64_t npages,
+			struct bitmap *out)
+{
+	struct hm_page_region vec[64];
+	uint64_t added = 0;
+	int rc = 0;
+
+	if (!out || out->nbits < t->ram->npages || first_page > t->ram->npages ||
+	    npages > t->ram->npages - first_page)
+		return -EINVAL;
+	pthread_mutex_lock(&t->lock);
+	if (!t->armed) {
+		pthread_mutex_unlock(&t->lock);
+		log_err("dirty: collect without dirty_start");
+		return -EINVAL;
+	}
+	for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++) {
+		const struct ram_region *r = &t->ram->r[i];
+		uint64_t rend = r->size / HM_PAGE_SIZE, s, e;
+		/* Whole backing pages, and whole words of the pending map (regions are 2 MiB
+		 * multiples, so rounding to 64 pages stays inside the region). */
+		uint64_t unit =
+		    r->backing_page / HM_PAGE_SIZE > 64 ? r->backing_page / HM_PAGE_SIZE : 64;
+
+		if (first_page + npages <= r->first_page || first_page >= r->first_page + rend)
+			continue;
+		s = first_page > r->first_page ? first_page - r->first_page : 0;
+		e = first_page + npages - r->first_page < rend ? first_page + npages - r->first_page
+							       : rend;
+		s = s / unit * unit;
+		e = (e + unit - 1) / unit * unit;
+		if (t->method == DIRTY_WP_ASYNC) {
+			rc = dirty_collect_async(t, i, s, e, out, true, true, vec, 64, &added);
+			for (uint64_t wi = (r->first_page + s) / 64;
+			     rc == 0 && wi < (r->first_page + e) / 64; wi++)
+				dirty_take_word(t, out, wi, true, true, &added);
+		} else {
+			rc = dirty_collect_sync(t, i, s, e, out, true, true, &added);
+		}
+	}
+	pthread_mutex_unlock(&t->lock);
 	return rc;
 }

@@ -56,6 +56,13 @@ int dirty_arm(struct dirty_tracker *t, uint64_t first_page, uint64_t npages);
  * are reported as all their 4 KiB pages. *count (may be NULL) gets the number of pages
  * newly set in out. -EINVAL before dirty_start or after dirty_stop. */
 int dirty_collect(struct dirty_tracker *t, struct bitmap *out, bool rearm, uint64_t *count);
+/* A collect with rearm of pages [first_page, first_page + npages) only (rounded out to
+ * whole backing pages and to multiples of 64 pages), setting bits in out atomically: for
+ * a sender that is about to read those pages while others set bits of out too. The
+ * caller sends every page it finds set. Safe to call from several threads at once, not
+ * together with dirty_collect. */
+int dirty_collect_range(struct dirty_tracker *t, uint64_t first_page, uint64_t npages,
+			struct bitmap *out);
 /* Reports a write the tracker cannot see (DMA, write(2), another mapping). Safe to call
  * from any thread; the other calls are made by one thread at a time. */
 void dirty_mark(struct dirty_tracker *t, uint64_t first_page, uint64_t npages);

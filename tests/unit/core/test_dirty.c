@@ -166,6 +166,40 @@ static void test_rearm_then_empty(void **state)
 	assert_true(bitmap_test(&f->out, 5));
 }
 
+/* A range collect takes the writes inside its range (rounded out to 64 pages), marks
+ * included, re-arms them, and leaves every other write to the next full collect. */
+static void test_collect_range(void **state)
+{
+	struct fx *f = fixture(state);
+	uint64_t r1 = f->ram->r[1].first_page;
+
+	assert_int_equal(dirty_start(f->t), 0);
+	write_scatter(f);
+	dirty_mark(f->t, r1 + 130, 1);
+	bitmap_set(&f->want, r1 + 130);
+	bitmap_clear_all(&f->out);
+	/* pages [r1 + 100, r1 + 140) round out to [r1 + 64, r1 + 192) */
+	assert_int_equal(dirty_collect_range(f->t, r1 + 100, 40, &f->out), 0);
+	for (uint64_t pg = 0; pg < f->ram->npages; pg++) {
+		bool in = pg >= r1 + 64 && pg < r1 + 192;
+		if (bitmap_test(&f->out, pg) != (in && bitmap_test(&f->want, pg)))
+			fail_msg("page %llu: reported %d by the range collect",
+				 (unsigned long long)pg, bitmap_test(&f->out, pg));
+	}
+	assert_true(bitmap_test(&f->out, r1 + 130));
+	bitmap_clear_all(&f->out);
+	assert_int_equal(dirty_collect_range(f->t, r1 + 100, 40, &f->out), 0);
+	assert_int_equal(bitmap_count(&f->out), 0);
+	/* the range is armed again: the full collect finds the rest, and a new write */
+	guest_write(f->ram, r1 + 70, 2);
+	for (uint64_t pg = r1 + 64; pg < r1 + 192; pg++)
+		bitmap_clear(&f->want, pg);
+	bitmap_set(&f->want, r1 + 70);
+	collect(f, true);
+	assert_same(f);
+	assert_int_equal(dirty_collect_range(f->t, f->ram->npages - 1, 2, &f->out), -EINVAL);
+}
+
 /* Without rearm nothing is consumed: the same pages come back until a rearm. */
 static void test_norearm_keeps(void **state)
 {
@@ -510,6 +544,7 @@ int main(void)
 	    BOTH(test_written_found),
 	    BOTH(test_rearm_then_empty),
 	    BOTH(test_norearm_keeps),
+	    BOTH(test_collect_range),
 	    BOTH(test_mig_view_not_reported),
 	    BOTH(test_mark),
 	    BOTH(test_many_runs),
