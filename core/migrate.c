@@ -22,6 +22,8 @@
  * that is this share of RAM (sending it again would cost more than post-copy). */
 #define HYBRID_CHECK_MS	   500
 #define HYBRID_WASTE_SHARE 0.15
+/* A page dirty in each of the last two scans (heat bits 7 and 6) is hot. */
+#define HOT_LAST_HEAT 192
 /* What the switch costs besides the link: the state and stale list sent, the
  * destination's switch work (0.4-0.9 ms measured on two cores). */
 #define SWITCH_WORK_MS 1.0
@@ -324,6 +326,41 @@ static int run_round(struct hm_migration *m, bool skip_zero)
 	if (rc && !m->st.error[0])
 		fail(m, rc, "sending pages failed: %s (the destination died or the link broke)",
 		     strerror(-rc));
+	return rc;
+}
+
+/* A round after the first sends the pages written in each of the last two scans (heat
+ * HOT_LAST_HEAT and up) after the others, each block's writes collected just before it
+ * is read (collect_block): a hot page then counts as dirty at the next scan only when
+ * written after it was sent. Before, a hot page written while its round was under way
+ * was dirty again whether it went before or after the write. A hotspot guest (9.6 MB
+ * hot set, 100 MB/s, veth shaped to 400 Mbit/s, bench/modes.sh, 3 runs each) left 19 MB
+ * dirty at the switch without this, 12 MB with it; post-copy requests 1971-2072 ->
+ * 1403-1570, blocked time 148-155 -> 117 ms. Needs heat (modes that may switch). */
+static int run_round_hot_last(struct hm_migration *m)
+{
+	uint64_t npages = m->ram->npages, nlater = 0;
+	int rc;
+
+	bitmap_clear_all(&m->later);
+	for (uint64_t p = bitmap_next_set(&m->send, 0); p < npages;
+	     p = bitmap_next_set(&m->send, p + 1)) {
+		if (m->heat[p] >= HOT_LAST_HEAT) {
+			bitmap_clear(&m->send, p);
+			bitmap_set(&m->later, p);
+			nlater++;
+		}
+	}
+	if ((rc = run_round(m, false)) < 0 || !nlater)
+		return rc;
+	bitmap_or(&m->send, &m->later);
+	pthread_mutex_lock(&m->lock);
+	m->collect_first = true;
+	pthread_mutex_unlock(&m->lock);
+	rc = run_round(m, false);
+	pthread_mutex_lock(&m->lock);
+	m->collect_first = false;
+	pthread_mutex_unlock(&m->lock);
 	return rc;
 }
 
@@ -879,7 +916,7 @@ static int precopy(struct hm_migration *m)
 		pthread_mutex_unlock(&m->lock);
 		if (m->ops->event)
 			m->ops->event(m->opaque, "round");
-		rc = run_round(m, round == 1);
+		rc = round > 1 && m->heat ? run_round_hot_last(m) : run_round(m, round == 1);
 		if (rc < 0)
 			return rc;
 		t1 = now_ns();
@@ -1238,6 +1275,8 @@ int hm_migration_start(struct hm_ram *ram, const struct hm_vm_ops *ops, void *op
 		rc = bitmap_init(&m->sent_once, ram->npages);
 	if (rc == 0 && may_switch(cfg->mode) && !(m->heat = calloc(ram->npages, 1)))
 		rc = -ENOMEM;
+	if (rc == 0 && may_switch(cfg->mode))
+		rc = bitmap_init(&m->later, ram->npages);
 	if (rc == 0 && cfg->mode == HM_MODE_HYBRID)
 		rc = bitmap_init(&m->mid, ram->npages);
 	if (rc < 0) {
@@ -1272,6 +1311,7 @@ free:
 	bitmap_fini(&m->send);
 	bitmap_fini(&m->sent_once);
 	bitmap_fini(&m->mid);
+	bitmap_fini(&m->later);
 	free(m->heat);
 	free(m);
 	return rc;
@@ -1322,6 +1362,7 @@ void hm_migration_destroy(struct hm_migration *m)
 	bitmap_fini(&m->sent_once);
 	bitmap_fini(&m->mid);
 	bitmap_fini(&m->probe);
+	bitmap_fini(&m->later);
 	free(m->heat);
 	pthread_mutex_destroy(&m->lock);
 	pthread_cond_destroy(&m->cv);

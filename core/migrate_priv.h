@@ -50,6 +50,7 @@ struct hm_migration {
 	bool gave_up;	     /* --timeout or non-convergence ended it: a retry would too */
 	bool switched;	     /* post-copy: the destination was told to run the guest */
 	uint8_t *heat;	     /* post-copy and hybrid: how often each page was dirty lately */
+	struct bitmap later; /* with heat: the hot pages a round sends last */
 	double bandwidth;    /* bytes/s of the latest measured round */
 	double bw_best;	     /* bytes/s of the fastest round that measured the link */
 	uint64_t pace_bytes; /* a batch is sent once it holds this much */
@@ -78,6 +79,7 @@ struct hm_migration {
 	uint64_t round_gen;  /* bumped to start a round */
 	unsigned round_busy; /* senders still working on the round */
 	bool skip_zero;	     /* round 1: zero pages are only counted */
+	bool collect_first;  /* senders collect a block's new writes just before reading it */
 	bool postcopy;	     /* the round is post-copy's background stream */
 	bool quit;	     /* senders exit */
 	bool arm_stopped;    /* the round failed: senders stop waiting for arm_next */

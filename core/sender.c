@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <string.h>
 
+#include "dirty.h"
 #include "migrate_priv.h"
 #include "prio.h"
 
@@ -186,8 +187,23 @@ static int wait_armed(struct hm_migration *m, uint64_t end)
 	return rc;
 }
 
-/* Sends this channel's share of the round: every block b with b % channels == ch. */
-static int send_round(struct sender *s, bool skip_zero)
+/* Before a block with pages to send is read: the writes to it since the last scan are
+ * collected (and it is protected again), so its pages count as dirty at the next scan
+ * only when written after they were read, not also when written before. The block is
+ * sent and drained before the next one is collected. */
+static int collect_block(struct hm_migration *m, uint64_t blk)
+{
+	uint64_t first = blk * BLOCK_PAGES, npages = m->ram->npages;
+	uint64_t n = first + BLOCK_PAGES < npages ? BLOCK_PAGES : npages - first;
+
+	if (bitmap_next_set(&m->send, first) >= first + n)
+		return 0;
+	return dirty_collect_range(m->dirty, first, n, &m->send);
+}
+
+/* Sends this channel's share of the round: every block b with b % channels == ch; with
+ * collect_first, collect_block before each. */
+static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 {
 	struct hm_migration *m = s->m;
 	uint64_t npages = m->ram->npages;
@@ -206,8 +222,14 @@ static int send_round(struct sender *s, bool skip_zero)
 				break; /* what is left stays in m->send */
 			if ((rc = wait_armed(m, (blk + 1) * BLOCK_PAGES)) < 0)
 				break;
+			if (collect_first && (rc = collect_block(m, blk)) < 0)
+				break;
 			n = send_block(s, &b, blk, skip_zero, true);
 			rc = n < 0 ? (int)n : 0;
+			/* The pages leave before the next block is collected: queued in a socket
+			 * buffer, they would be read long after their collect. */
+			if (!rc && collect_first && n > 0 && !(rc = flush(s, &b)))
+				rc = m->bulk->ops->drain(m->bulk, s->ch);
 		}
 	}
 	if (!rc)
@@ -234,9 +256,9 @@ void *sender_main(void *arg)
 		if (m->quit)
 			break;
 		seen = m->round_gen;
-		bool skip_zero = m->skip_zero;
+		bool skip_zero = m->skip_zero, collect_first = m->collect_first;
 		pthread_mutex_unlock(&m->lock);
-		int rc = send_round(s, skip_zero);
+		int rc = send_round(s, skip_zero, collect_first);
 		pthread_mutex_lock(&m->lock);
 		if (rc && !m->send_error)
 			m->send_error = rc;
