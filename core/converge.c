@@ -9,6 +9,12 @@
 /* Hybrid: a guest dirtying at this fraction of the link's rate or more will not
  * converge; switching at once saves sending RAM again. */
 #define CONV_SWITCH_DIRTY_SHARE 0.8
+/* Hybrid: a round makes progress when it cuts the smallest dirty set so far by 10%;
+ * after this many rounds without, more rounds only send the same hot pages again. A
+ * hotspot guest (9.6 MB hot set, 100 MB/s, 400 Mbit/s link) whose pages count as dirty
+ * only when written after they were sent stayed at 10-12 MB for 25 rounds. */
+#define CONV_PROGRESS	  0.9
+#define CONV_STUCK_ROUNDS 2
 /* The stop-and-copy is predicted at no less than this share of the best round's rate
  * (see conv_expected_downtime_ms). */
 #define CONV_STOP_BEST_SHARE 0.5
@@ -32,6 +38,12 @@ void conv_round(struct conv *c, uint64_t bytes, double round_s, uint64_t dirty_b
 		c->dirty_rate = (double)dirty_bytes / window_s;
 	c->growing = dirty_bytes >= c->remaining && c->remaining ? c->growing + 1 : 0;
 	c->remaining = dirty_bytes;
+	if (!c->least || dirty_bytes < CONV_PROGRESS * (double)c->least) {
+		c->least = dirty_bytes;
+		c->stuck = 0;
+	} else {
+		c->stuck++;
+	}
 }
 
 double conv_expected_downtime_ms(const struct conv *c)
@@ -93,6 +105,15 @@ enum conv_decision conv_decide_hybrid(const struct conv *c, unsigned round, unsi
 			 "the guest dirties %.1f MB/s and the link carries %.1f MB/s: %.1f MB "
 			 "stay dirty, expected downtime %.1f ms > limit %u ms",
 			 c->dirty_rate / 1e6, c->bandwidth / 1e6, c->remaining / 1e6,
+			 conv_expected_downtime_ms(c), downtime_limit_ms);
+		return CONV_GIVE_UP;
+	}
+	if (d == CONV_CONTINUE && c->stuck >= CONV_STUCK_ROUNDS) {
+		snprintf(why, whylen,
+			 "the dirty set stays at %.1f MB (%u rounds without shrinking by 10%%; "
+			 "the guest dirties %.1f MB/s, the link carries %.1f MB/s), expected "
+			 "downtime %.1f ms > limit %u ms",
+			 c->remaining / 1e6, c->stuck, c->dirty_rate / 1e6, c->bandwidth / 1e6,
 			 conv_expected_downtime_ms(c), downtime_limit_ms);
 		return CONV_GIVE_UP;
 	}

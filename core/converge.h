@@ -13,6 +13,8 @@ struct conv {
 	double fixed_ms;    /* downtime that does not depend on the data (pause, state, RTTs) */
 	uint64_t remaining; /* bytes dirty now */
 	unsigned growing;   /* consecutive rounds the dirty set did not shrink */
+	uint64_t least;	    /* the smallest dirty set of all rounds so far, in bytes */
+	unsigned stuck;	    /* consecutive rounds that did not cut least by CONV_PROGRESS */
 };
 
 enum conv_decision {
@@ -40,7 +42,8 @@ enum conv_decision conv_decide(const struct conv *c, unsigned round, unsigned ma
 			       char *why, size_t whylen);
 
 /* Hybrid: as conv_decide, and also gives up (switches to post-copy) after any round
- * where the guest dirties nearly as fast as the link carries. */
+ * where the guest dirties nearly as fast as the link carries, or once the dirty set has
+ * stopped shrinking (a hot set the link cannot outrun). */
 enum conv_decision conv_decide_hybrid(const struct conv *c, unsigned round, unsigned max_rounds,
 				      double elapsed_s, unsigned timeout_s,
 				      unsigned downtime_limit_ms, char *why, size_t whylen);

@@ -291,6 +291,24 @@ static void test_hybrid_switch(void **state)
 	assert_int_equal(conv_decide_hybrid(&c, 2, 30, 1.0, 0, 5, why, sizeof(why)),
 			 CONV_STOP_COPY);
 
+	/* a hot set the link cannot outrun: the dirty set stops shrinking while the dirty
+	 * rate is well below the link's; hybrid switches after two rounds without 10%
+	 * progress, pre-copy goes on */
+	conv_init(&c, 2.0);
+	conv_round(&c, 1000 * MB, 20.0, 40 * MB, 20.0);
+	assert_int_equal(conv_decide_hybrid(&c, 1, 30, 20, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+	conv_round(&c, 40 * MB, 0.8, 12 * MB, 0.8);
+	assert_int_equal(conv_decide_hybrid(&c, 2, 30, 21, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+	conv_round(&c, 12 * MB, 0.25, 11 * MB, 0.35); /* 8% less: no progress */
+	assert_int_equal(conv_decide_hybrid(&c, 3, 30, 21, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+	conv_round(&c, 11 * MB, 0.23, 12 * MB, 0.38);
+	assert_int_equal(conv_decide(&c, 4, 30, 21, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+	assert_int_equal(conv_decide_hybrid(&c, 4, 30, 21, 0, 5, why, sizeof(why)), CONV_GIVE_UP);
+	assert_non_null(strstr(why, "stays at 12.0 MB (2 rounds"));
+	/* a round that cuts it by more than 10% counts as progress again */
+	conv_round(&c, 12 * MB, 0.25, 10 * MB, 0.35);
+	assert_int_equal(conv_decide_hybrid(&c, 5, 30, 21, 0, 5, why, sizeof(why)), CONV_CONTINUE);
+
 	/* the round limit still applies, as a switch */
 	conv_init(&c, 2.0);
 	conv_round(&c, 100 * MB, 1.0, 40 * MB, 1.0);
