@@ -941,9 +941,15 @@ static int precopy(struct hm_migration *m)
 		}
 		/* m->send holds what a cut round left unsent; the scan adds what was
 		 * written since the last one. */
-		rc = dirty_collect(m->dirty, &m->send, true, &dirty_pages);
+		rc = dirty_collect(m->dirty, &m->send, true, NULL);
 		if (rc < 0)
 			return fail(m, rc, "dirty scan: %s", strerror(-rc));
+		/* All of m->send is what the next round or the stop-and-copy must carry:
+		 * hybrid's round 1 also leaves there the pages its mid-round scans found
+		 * behind the senders. Counting only this scan's finds once let 30-38 ms of
+		 * such pages into a stop-and-copy predicted at 2.3 ms (unshaped veth, 100
+		 * MB/s uniform dirtier, 1 run in 3). */
+		dirty_pages = bitmap_count(&m->send);
 		heat_round(m, &m->send);
 		conv_round(&c, m->st.bytes_sent - bytes0, ms_between(t0, t1) / 1000,
 			   dirty_pages * HM_PAGE_SIZE, ms_between(t_collect, now_ns()) / 1000);
