@@ -401,6 +401,23 @@ int dirty_start_lazy(struct dirty_tracker *t)
 	return 0;
 }
 
+/* The pages of [first_page, first_page + npages) in region r, as [*s, *e) of the region
+ * rounded out to multiples of unit pages; false when none are in r. */
+static bool region_span(const struct ram_region *r, uint64_t first_page, uint64_t npages,
+			uint64_t unit, uint64_t *s, uint64_t *e)
+{
+	uint64_t rend = r->size / HM_PAGE_SIZE;
+
+	if (first_page + npages <= r->first_page || first_page >= r->first_page + rend)
+		return false;
+	*s = first_page > r->first_page ? first_page - r->first_page : 0;
+	*e =
+	    first_page + npages - r->first_page < rend ? first_page + npages - r->first_page : rend;
+	*s = *s / unit * unit;
+	*e = (*e + unit - 1) / unit * unit;
+	return true;
+}
+
 int dirty_arm(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
 {
 	int rc = 0;
@@ -410,16 +427,10 @@ int dirty_arm(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
 	pthread_mutex_lock(&t->lock);
 	for (unsigned i = 0; i < t->ram->nregions && rc == 0 && npages; i++) {
 		const struct ram_region *r = &t->ram->r[i];
-		uint64_t bp = r->backing_page / HM_PAGE_SIZE, rend = r->size / HM_PAGE_SIZE;
 		uint64_t s, e;
 
-		if (first_page + npages <= r->first_page || first_page >= r->first_page + rend)
+		if (!region_span(r, first_page, npages, r->backing_page / HM_PAGE_SIZE, &s, &e))
 			continue;
-		s = first_page > r->first_page ? first_page - r->first_page : 0;
-		e = first_page + npages - r->first_page < rend ? first_page + npages - r->first_page
-							       : rend;
-		s = s / bp * bp;
-		e = (e + bp - 1) / bp * bp;
 		rc = uffd_wp(t->uffd, (uintptr_t)r->guest + s * HM_PAGE_SIZE,
 			     (e - s) * HM_PAGE_SIZE, true);
 		if (rc < 0) {
@@ -604,19 +615,12 @@ int dirty_collect_range(struct dirty_tracker *t, uint64_t first_page, uint64_t n
 	}
 	for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++) {
 		const struct ram_region *r = &t->ram->r[i];
-		uint64_t rend = r->size / HM_PAGE_SIZE, s, e;
+		uint64_t bp = r->backing_page / HM_PAGE_SIZE, s, e;
+
 		/* Whole backing pages, and whole words of the pending map (regions are 2 MiB
 		 * multiples, so rounding to 64 pages stays inside the region). */
-		uint64_t unit =
-		    r->backing_page / HM_PAGE_SIZE > 64 ? r->backing_page / HM_PAGE_SIZE : 64;
-
-		if (first_page + npages <= r->first_page || first_page >= r->first_page + rend)
+		if (!region_span(r, first_page, npages, bp > 64 ? bp : 64, &s, &e))
 			continue;
-		s = first_page > r->first_page ? first_page - r->first_page : 0;
-		e = first_page + npages - r->first_page < rend ? first_page + npages - r->first_page
-							       : rend;
-		s = s / unit * unit;
-		e = (e + unit - 1) / unit * unit;
 		if (t->method == DIRTY_WP_ASYNC) {
 			rc = dirty_collect_async(t, i, s, e, out, true, true, vec, 64, &added);
 			for (uint64_t wi = (r->first_page + s) / 64;
