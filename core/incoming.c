@@ -61,6 +61,8 @@ struct session {
 
 /* Pages one background read asks for. */
 #define PULL_RUN_PAGES 64
+/* A commit or a final landing slower than this (5 ms) is logged with its steps. */
+#define COMMIT_SLOW_NS 5000000ULL
 
 static const char *const in_state_names[HM_IN_STATE_MAX] = {
     [HM_IN_LISTENING] = "listening",	  [HM_IN_RECEIVING] = "receiving",
@@ -441,9 +443,13 @@ static int complete(struct session *s, const struct msg_done *done)
 			 done->channels, s->bulk->channels);
 		return -EPROTO;
 	}
+	uint64_t t_done = now_ns();
 	rc = land_wait(s, TP_LAND_END, pages);
 	if (rc < 0)
 		return rc;
+	if (now_ns() - t_done > COMMIT_SLOW_NS)
+		log_info("incoming: the bulk channels' last data landed %.1f ms after done",
+			 ms_between(t_done, now_ns()));
 	for (unsigned i = 0; i < done->channels; i++) {
 		if (pages[i] != done->pages[i]) {
 			snprintf(s->err, sizeof(s->err),
@@ -621,6 +627,7 @@ static int receive(struct session *s)
 					 "commit before the guest was complete");
 				return -EPROTO;
 			}
+			uint64_t t_commit = now_ns(), t_clean;
 			set_state(in, HM_IN_ARRIVED);
 			/* Every page is clean: the guest view becomes plain memory again. A
 			 * post-copy guest runs already; a pre-copy one starts now. */
@@ -628,9 +635,16 @@ static int receive(struct session *s)
 			forget_pc(in);
 			pc_destroy(s->pc);
 			s->pc = NULL;
+			t_clean = now_ns();
 			if (!s->switched)
 				in->ops->arrived(in->opaque, in->cfg.autostart);
 			ctl_send(s->ctl, WIRE_RESUMED, NULL, NULL);
+			/* On the downtime's path in pre-copy: say where a slow one went. */
+			if (now_ns() - t_commit > COMMIT_SLOW_NS)
+				log_info("incoming: the commit took %.1f ms (post-copy teardown "
+					 "%.1f ms, then resume and reply %.1f ms)",
+					 ms_between(t_commit, now_ns()), ms_between(t_commit, t_clean),
+					 ms_between(t_clean, now_ns()));
 			return 0;
 		case WIRE_ABORT: {
 			struct msg_refuse r;
