@@ -482,10 +482,9 @@ void dirty_mark(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
 }
 
 /* WP_ASYNC: the written pages of [s, e) of a region (pages of it), re-protected in the
- * same walk when rearm, put in out through vec (vec_len entries). */
+ * same walk when rearm. One caller at a time: it uses t->vec. */
 static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, uint64_t s, uint64_t e,
-			       struct bitmap *out, bool rearm, bool atomic,
-			       struct hm_page_region *vec, uint64_t vec_len, uint64_t *added)
+			       struct bitmap *out, bool rearm, bool atomic, uint64_t *added)
 {
 	const struct ram_region *r = &t->ram->r[ri];
 	uint64_t base = (uintptr_t)r->guest;
@@ -496,8 +495,8 @@ static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, uint64_t s,
 	    .flags = HM_PM_SCAN_CHECK_WPASYNC | (rearm ? HM_PM_SCAN_WP_MATCHING : 0),
 	    .start = base + s * HM_PAGE_SIZE,
 	    .end = base + e * HM_PAGE_SIZE,
-	    .vec = (uintptr_t)vec,
-	    .vec_len = vec_len,
+	    .vec = (uintptr_t)t->vec,
+	    .vec_len = DIRTY_VEC_LEN,
 	    .category_mask = HM_PAGE_IS_WRITTEN,
 	    .return_mask = HM_PAGE_IS_WRITTEN,
 	};
@@ -511,8 +510,8 @@ static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, uint64_t s,
 		}
 		for (int i = 0; i < n; i++)
 			*added += dirty_set_range(
-			    out, r->first_page + (vec[i].start - base) / HM_PAGE_SIZE,
-			    (vec[i].end - vec[i].start) / HM_PAGE_SIZE, atomic);
+			    out, r->first_page + (t->vec[i].start - base) / HM_PAGE_SIZE,
+			    (t->vec[i].end - t->vec[i].start) / HM_PAGE_SIZE, atomic);
 		/* The walk stops where the vector filled: go on from there. */
 		if (a.walk_end <= a.start && n == 0) {
 			log_err("dirty: PAGEMAP_SCAN made no progress at 0x%llx",
@@ -581,7 +580,7 @@ int dirty_collect(struct dirty_tracker *t, struct bitmap *out, bool rearm, uint6
 	if (t->method == DIRTY_WP_ASYNC) {
 		for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++)
 			rc = dirty_collect_async(t, i, 0, t->ram->r[i].size / HM_PAGE_SIZE, out,
-						 rearm, false, t->vec, DIRTY_VEC_LEN, &added);
+						 rearm, false, &added);
 		/* Marked pages are not write-protected: consuming them is all rearm means. */
 		for (uint64_t wi = 0; rc == 0 && wi < BITMAP_WORDS(t->ram->npages); wi++)
 			dirty_take_word(t, out, wi, rearm, false, &added);
@@ -600,14 +599,13 @@ int dirty_collect(struct dirty_tracker *t, struct bitmap *out, bool rearm, uint6
 int dirty_collect_range(struct dirty_tracker *t, uint64_t first_page, uint64_t npages,
 			struct bitmap *out)
 {
-	struct hm_page_region vec[64];
 	uint64_t added = 0;
 	int rc = 0;
 
 	if (!out || out->nbits < t->ram->npages || first_page > t->ram->npages ||
 	    npages > t->ram->npages - first_page)
 		return -EINVAL;
-	pthread_mutex_lock(&t->lock);
+	pthread_mutex_lock(&t->lock); /* also keeps t->vec to one sender at a time */
 	if (!t->armed) {
 		pthread_mutex_unlock(&t->lock);
 		log_err("dirty: collect without dirty_start");
@@ -622,7 +620,7 @@ int dirty_collect_range(struct dirty_tracker *t, uint64_t first_page, uint64_t n
 		if (!region_span(r, first_page, npages, bp > 64 ? bp : 64, &s, &e))
 			continue;
 		if (t->method == DIRTY_WP_ASYNC) {
-			rc = dirty_collect_async(t, i, s, e, out, true, true, vec, 64, &added);
+			rc = dirty_collect_async(t, i, s, e, out, true, true, &added);
 			for (uint64_t wi = (r->first_page + s) / 64;
 			     rc == 0 && wi < (r->first_page + e) / 64; wi++)
 				dirty_take_word(t, out, wi, true, true, &added);

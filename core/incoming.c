@@ -447,9 +447,10 @@ static int complete(struct session *s, const struct msg_done *done)
 	rc = land_wait(s, TP_LAND_END, pages);
 	if (rc < 0)
 		return rc;
-	if (now_ns() - t_done > COMMIT_SLOW_NS)
+	uint64_t t_landed = now_ns();
+	if (t_landed - t_done > COMMIT_SLOW_NS)
 		log_info("incoming: the bulk channels' last data landed %.1f ms after done",
-			 ms_between(t_done, now_ns()));
+			 ms_between(t_done, t_landed));
 	for (unsigned i = 0; i < done->channels; i++) {
 		if (pages[i] != done->pages[i]) {
 			snprintf(s->err, sizeof(s->err),
@@ -640,11 +641,12 @@ static int receive(struct session *s)
 				in->ops->arrived(in->opaque, in->cfg.autostart);
 			ctl_send(s->ctl, WIRE_RESUMED, NULL, NULL);
 			/* On the downtime's path in pre-copy: say where a slow one went. */
-			if (now_ns() - t_commit > COMMIT_SLOW_NS)
+			uint64_t t_end = now_ns();
+			if (t_end - t_commit > COMMIT_SLOW_NS)
 				log_info("incoming: the commit took %.1f ms (post-copy teardown "
 					 "%.1f ms, then resume and reply %.1f ms)",
-					 ms_between(t_commit, now_ns()), ms_between(t_commit, t_clean),
-					 ms_between(t_clean, now_ns()));
+					 ms_between(t_commit, t_end), ms_between(t_commit, t_clean),
+					 ms_between(t_clean, t_end));
 			return 0;
 		case WIRE_ABORT: {
 			struct msg_refuse r;
