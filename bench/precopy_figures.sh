@@ -37,7 +37,7 @@ case $REPS in '' | *[!0-9]* | 0) die "--reps: a positive integer" ;; esac
 case $LIMIT in '' | *[!0-9]*) die "--downtime-limit: milliseconds" ;; esac
 DIRTY_BENCH=${DIRTY_BENCH:-$BENCH_ROOT/build/bench/hymig-bench-dirty}
 WORKLOAD="dirtier:rate=$RATE,pattern=uniform"
-# The dirtier's vCPU 0 stamps the heartbeat at least every 100 us (WL_SLEEP_MAX in
+# Every dirtier vCPU stamps the shared heartbeat at least every 100 us (WL_SLEEP_MAX in
 # guest/workload.c): a stall can read up to one such period longer than the pause.
 HEARTBEAT_MS=0.1
 

@@ -29,7 +29,7 @@
 #define WL_HOT_PROB    0.9
 
 /* Page 0. Fixed layout: a destination reads it without knowing the spec. The
- * counters start on their own cache line, away from the heartbeat vCPU 0 stamps. */
+ * counters start on their own cache line, away from the heartbeat the vCPUs stamp. */
 struct wl_meta {
 	uint64_t magic;
 	uint32_t version;
@@ -390,21 +390,30 @@ void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index,
 	v->rng = wl_mix(spec->seed ^ wl_mix(index + 1)) | 1; /* xorshift needs non-zero */
 }
 
+/* Every vCPU stamps; a gap is time in which no vCPU stamped, so a host that
+ * deschedules one vCPU while another runs has not stalled the guest. The last stamp
+ * only moves forward. */
 static void wl_heartbeat(struct wl_meta *m, struct wl_vcpu *v)
 {
 	uint64_t now = clock_ns(CLOCK_REALTIME);
 	uint64_t last = __atomic_load_n(&m->hb_last_ns, __ATOMIC_RELAXED);
 
-	/* A realtime step backwards is not a stall. */
-	if (last && now > last && now - last > __atomic_load_n(&m->hb_max_gap_ns, __ATOMIC_RELAXED))
-		__atomic_store_n(&m->hb_max_gap_ns, now - last, __ATOMIC_RELAXED);
-	if (v->arrived) {
-		/* No baseline (an operator resumed a held guest): nothing to measure. */
-		__atomic_store_n(&m->hb_arrival_gap_ns, last && now > last ? now - last : 0,
-				 __ATOMIC_RELAXED);
-		v->arrived = false;
-	}
-	__atomic_store_n(&m->hb_last_ns, now, __ATOMIC_RELAXED);
+	do {
+		if (last >= now) /* another vCPU stamped later, or realtime stepped back */
+			goto out;
+	} while (!__atomic_compare_exchange_n(&m->hb_last_ns, &last, now, false, __ATOMIC_RELAXED,
+					      __ATOMIC_RELAXED));
+	uint64_t gap = last ? now - last : 0,
+		 max = __atomic_load_n(&m->hb_max_gap_ns, __ATOMIC_RELAXED);
+	while (gap > max && !__atomic_compare_exchange_n(&m->hb_max_gap_ns, &max, gap, false,
+							 __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+		;
+	/* The stamp that replaced one from before the arrival (the source's last) measures
+	 * the switchover; none when an operator resumed a held guest (no baseline). */
+	if (v->arrived_ns && last < v->arrived_ns)
+		__atomic_store_n(&m->hb_arrival_gap_ns, gap, __ATOMIC_RELAXED);
+out:
+	v->arrived_ns = 0;
 }
 
 void wl_heartbeat_reset(struct hm_ram *ram)
@@ -440,8 +449,7 @@ uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_
 	uint64_t now = now_ns(), owned, n;
 	double pps, elapsed;
 
-	if (v->index == 0)
-		wl_heartbeat(m, v);
+	wl_heartbeat(m, v);
 	owned = v->index < ndata ? (ndata - v->index + v->nvcpus - 1) / v->nvcpus : 0;
 	if (spec->kind != WL_DIRTIER || !owned || v->index >= WL_MAX_VCPUS || !spec->rate)
 		return WL_SLEEP_MAX;
@@ -460,7 +468,7 @@ uint64_t wl_vcpu_step(struct hm_ram *ram, const struct wl_spec *spec, struct wl_
 	v->credit -= (double)n;
 
 	for (uint64_t i = 0; i < n; i++) {
-		if (i > 0 && v->index == 0)
+		if (i > 0)
 			wl_heartbeat(m, v);
 		if (run && !__atomic_load_n(run, __ATOMIC_RELAXED)) {
 			v->credit += (double)(n - i);

@@ -46,7 +46,7 @@ struct wl_vcpu {
 	uint64_t cursor;    /* sequential pattern position */
 	uint64_t t_last_ns; /* pacing: time of the last step (CLOCK_MONOTONIC, not migrated) */
 	double credit;	    /* pacing: pages owed */
-	bool arrived;	    /* vCPU 0: its next stamp is the first since a migration's arrival */
+	uint64_t arrived_ns; /* CLOCK_REALTIME of a migration's arrival; 0 once stamped */
 };
 
 /* Formats guest RAM for the spec: meta page, generation table, and every data page
@@ -58,8 +58,9 @@ uint64_t wl_data_first(uint64_t npages);
  * nothing). vCPU i owns the data pages whose (page - data_first) % nvcpus == i. */
 void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index, uint32_t nvcpus);
 /* One slice of vCPU work: writes the pages the rate owes since the previous step (at
- * most WL_STEP_MAX), and vCPU 0 stamps the heartbeat (CLOCK_REALTIME), updating the
- * longest gap, at the start and before each page: a page's first write may take a
+ * most WL_STEP_MAX), and stamps the guest's heartbeat (CLOCK_REALTIME, shared by all
+ * vCPUs), updating the longest gap in which no vCPU stamped, at the start and before
+ * each page: a page's first write may take a
  * write-protect fault, so a step can last milliseconds while the guest runs. Returns
  * the nanoseconds the vCPU may sleep before the next step (0 when it stopped early).
  * Always returns between pages; when run is given, as soon as *run (read atomically)
