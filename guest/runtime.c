@@ -9,6 +9,7 @@
 #include "../core/dirty.h"
 #include "../core/engine.h"
 #include "../core/log.h"
+#include "../core/prio.h"
 #include "runtime.h"
 #ifdef HAVE_DPDK
 #include "../transport/dpdk/dpdk_tp.h"
@@ -16,6 +17,9 @@
 
 #define DEV_MAGIC     0x76656479u /* "ydev" */
 #define IDLE_SLEEP_NS 50000000ULL
+/* A vCPU runs in short steps (a few pages, ~100 us): with slices this short it takes
+ * the CPU from bulk threads as soon as it wakes (see prio_set_slice). */
+#define VCPU_SLICE_NS 100000ULL
 
 /* Device state: what the workload needs besides RAM and vCPU registers. */
 struct dev_state {
@@ -43,6 +47,7 @@ static void *vcpu_main(void *arg)
 	struct guest *g = (struct guest *)((char *)(v - v->index) - offsetof(struct guest, vcpu));
 
 	pthread_setname_np(pthread_self(), "hm-vcpu");
+	prio_set_slice(VCPU_SLICE_NS);
 	for (;;) {
 		uint64_t ns;
 
@@ -65,8 +70,8 @@ static void *vcpu_main(void *arg)
 		if (g->quit)
 			return NULL;
 		ns = wl_vcpu_step(g->ram, &g->cfg.wl, v, &g->run);
-		/* Idle vCPUs other than the heartbeat's have nothing to do: let them sleep
-		 * long, since a pause wakes them at once. */
+		/* Idle vCPUs other than vCPU 0 have nothing to do: its stamps keep the
+		 * heartbeat, and a pause wakes them at once, so they sleep long. */
 		if (g->cfg.wl.kind == WL_IDLE && v->index)
 			ns = IDLE_SLEEP_NS;
 		if (ns) {
@@ -207,9 +212,10 @@ static int vm_load_state(void *opaque, const void *vcpu, uint32_t vcpu_len, cons
 		return -EPROTO;
 	}
 	memcpy(g->vcpu, vcpu, vcpu_len);
+	uint64_t now = clock_ns(CLOCK_REALTIME);
 	for (unsigned i = 0; i < d.nvcpus; i++) {
 		g->vcpu[i].t_last_ns = 0; /* pacing restarts on this host's clock */
-		g->vcpu[i].arrived = true;
+		g->vcpu[i].arrived_ns = now;
 	}
 	pthread_mutex_lock(&g->lock);
 	g->nvcpus = d.nvcpus;

@@ -39,6 +39,11 @@
  * unshaped veth went 1.5-1.7 -> 1.0-1.1 ms (bench/modes.sh --link none --modes
  * postcopy0, 3 runs). */
 #define LAND_PIECE_PAGES 32
+/* One recv takes at most this much. This kernel does not preempt a thread in a
+ * syscall (Dynamic Preempt: none), and a lander's recv also does the socket's receive
+ * work; a recv of a whole 1 MiB record held a CPU for up to 7 ms in pre-copy, while
+ * both vCPUs of a 50 MB/s dirtier waited (perf sched timehist). */
+#define RECV_PIECE_BYTES ((size_t)LAND_PIECE_PAGES * HM_PAGE_SIZE)
 /* While pages it asked for are owed, the destination's urgent lander polls its socket
  * for at most this long before it sleeps in recv. A thread's wakeup costs ~70 us on
  * these hosts: a 16-byte request answered with 4 KiB over veth took 148-151 us at p50
@@ -136,13 +141,17 @@ static int chan_fail(struct tcp_bulk *b, struct tcp_chan *c, int rc, const char 
 	return rc;
 }
 
+/* In pieces of at most LAND_PIECE_PAGES: see RECV_PIECE_BYTES. */
 static int read_pages(struct tcp_chan *c, uint8_t *dst, size_t len)
 {
-	int rc = tcp_read_full(c->fd, dst, len, -1);
-
-	if (rc == 0)
-		c->owner->base.wire_bytes += len;
-	return rc;
+	for (size_t off = 0; off < len; off += RECV_PIECE_BYTES) {
+		size_t n = len - off < RECV_PIECE_BYTES ? len - off : RECV_PIECE_BYTES;
+		int rc = tcp_read_full(c->fd, dst + off, n, -1);
+		if (rc < 0)
+			return rc;
+		c->owner->base.wire_bytes += n;
+	}
+	return 0;
 }
 
 /* How many of the next want pages are in the socket already (at least one): a lander

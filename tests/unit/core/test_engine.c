@@ -11,6 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/syscall.h>
+#include <sys/utsname.h>
+
+#include "core/prio.h"
 #include "core/ram.h"
 #include "include/hymig/hymig.h"
 
@@ -255,12 +259,39 @@ static void test_state_names(void **state)
 	assert_string_equal(hm_mig_state_name(HM_MIG_STATE_MAX), "?");
 }
 
+/* The slice a vCPU asks for is the one the scheduler keeps (custom slices: 6.12+),
+ * and the nice value is left as it was. */
+static void test_prio_slice(void **state)
+{
+	struct utsname u;
+	unsigned major = 0, minor = 0;
+	struct {
+		uint32_t size, policy;
+		uint64_t flags;
+		int32_t nice;
+		uint32_t priority;
+		uint64_t runtime, deadline, period;
+	} attr;
+
+	assert_int_equal(uname(&u), 0);
+	sscanf(u.release, "%u.%u", &major, &minor);
+	if (major < 6 || (major == 6 && minor < 12))
+		skip(); /* no custom slices before Linux 6.12: the request is ignored */
+	prio_set_nice(3);
+	prio_set_slice(250000);
+	memset(&attr, 0, sizeof(attr));
+	assert_int_equal(syscall(SYS_sched_getattr, 0, &attr, sizeof(attr), 0), 0);
+	assert_int_equal(attr.runtime, 250000);
+	assert_int_equal(attr.nice, 3);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_precopy_states), cmocka_unit_test(test_cold_states),
 	    cmocka_unit_test(test_refused_layout), cmocka_unit_test(test_cancel_before_start),
 	    cmocka_unit_test(test_bad_config),	   cmocka_unit_test(test_state_names),
+	    cmocka_unit_test(test_prio_slice),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
