@@ -545,6 +545,7 @@ static void *handler_main(void *arg)
 
 	pthread_setname_np(pthread_self(), "hm-fault");
 	prio_set_nice(PRIO_URGENT_NICE);
+	prio_set_slice(PRIO_SHORT_SLICE_NS);
 	if (!wait_go(pc))
 		return NULL;
 

@@ -26,6 +26,9 @@
 #define PRIO_BULK_NICE	 10  /* senders and landers of bulk data */
 #define PRIO_URGENT_NICE -10 /* urgent threads not real-time, or where it is not allowed */
 #define PRIO_URGENT_RT	 1   /* the lowest SCHED_FIFO priority: above every ordinary thread */
+/* Slice of the threads that work in short turns while others wait for them: vCPUs,
+ * the fault handler, the dpdk poller (see prio_set_slice). */
+#define PRIO_SHORT_SLICE_NS 100000
 
 /* Sets the calling thread's nice value; without the right (an unprivileged process
  * cannot go below 0) it keeps the one it has. */
@@ -45,9 +48,10 @@ static inline void prio_set_urgent(void)
 }
 
 /* Asks for scheduler slices of slice_ns (EEVDF custom slices, Linux 6.12+; 0.1..100
- * ms). A thread that wakes with a shorter slice than the running one's preempts it at
- * once; with the default one it waited for the runner's slice to end at a tick, 4 ms
- * on these hosts, whatever their nice values. Older kernels ignore the request. */
+ * ms) for the calling thread, keeping its policy and nice value; a real-time thread is
+ * left alone. A thread that wakes with a shorter slice than the running one's preempts
+ * it at once; with the default one it waited for the runner's slice to end at a tick,
+ * 4 ms on these hosts, whatever their nice values. Older kernels ignore the request. */
 static inline void prio_set_slice(uint64_t slice_ns)
 {
 	struct {
@@ -56,9 +60,14 @@ static inline void prio_set_slice(uint64_t slice_ns)
 		int32_t nice;
 		uint32_t priority;
 		uint64_t runtime, deadline, period;
-	} attr = {.size = sizeof(attr), .policy = SCHED_OTHER, .runtime = slice_ns};
+	} attr;
 
-	attr.nice = getpriority(PRIO_PROCESS, (id_t)gettid());
+	if (syscall(SYS_sched_getattr, 0, &attr, sizeof(attr), 0) < 0 ||
+	    (attr.policy != SCHED_OTHER && attr.policy != SCHED_BATCH))
+		return;
+	attr.size = sizeof(attr);
+	attr.flags = 0;
+	attr.runtime = slice_ns;
 	(void)syscall(SYS_sched_setattr, 0, &attr, 0);
 }
 

@@ -17,9 +17,6 @@
 
 #define DEV_MAGIC     0x76656479u /* "ydev" */
 #define IDLE_SLEEP_NS 50000000ULL
-/* A vCPU runs in short steps (a few pages, ~100 us): with slices this short it takes
- * the CPU from bulk threads as soon as it wakes (see prio_set_slice). */
-#define VCPU_SLICE_NS 100000ULL
 
 /* Device state: what the workload needs besides RAM and vCPU registers. */
 struct dev_state {
@@ -47,7 +44,7 @@ static void *vcpu_main(void *arg)
 	struct guest *g = (struct guest *)((char *)(v - v->index) - offsetof(struct guest, vcpu));
 
 	pthread_setname_np(pthread_self(), "hm-vcpu");
-	prio_set_slice(VCPU_SLICE_NS);
+	prio_set_slice(PRIO_SHORT_SLICE_NS); /* steps of ~100 us */
 	for (;;) {
 		uint64_t ns;
 

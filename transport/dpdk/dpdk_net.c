@@ -2,6 +2,8 @@
  * senders' side) are in dpdk_link.c. See dpdk_net.h. */
 #include "dpdk_net_priv.h"
 
+#include "../../core/prio.h"
+
 #include <errno.h>
 #include <sched.h>
 #include <linux/futex.h>
@@ -984,6 +986,8 @@ static void *poller(void *arg)
 	pthread_setname_np(pthread_self(), "hm-dpdk-poll");
 	/* The guest comes first; without the right to change it the nice value stays. */
 	(void)setpriority(PRIO_PROCESS, (id_t)gettid(), net->cfg.nice);
+	/* It works in short turns and others wait for it: it takes the CPU as it wakes. */
+	prio_set_slice(PRIO_SHORT_SLICE_NS);
 	/* An lcore id gives the mbuf pool a per-thread cache; the affinity is kept. */
 	bool registered = rte_thread_register() == 0;
 
