@@ -47,6 +47,20 @@ static inline void prio_set_urgent(void)
 		prio_set_nice(PRIO_URGENT_NICE);
 }
 
+struct prio_sched_attr { /* struct sched_attr of sched_setattr(2), up to sched_period */
+	uint32_t size, policy;
+	uint64_t flags;
+	int32_t nice;
+	uint32_t priority;
+	uint64_t runtime, deadline, period;
+};
+
+/* The calling thread's scheduling attributes. */
+static inline int prio_sched_getattr(struct prio_sched_attr *attr)
+{
+	return (int)syscall(SYS_sched_getattr, 0, attr, sizeof(*attr), 0);
+}
+
 /* Asks for scheduler slices of slice_ns (EEVDF custom slices, Linux 6.12+; 0.1..100
  * ms) for the calling thread, keeping its policy and nice value; a real-time thread is
  * left alone. A thread that wakes with a shorter slice than the running one's preempts
@@ -54,15 +68,9 @@ static inline void prio_set_urgent(void)
  * 4 ms on these hosts, whatever their nice values. Older kernels ignore the request. */
 static inline void prio_set_slice(uint64_t slice_ns)
 {
-	struct {
-		uint32_t size, policy;
-		uint64_t flags;
-		int32_t nice;
-		uint32_t priority;
-		uint64_t runtime, deadline, period;
-	} attr;
+	struct prio_sched_attr attr;
 
-	if (syscall(SYS_sched_getattr, 0, &attr, sizeof(attr), 0) < 0 ||
+	if (prio_sched_getattr(&attr) < 0 ||
 	    (attr.policy != SCHED_OTHER && attr.policy != SCHED_BATCH))
 		return;
 	attr.size = sizeof(attr);

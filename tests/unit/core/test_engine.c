@@ -11,7 +11,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <sys/syscall.h>
 #include <sys/utsname.h>
 
 #include "core/prio.h"
@@ -265,13 +264,7 @@ static void test_prio_slice(void **state)
 {
 	struct utsname u;
 	unsigned major = 0, minor = 0;
-	struct {
-		uint32_t size, policy;
-		uint64_t flags;
-		int32_t nice;
-		uint32_t priority;
-		uint64_t runtime, deadline, period;
-	} attr;
+	struct prio_sched_attr attr;
 
 	assert_int_equal(uname(&u), 0);
 	sscanf(u.release, "%u.%u", &major, &minor);
@@ -280,7 +273,7 @@ static void test_prio_slice(void **state)
 	prio_set_nice(3);
 	prio_set_slice(250000);
 	memset(&attr, 0, sizeof(attr));
-	assert_int_equal(syscall(SYS_sched_getattr, 0, &attr, sizeof(attr), 0), 0);
+	assert_int_equal(prio_sched_getattr(&attr), 0);
 	assert_int_equal(attr.runtime, 250000);
 	assert_int_equal(attr.nice, 3);
 }
