@@ -1,6 +1,10 @@
 /* Thread priorities. On a busy host the guest comes first among ordinary threads, bulk
  * data last: bulk threads yield the CPU to a vCPU that wakes up instead of delaying it
- * by a scheduler slice. The threads that answer a page request over tcp (the source's
+ * by a scheduler slice. At nice 10 they did not, on these hosts' kernel (Dynamic
+ * Preempt: none): perf sched showed both vCPUs of a 50 MB/s dirtier runnable on one CPU
+ * for 4-8 ms while a sender and then a lander ran a tick each, and the guest's longest
+ * pre-copy stall was 4-8 ms; at nice 19, 1-5 ms (bench/precopy_figures.sh, 10 runs
+ * each), with the same throughput. The threads that answer a page request over tcp (the source's
  * page server, the destination's urgent lander) run above all of them, real-time: at
  * nice -10 they woke behind vCPUs and kernel workers, and the fault latency's p99 was
  * 3.5-4.4 ms on unshaped veth against 1.5-1.7 ms at SCHED_FIFO (bench/modes.sh --link
@@ -23,7 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define PRIO_BULK_NICE	 10  /* senders and landers of bulk data */
+#define PRIO_BULK_NICE	 19  /* senders and landers of bulk data: the lowest */
 #define PRIO_URGENT_NICE -10 /* urgent threads not real-time, or where it is not allowed */
 #define PRIO_URGENT_RT	 1   /* the lowest SCHED_FIFO priority: above every ordinary thread */
 /* Slice of the threads that work in short turns while others wait for them: vCPUs,
