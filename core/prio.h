@@ -21,7 +21,9 @@
 #ifndef HYMIG_CORE_PRIO_H
 #define HYMIG_CORE_PRIO_H
 
+#include <pthread.h>
 #include <sched.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -81,6 +83,16 @@ static inline void prio_set_slice(uint64_t slice_ns)
 	attr.flags = 0;
 	attr.runtime = slice_ns;
 	(void)syscall(SYS_sched_setattr, 0, &attr, 0);
+}
+
+/* Makes another thread of this process real-time while it carries the switch (see
+ * prio_set_urgent), or ordinary again, its nice value kept. Only where allowed (root,
+ * or an RLIMIT_RTPRIO); a thread that ended is left alone (ESRCH). */
+static inline void prio_thread_urgent(pthread_t t, bool urgent)
+{
+	struct sched_param sp = {.sched_priority = urgent ? PRIO_URGENT_RT : 0};
+
+	(void)pthread_setschedparam(t, urgent ? SCHED_FIFO : SCHED_OTHER, &sp);
 }
 
 /* Back to an ordinary thread at nice 0 (from prio_set_urgent). */
