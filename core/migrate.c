@@ -264,16 +264,14 @@ static int arm_next(struct hm_migration *m)
 
 /* Runs one round on every channel and waits for it, servicing the control connection
  * and watching for cancel and timeout meanwhile. Round 1 arms RAM meanwhile, and all of
- * it before returning, so the scan after the round misses no write. skip_zero and
- * collect_first are the senders' (see send_round). */
-static int run_round(struct hm_migration *m, bool skip_zero, bool collect_first)
+ * it before returning, so the scan after the round misses no write. flags: ROUND_*. */
+static int run_round(struct hm_migration *m, unsigned flags)
 {
 	uint64_t t_check = now_ns(), t_service = t_check, npages = m->ram->npages;
 	int rc = 0;
 
 	pthread_mutex_lock(&m->lock);
-	m->skip_zero = skip_zero;
-	m->collect_first = collect_first;
+	m->round_flags = flags;
 	m->round_busy = m->cfg.channels;
 	m->st.remaining_pages = bitmap_count(&m->send);
 	m->round_gen++;
@@ -353,10 +351,10 @@ static int run_round_hot_last(struct hm_migration *m)
 			nlater++;
 		}
 	}
-	if ((rc = run_round(m, false, false)) < 0 || !nlater)
+	if ((rc = run_round(m, 0)) < 0 || !nlater)
 		return rc;
 	bitmap_or(&m->send, &m->later);
-	return run_round(m, false, true);
+	return run_round(m, ROUND_COLLECT_FIRST);
 }
 
 /* A resuming destination's list of the pages it lacks becomes m->send. */
@@ -635,7 +633,8 @@ static int finish(struct hm_migration *m)
 	if ((rc = final_scan(m, &m->send)) < 0)
 		return rc;
 	set_state(m, HM_MIG_STOPCOPY);
-	rc = run_round(m, m->cfg.mode == HM_MODE_COLD, false);
+	/* A cold migration's whole transfer is no switch to hurry: it stays bulk. */
+	rc = run_round(m, m->cfg.mode == HM_MODE_COLD ? ROUND_SKIP_ZERO : ROUND_SWITCH);
 	m->t_paged = now_ns();
 	if (rc == 0)
 		rc = send_state(m);
@@ -782,13 +781,13 @@ static int stream_postcopy(struct hm_migration *m, uint64_t queued)
 		return fail(m, rc, "cannot start the page server");
 	m->postcopy = true;
 	if (serve)
-		rc = run_round(m, false, false);
+		rc = run_round(m, 0);
 	/* DONE goes only once every page went: should a pass ever miss some, the guest
 	 * would have to fault each of them in. */
 	for (uint64_t left; serve && rc == 0 && (left = bitmap_count(&m->send)) > 0;) {
 		log_err("post-copy: %llu pages left after the background pass; another pass",
 			(unsigned long long)left);
-		rc = run_round(m, false, false);
+		rc = run_round(m, 0);
 	}
 	if (rc == 0)
 		rc = send_done(m);
@@ -844,7 +843,7 @@ static int postcopy(struct hm_migration *m)
 	nstale = bitmap_count(&m->send);
 	bitmap_swap(&m->send, &hot); /* send = hot now, hot = the stale rest */
 	/* Without hot pages the senders need no waking: a round of nothing took 1-3 ms. */
-	rc = bitmap_next_set(&m->send, 0) < m->ram->npages ? run_round(m, false, false) : 0;
+	rc = bitmap_next_set(&m->send, 0) < m->ram->npages ? run_round(m, ROUND_SWITCH) : 0;
 	for (unsigned i = 0; rc == 0 && i < m->cfg.channels; i++)
 		if ((rc = m->bulk->ops->push_switch(m->bulk, i)) < 0)
 			fail(m, rc, "ending the pre-switch pages: %s", strerror(-rc));
@@ -918,7 +917,8 @@ static int precopy(struct hm_migration *m)
 		pthread_mutex_unlock(&m->lock);
 		if (m->ops->event)
 			m->ops->event(m->opaque, "round");
-		rc = round > 1 && m->heat ? run_round_hot_last(m) : run_round(m, round == 1, false);
+		rc = round > 1 && m->heat ? run_round_hot_last(m)
+					  : run_round(m, round == 1 ? ROUND_SKIP_ZERO : 0);
 		if (rc < 0)
 			return rc;
 		t1 = now_ns();

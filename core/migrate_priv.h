@@ -20,6 +20,13 @@ struct sender {
 	uint64_t pages; /* pages in records sent on this channel (the end record's count) */
 };
 
+/* How senders run a round. */
+enum round_flags {
+	ROUND_SKIP_ZERO = 1,	 /* round 1: zero pages are only counted */
+	ROUND_COLLECT_FIRST = 2, /* collect a block's new writes just before reading it */
+	ROUND_SWITCH = 4,	 /* the guest is paused: the senders carry the switch */
+};
+
 struct hm_migration {
 	struct hm_ram *ram;
 	const struct hm_vm_ops *ops;
@@ -76,14 +83,13 @@ struct hm_migration {
 	/* Sender coordination: guarded by lock. */
 	pthread_mutex_t lock;
 	pthread_cond_t cv;
-	uint64_t round_gen;  /* bumped to start a round */
-	unsigned round_busy; /* senders still working on the round */
-	bool skip_zero;	     /* round 1: zero pages are only counted */
-	bool collect_first;  /* senders collect a block's new writes just before reading it */
-	bool postcopy;	     /* the round is post-copy's background stream */
-	bool quit;	     /* senders exit */
-	bool arm_stopped;    /* the round failed: senders stop waiting for arm_next */
-	int send_error;	     /* first sender error */
+	uint64_t round_gen;   /* bumped to start a round */
+	unsigned round_busy;  /* senders still working on the round */
+	unsigned round_flags; /* ROUND_* */
+	bool postcopy;	      /* the round is post-copy's background stream */
+	bool quit;	      /* senders exit */
+	bool arm_stopped;     /* the round failed: senders stop waiting for arm_next */
+	int send_error;	      /* first sender error */
 	bool ended;
 	struct hm_stats st; /* guarded by lock */
 

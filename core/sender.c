@@ -256,9 +256,16 @@ void *sender_main(void *arg)
 		if (m->quit)
 			break;
 		seen = m->round_gen;
-		bool skip_zero = m->skip_zero, collect_first = m->collect_first;
+		unsigned flags = m->round_flags;
 		pthread_mutex_unlock(&m->lock);
-		int rc = send_round(s, skip_zero, collect_first);
+		/* Real-time while the paused guest waits for these pages: see prio.h. */
+		if (flags & ROUND_SWITCH)
+			prio_set_urgent();
+		int rc = send_round(s, flags & ROUND_SKIP_ZERO, flags & ROUND_COLLECT_FIRST);
+		if (flags & ROUND_SWITCH) {
+			prio_set_normal();
+			prio_set_nice(PRIO_BULK_NICE);
+		}
 		pthread_mutex_lock(&m->lock);
 		if (rc && !m->send_error)
 			m->send_error = rc;
