@@ -1,23 +1,25 @@
 /* Thread priorities. On a busy host the guest comes first among ordinary threads, bulk
  * data last: bulk threads yield the CPU to a vCPU that wakes up instead of delaying it
  * by a scheduler slice. At nice 10 they did not, on these hosts' kernel (Dynamic
- * Preempt: none): perf sched showed both vCPUs of a 50 MB/s dirtier runnable on one CPU
- * for 4-8 ms while a sender and then a lander ran a tick each, and the guest's longest
- * pre-copy stall was 4-8 ms; at nice 19, 1-5 ms (bench/precopy_figures.sh, 10 runs
- * each), with the same throughput. The threads that answer a page request over tcp (the source's
- * page server, the destination's urgent lander) run above all of them, real-time: at
- * nice -10 they woke behind vCPUs and kernel workers, and the fault latency's p99 was
- * 3.5-4.4 ms on unshaped veth against 1.5-1.7 ms at SCHED_FIFO (bench/modes.sh --link
- * none --modes postcopy0, 2-3 runs each). They only block on a socket between short
- * bursts of work, so they cannot starve the host. The fault handler and the rdma
- * completion thread stay at nice -10: real-time gained nothing for the first, and the
- * second also lands every background READ; real-time for both starved the kernel
- * threads that do Soft-RoCE's work (urgent READ 724 us against 203 us, one bed run
- * each). The threads that carry the switch (the source's migration thread from the
- * pause until the destination runs the guest, the destination's control thread once
- * its RAM is reserved) are real-time too: at nice 0 the switch of a tcp post-copy of a
- * 100 MB/s dirtier (POSTCOPY sent to RUNNING back) took 4-8 ms, mostly the two waiting
- * for a CPU; 1.4-1.7 ms real-time. A thread that spins never gets either priority. */
+ * Preempt: none): perf sched showed both vCPUs of a 50 MB/s dirtier runnable on one
+ * CPU for 4-8 ms while a sender and then a lander ran a tick each, and the guest's
+ * longest pre-copy stall was 4-8 ms; at nice 19, 1-5 ms (bench/precopy_figures.sh, 10
+ * runs each), with the same throughput. The threads that answer a page request over
+ * tcp (the source's page server, the destination's urgent lander) run above all of
+ * them, real-time: at nice -10 they woke behind vCPUs and kernel workers, and the fault
+ * latency's p99 was 3.5-4.4 ms on unshaped veth against 1.5-1.7 ms at SCHED_FIFO
+ * (bench/modes.sh --link none --modes postcopy0, 2-3 runs each). They only block on a
+ * socket between short bursts of work, so they cannot starve the host. The fault
+ * handler and the rdma completion thread stay at nice -10: real-time gained nothing for
+ * the first, and the second also lands every background READ; real-time for both
+ * starved the kernel threads that do Soft-RoCE's work (urgent READ 724 us against 203
+ * us, one bed run each). The threads that carry the switch are real-time too: the
+ * source's migration thread from the pause until the destination runs the guest, the
+ * destination's control thread once its RAM is reserved, the senders through the
+ * rounds of a paused guest and the tcp landers while the destination waits for their
+ * pages. At nice 0 the switch of a tcp post-copy of a 100 MB/s dirtier (POSTCOPY sent
+ * to RUNNING back) took 4-8 ms, mostly the two waiting for a CPU; 1.4-1.7 ms real-time.
+ * A thread that spins never gets either priority. */
 #ifndef HYMIG_CORE_PRIO_H
 #define HYMIG_CORE_PRIO_H
 
