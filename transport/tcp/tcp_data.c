@@ -39,10 +39,11 @@
  * unshaped veth went 1.5-1.7 -> 1.0-1.1 ms (bench/modes.sh --link none --modes
  * postcopy0, 3 runs). */
 #define LAND_PIECE_PAGES 32
-/* One recv takes at most this much. This kernel does not preempt a thread in a
- * syscall (Dynamic Preempt: none), and a lander's recv also does the socket's receive
- * work; a recv of a whole 1 MiB record held a CPU for up to 7 ms in pre-copy, while
- * both vCPUs of a 50 MB/s dirtier waited (perf sched timehist). */
+/* One recv takes at most this much, so a lander returns to user space, where this
+ * kernel (Dynamic Preempt: none) can preempt it, every 128 KiB. Landers that ran
+ * 4-12 ms while both vCPUs of a 50 MB/s dirtier waited (perf sched timehist) were one
+ * cause of pre-copy stalls; this alone did not remove them (the scheduling in
+ * core/prio.h did most). */
 #define RECV_PIECE_BYTES ((size_t)LAND_PIECE_PAGES * HM_PAGE_SIZE)
 /* While pages it asked for are owed, the destination's urgent lander polls its socket
  * for at most this long before it sleeps in recv. A thread's wakeup costs ~70 us on
@@ -627,9 +628,10 @@ int tcp_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, 
 		  char *err, size_t errlen)
 {
 	struct tcp_bulk *b = (struct tcp_bulk *)bb;
-	/* The engine waits (rather than looks) only while the guest is paused: the landers
-	 * carry the switch then. At their bulk nice value they landed a stop-and-copy's
-	 * last pages behind ordinary threads, 4-9 ms of its downtime. */
+	/* The engine waits (rather than looks) once the source sent a round's last pages:
+	 * at a switch, with the guest paused, the landers carry it. At their bulk nice
+	 * value they landed a stop-and-copy's last pages behind ordinary threads, 4-9 ms
+	 * of its downtime. */
 	bool boost = timeout_ms != 0;
 	int rc;
 
