@@ -303,7 +303,7 @@ print("\nmachine: %d CPUs, load %s at start, %s at end; other hymig/iperf3 proce
       env["start"]["other_hymig_or_iperf3_processes"], env["end"]["other_hymig_or_iperf3_processes"]),
       file=err)
 for k, v in t.items():
-    reps = f" in {reps_met[k]} of {len(dirt)} reps" if k in reps_met else ""
+    reps = f" (met in {reps_met[k]} of {len(dirt)} reps)" if k in reps_met else ""
     print(f"target {k}: {'met' if v else 'NOT met'}{reps}", file=err)
 print(json.dumps(out))
 EOF
