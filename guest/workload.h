@@ -42,10 +42,10 @@ void wl_format(const struct wl_spec *s, char *buf, size_t len);
 struct wl_vcpu {
 	uint32_t index;
 	uint32_t nvcpus;
-	uint64_t rng;	    /* xorshift state */
-	uint64_t cursor;    /* sequential pattern position */
-	uint64_t t_last_ns; /* pacing: time of the last step (CLOCK_MONOTONIC, not migrated) */
-	double credit;	    /* pacing: pages owed */
+	uint64_t rng;	     /* xorshift state */
+	uint64_t cursor;     /* sequential pattern position */
+	uint64_t t_last_ns;  /* pacing: time of the last step (CLOCK_MONOTONIC, not migrated) */
+	double credit;	     /* pacing: pages owed */
 	uint64_t arrived_ns; /* CLOCK_REALTIME of a migration's arrival; 0 once stamped */
 };
 
@@ -60,9 +60,9 @@ void wl_vcpu_init(struct wl_vcpu *v, const struct wl_spec *spec, uint32_t index,
 /* One slice of vCPU work: writes the pages the rate owes since the previous step (at
  * most WL_STEP_MAX), and stamps the guest's heartbeat (CLOCK_REALTIME, shared by all
  * vCPUs), updating the longest gap in which no vCPU stamped, at the start and before
- * each page: a page's first write may take a
- * write-protect fault, so a step can last milliseconds while the guest runs. Returns
- * the nanoseconds the vCPU may sleep before the next step (0 when it stopped early).
+ * each page: a page's first write may take a write-protect fault, so a step can last
+ * milliseconds while the guest runs. Returns the nanoseconds the vCPU may sleep before
+ * the next step (0 when it stopped early).
  * Always returns between pages; when run is given, as soon as *run (read atomically)
  * is false, so a pause waits for one page rather than a whole step. Pages owed and not
  * written stay owed. */

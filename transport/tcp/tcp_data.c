@@ -624,6 +624,14 @@ static int tcp_failed(struct tp_bulk *bb, unsigned reached, char *err, size_t er
 	return 0;
 }
 
+/* The bulk landers real-time, or back to their bulk priority (see tcp_land_wait). */
+static void landers_urgent(struct tcp_bulk *b, bool urgent)
+{
+	for (unsigned i = 0; i < b->base.channels; i++)
+		if (b->ch[i].thread_started)
+			prio_thread_urgent(b->ch[i].thread, urgent);
+}
+
 int tcp_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, uint64_t *pages,
 		  char *err, size_t errlen)
 {
@@ -635,14 +643,12 @@ int tcp_land_wait(struct tp_bulk *bb, enum tp_land_until until, int timeout_ms, 
 	bool boost = timeout_ms != 0;
 	int rc;
 
-	for (unsigned i = 0; boost && i < bb->channels; i++)
-		if (b->ch[i].thread_started)
-			prio_thread_urgent(b->ch[i].thread, true);
+	if (boost)
+		landers_urgent(b, true);
 	rc = tp_land_wait_marks(bb, &b->lock, &b->changed, tcp_mark, tcp_failed, until, timeout_ms,
 				pages, err, errlen);
-	for (unsigned i = 0; boost && i < bb->channels; i++)
-		if (b->ch[i].thread_started)
-			prio_thread_urgent(b->ch[i].thread, false);
+	if (boost)
+		landers_urgent(b, false);
 	return rc;
 }
 
