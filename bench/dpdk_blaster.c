@@ -318,7 +318,7 @@ static void send_ctl(struct dpdkt_port *p, const struct rte_ether_addr *dst, uin
 	if (m == NULL)
 		return;
 	put_hdr(m, dst, &p->mac, type, 0, 0, seq, off);
-	if (dpdkt_tx(p, &m, 1) != 1)
+	if (dpdkt_tx(p, 0, &m, 1) != 1)
 		rte_pktmbuf_free(m);
 }
 
@@ -389,7 +389,7 @@ static int run_tx(const struct opts *o, struct dpdkt_port *p, uint8_t *buf)
 		}
 		unsigned done = 0;
 		while (done < BURST) {
-			int n = dpdkt_tx(p, ms + done, BURST - done);
+			int n = dpdkt_tx(p, 0, ms + done, BURST - done);
 			done += n;
 			t = now_s();
 			if (done < BURST && (stop || t > end + 5)) {

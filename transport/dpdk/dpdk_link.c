@@ -18,7 +18,6 @@
 #include <rte_mempool.h>
 #include <rte_ring.h>
 
-#define KICK_EVERY    16	  /* frames a sender queues between wake-ups of the poller */
 #define POOL_WAIT_US  20	  /* a sender's sleep when the mbuf pool is empty */
 #define LANE_CACHE    32	  /* mbufs a lane's senders keep at hand */
 #define WAIT_SLICE_NS 50000000ull /* blocked callers re-check at least this often */
@@ -171,7 +170,10 @@ static void link_free(struct dpdkt_link *l)
 {
 	for (unsigned i = 0; i < l->nlanes; i++) {
 		struct lane *ln = &l->lanes[i];
-		dpdkt_ring_free(ln->ring);
+		if (ln->inj != NULL)
+			for (unsigned h = 0; h < ln->inj->nheld; h++)
+				rte_pktmbuf_free(ln->inj->held[h].m);
+		free(ln->inj);
 		if (ln->tx != NULL)
 			for (uint32_t s = 0; s < l->win; s++)
 				rte_pktmbuf_free(ln->tx[s].m);
@@ -224,12 +226,10 @@ int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, ui
 		ln->peer_credit = l->win; /* until the peer says */
 		ln->rto_next = UINT64_MAX;
 		ln->hole_next = UINT64_MAX;
-		/* queued never exceeds the window: the ring cannot overflow. */
-		ln->ring = dpdkt_ring_new(2 * l->win, RING_F_SP_ENQ | RING_F_SC_DEQ);
 		ln->tx = calloc(l->win, sizeof(ln->tx[0]));
 		ln->rx = calloc(l->win, sizeof(ln->rx[0]));
 		ln->cache = rte_mempool_cache_create(LANE_CACHE, (int)rte_socket_id());
-		if (ln->ring == NULL || ln->tx == NULL || ln->rx == NULL || ln->cache == NULL) {
+		if (ln->tx == NULL || ln->rx == NULL || ln->cache == NULL) {
 			l->nlanes = i + 1;
 			goto nomem_link;
 		}
@@ -262,6 +262,13 @@ int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, ui
 		link_free(l);
 		return rc;
 	}
+	/* Each lane's senders transmit on a queue: the urgent lane on the urgent one,
+	 * the others spread over the senders' queues (the poller's where there are none). */
+	unsigned queues = net->port->queues;
+	for (unsigned i = 0; i < nlanes; i++)
+		l->lanes[i].txq = l->lanes[i].urgent ? (queues > 1)
+				  : queues > 2	     ? 2 + net->next_sendq++ % (queues - 2)
+						     : 0;
 	net->links[net->nlinks++] = l;
 	net->win_frames += frames;
 	atomic_store(&net->gen_pub, ++net->gen);
@@ -278,10 +285,18 @@ nomem:
 	return -ENOMEM;
 }
 
+/* Frames the lane may have unacked: its window, within the peer's credit. */
+static unsigned lane_window(const struct dpdkt_link *l, struct lane *ln)
+{
+	unsigned credit = __atomic_load_n(&ln->peer_credit, __ATOMIC_RELAXED);
+	return credit < l->win ? credit : l->win;
+}
+
 /* Waits until lane's window has room (or a quarter of it after a stall). */
 static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 {
-	if (atomic_load(&ln->queued) < l->win)
+	unsigned win = lane_window(l, ln);
+	if (atomic_load(&ln->queued) < win)
 		return atomic_load(&l->dead) ? -ENOTCONN : 0;
 	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
 	dpdkt_kick(l->net);
@@ -291,7 +306,7 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	atomic_fetch_add(&ln->waiters, 1);
 	for (;;) {
 		unsigned seen = atomic_load(&l->wake);
-		if (atomic_load(&l->dead) != 0 || atomic_load(&ln->queued) <= l->win - l->win / 4)
+		if (atomic_load(&l->dead) != 0 || atomic_load(&ln->queued) <= win - win / 4)
 			break;
 		if (!link_wait(l, seen, deadline)) {
 			rc = -ETIMEDOUT;
@@ -302,9 +317,11 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	return atomic_load(&l->dead) ? -ENOTCONN : rc;
 }
 
-/* An mbuf for a frame, waiting while the pool is empty. */
+/* An mbuf for a frame, waiting while the pool is empty (after sending the nb frames
+ * of burst: they may be what the pool waits for). */
 static int alloc_frame(struct dpdkt_link *l, struct lane *ln, unsigned lane, size_t len,
-		       uint64_t deadline, struct rte_mbuf **out)
+		       uint64_t deadline, struct rte_mbuf **burst, unsigned *nb,
+		       struct rte_mbuf **out)
 {
 	bool stalled = false;
 
@@ -318,6 +335,11 @@ static int alloc_frame(struct dpdkt_link *l, struct lane *ln, unsigned lane, siz
 		if (!stalled) {
 			__atomic_store_n(&ln->pool_stalls, ln->pool_stalls + 1, __ATOMIC_RELAXED);
 			stalled = true;
+		}
+		if (*nb > 0) {
+			dpdkt_lane_xmit(l, ln, burst, *nb);
+			*nb = 0;
+			continue;
 		}
 		if (atomic_load(&l->dead))
 			return -ENOTCONN;
@@ -349,22 +371,29 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 	int idx = 0, rc = 0;
 	size_t ioff = 0, off = 0;
 
+	struct rte_mbuf *burst[XMIT_BURST];
+	unsigned nb = 0;
+
 	pthread_mutex_lock(&ln->send_lock);
 	for (size_t f = 0; f < frames; f++) {
 		struct rte_mbuf *m;
 		size_t n = RTE_MIN(pmax, total - off);
 
+		/* Frames built wait for nothing: out with them before a wait. */
+		if (nb > 0 && atomic_load(&ln->queued) >= lane_window(link, ln)) {
+			dpdkt_lane_xmit(link, ln, burst, nb);
+			nb = 0;
+		}
 		rc = wait_window(link, ln, deadline);
 		if (rc == 0)
-			rc = alloc_frame(link, ln, lane, n, deadline, &m);
+			rc = alloc_frame(link, ln, lane, n, deadline, burst, &nb, &m);
 		if (rc < 0) {
 			/* The rest of the message can never follow what went. */
 			if (rc == -ETIMEDOUT && f > 0)
 				dpdkt_link_fail(link, -ETIMEDOUT, true);
 			break;
 		}
-		/* The CRC covers what was copied, whatever the source holds by now; the
-		 * poller finishes it over the header. */
+		/* The CRC covers what was copied, whatever the source holds by now. */
 		uint8_t *dst = payload_of(m);
 		uint32_t crc = 0;
 		for (size_t left = n; left > 0;) {
@@ -379,17 +408,35 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 				ioff = 0;
 			}
 		}
+		off += n;
+		/* Numbered and kept for retransmission: the slot is free, as queued (below
+		 * the window) counts every frame not acked, and the poller sees it once
+		 * snd_nxt moves past it. */
+		uint32_t seq = ln->snd_nxt;
 		struct dpdkt_wire *w = wire_of(m);
-		w->crc = rte_cpu_to_le_32(crc);
 		w->flags = (uint8_t)((f == 0 ? DPDKT_FRAG_START : 0) |
 				     (f == frames - 1 ? DPDKT_FRAG_END : 0));
-		off += n;
+		w->seq = rte_cpu_to_le_32(seq);
+		dpdkt_frame_seal(w, crc);
 		atomic_fetch_add(&ln->queued, 1);
-		rte_ring_sp_enqueue(ln->ring, m); /* cannot fail: see dpdkt_link_open */
-		if (f % KICK_EVERY == KICK_EVERY - 1)
-			dpdkt_kick(net);
+		rte_mbuf_refcnt_update(m, 1);
+		ln->tx[seq & link->mask] =
+		    (struct tx_slot){.m = m, .sent_ns = now_ns(), .tries = 1};
+		__atomic_store_n(&ln->snd_nxt, seq + 1, __ATOMIC_RELEASE);
+		__atomic_store_n(&ln->tx_frames, ln->tx_frames + 1, __ATOMIC_RELAXED);
+		__atomic_store_n(&ln->tx_bytes, ln->tx_bytes + n, __ATOMIC_RELAXED);
+		burst[nb++] = m;
+		if (nb == XMIT_BURST) {
+			dpdkt_lane_xmit(link, ln, burst, nb);
+			nb = 0;
+		}
 	}
+	if (nb > 0)
+		dpdkt_lane_xmit(link, ln, burst, nb);
+	if (rc == 0)
+		__atomic_store_n(&ln->tx_msgs, ln->tx_msgs + 1, __ATOMIC_RELAXED);
 	pthread_mutex_unlock(&ln->send_lock);
+	/* The poller takes the acks in: it should not sleep through them. */
 	dpdkt_kick(net);
 	return rc;
 }
@@ -459,10 +506,12 @@ int dpdkt_link_error(const struct dpdkt_link *link)
 void dpdkt_link_stats(struct dpdkt_link *link, struct dpdkt_link_stats *out)
 {
 	st_copy(out, &link->st, sizeof(*out));
-	out->window_stalls = out->pool_stalls = 0;
 	for (unsigned i = 0; i < link->nlanes; i++) {
-		out->window_stalls +=
-		    __atomic_load_n(&link->lanes[i].window_stalls, __ATOMIC_RELAXED);
-		out->pool_stalls += __atomic_load_n(&link->lanes[i].pool_stalls, __ATOMIC_RELAXED);
+		const struct lane *ln = &link->lanes[i];
+		out->window_stalls += __atomic_load_n(&ln->window_stalls, __ATOMIC_RELAXED);
+		out->pool_stalls += __atomic_load_n(&ln->pool_stalls, __ATOMIC_RELAXED);
+		out->tx_frames += __atomic_load_n(&ln->tx_frames, __ATOMIC_RELAXED);
+		out->tx_bytes += __atomic_load_n(&ln->tx_bytes, __ATOMIC_RELAXED);
+		out->tx_msgs += __atomic_load_n(&ln->tx_msgs, __ATOMIC_RELAXED);
 	}
 }

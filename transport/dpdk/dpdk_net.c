@@ -31,8 +31,8 @@
 #define TXQ_RETX_FILL 768
 #define RX_BURST      64
 #define RX_PREFETCH   2	 /* frames whose header rx_queue asks for ahead of their turn */
-#define LANE_TURN     32 /* frames a bulk lane sends before the next one's turn */
 #define URGENT_EVERY  16 /* bulk frames landed between two looks at the urgent queue */
+#define XMIT_HELD     32 /* held-back frames a sender's burst lets go at most */
 /* Frames the first expiry of a lane's timer resends: a lost tail is recovered at once,
  * and a peer that was only slow (descheduled) gets few copies it did not need. */
 #define RTO_BURST  32
@@ -54,10 +54,10 @@ void dpdkt_cond_init_mono(pthread_cond_t *c)
 	pthread_condattr_destroy(&a);
 }
 
-/* Counters have one writer; readers load them whole. */
+/* Counters: the poller and senders add, readers load them whole. */
 static inline void st_add(uint64_t *c, uint64_t n)
 {
-	__atomic_store_n(c, *c + n, __ATOMIC_RELAXED);
+	__atomic_fetch_add(c, n, __ATOMIC_RELAXED);
 }
 
 static uint64_t rng_next(uint64_t *s)
@@ -70,9 +70,9 @@ static uint64_t rng_next(uint64_t *s)
 	return x * 0x2545F4914F6CDD1Dull;
 }
 
-static bool chance(struct dpdkt_net *net, double p)
+static bool chance(struct inject *inj, double p)
 {
-	return p > 0 && (double)(rng_next(&net->rng) >> 11) * 0x1.0p-53 < p;
+	return p > 0 && (double)(rng_next(&inj->rng) >> 11) * 0x1.0p-53 < p;
 }
 
 void dpdkt_kick(struct dpdkt_net *net)
@@ -192,10 +192,10 @@ void dpdkt_link_fail(struct dpdkt_link *l, int err, bool reset)
 	dpdkt_kick(l->net);
 }
 
-/* ---- The poller: tx queue and loss injection ---- */
+/* ---- Loss injection and tx queues ---- */
 
-/* The tx queue of a lane's frames: urgent lanes' frames (and their acks) pass the bulk
- * backlog on a queue of their own where the port has one. */
+/* The poller's tx queue for a lane's acks and resent frames: urgent lanes' pass the
+ * bulk backlog on a queue of their own where the port has one. */
 static unsigned txq_of(const struct dpdkt_net *net, const struct lane *ln)
 {
 	return ln->urgent && net->port->queues > 1;
@@ -208,16 +208,9 @@ static unsigned txq_room(const struct dpdkt_net *net, unsigned q, unsigned fill)
 	return n + 2 <= fill ? (fill - n) / 2 : 0;
 }
 
-static void hold(struct dpdkt_net *net, int dir, struct rte_mbuf *m, unsigned q)
-{
-	unsigned hold = net->ploss[dir].hold ? net->ploss[dir].hold : 4;
-	net->held[dir][net->nheld[dir]++] = (struct held){.m = m, .left = hold, .q = q};
-	st_add(&net->st.inj_reorder, 1);
-}
-
 /* A copy of m with one byte past the Ethernet header flipped; m is consumed. When
  * there is no mbuf for the copy, m goes unharmed. */
-static struct rte_mbuf *corrupt(struct dpdkt_net *net, struct rte_mbuf *m)
+static struct rte_mbuf *corrupt(struct dpdkt_net *net, struct inject *inj, struct rte_mbuf *m)
 {
 	struct rte_mbuf *c = rte_pktmbuf_copy(m, net->port->pool, 0, UINT32_MAX);
 	if (c == NULL || c->nb_segs != 1 || c->data_len <= RTE_ETHER_HDR_LEN) {
@@ -226,46 +219,81 @@ static struct rte_mbuf *corrupt(struct dpdkt_net *net, struct rte_mbuf *m)
 	}
 	rte_pktmbuf_free(m);
 	uint32_t at =
-	    RTE_ETHER_HDR_LEN + (uint32_t)(rng_next(&net->rng) % (c->data_len - RTE_ETHER_HDR_LEN));
-	rte_pktmbuf_mtod(c, uint8_t *)[at] ^= (uint8_t)(1 + rng_next(&net->rng) % 255);
+	    RTE_ETHER_HDR_LEN + (uint32_t)(rng_next(&inj->rng) % (c->data_len - RTE_ETHER_HDR_LEN));
+	rte_pktmbuf_mtod(c, uint8_t *)[at] ^= (uint8_t)(1 + rng_next(&inj->rng) % 255);
 	st_add(&net->st.inj_corrupt, 1);
 	return c;
 }
 
-/* Queues m for tx on queue q through the tx injection; consumes m. The caller checked
- * txq_room. */
+/* Passes m through inj: out gets what goes now (0, 1 or 2 references); a reordered
+ * frame is held back for q. Consumes m. */
+static unsigned inject(struct dpdkt_net *net, struct inject *inj, struct rte_mbuf *m, unsigned q,
+		       struct rte_mbuf **out)
+{
+	const struct dpdkt_loss *l = &inj->loss;
+
+	if (chance(inj, l->drop)) {
+		st_add(&net->st.inj_drop, 1);
+		rte_pktmbuf_free(m);
+		return 0;
+	}
+	/* A copy: the peer (net_ring) or our own retransmission may hold this very mbuf. */
+	if (chance(inj, l->corrupt))
+		m = corrupt(net, inj, m);
+	if (inj->nheld < HELD_CAP && chance(inj, l->reorder)) {
+		inj->held[inj->nheld++] =
+		    (struct held){.m = m, .left = l->hold ? l->hold : 4, .q = q};
+		st_add(&net->st.inj_reorder, 1);
+		return 0;
+	}
+	out[0] = m;
+	if (chance(inj, l->dup)) {
+		rte_mbuf_refcnt_update(m, 1);
+		out[1] = m;
+		st_add(&net->st.inj_dup, 1);
+		return 2;
+	}
+	return 1;
+}
+
+/* One turn of inj's path: held-back frames whose time came go to emit, which may
+ * refuse one (false: it stays a turn more). */
+static void held_release(struct inject *inj, bool (*emit)(void *ctx, const struct held *h),
+			 void *ctx)
+{
+	unsigned keep = 0;
+
+	for (unsigned i = 0; i < inj->nheld; i++) {
+		struct held *h = &inj->held[i];
+		if (h->left > 0)
+			h->left--;
+		if (h->left > 0 || !emit(ctx, h))
+			inj->held[keep++] = *h;
+	}
+	inj->nheld = keep;
+}
+
+/* Queues m for tx on the poller's queue q through the tx injection; consumes m. The
+ * caller checked txq_room. */
 static void txq_put(struct dpdkt_net *net, unsigned q, struct rte_mbuf *m)
 {
 	struct txq *t = &net->txq[q];
 
-	if (net->ploss_on[DIR_TX]) {
-		const struct dpdkt_loss *l = &net->ploss[DIR_TX];
-		if (chance(net, l->drop)) {
-			st_add(&net->st.inj_drop, 1);
-			rte_pktmbuf_free(m);
-			return;
-		}
-		if (chance(net, l->corrupt))
-			m = corrupt(net, m);
-		if (net->nheld[DIR_TX] < HELD_CAP && chance(net, l->reorder)) {
-			hold(net, DIR_TX, m, q);
-			return;
-		}
-		if (chance(net, l->dup)) {
-			rte_mbuf_refcnt_update(m, 1);
-			t->m[t->n++] = m;
-			st_add(&net->st.inj_dup, 1);
-		}
-	}
-	t->m[t->n++] = m;
+	if (net->pinj[DIR_TX].on)
+		t->n += inject(net, &net->pinj[DIR_TX], m, q, t->m + t->n);
+	else
+		t->m[t->n++] = m;
 }
 
-/* Hands tx queue q to the PMD; what it did not take stays first in line. */
+/* Hands the poller's tx queue q to the PMD; what it did not take stays first in line.
+ * A sender holding the queue (a port without queues of their own) keeps it a round. */
 static unsigned txq_flush_one(struct dpdkt_net *net, unsigned q)
 {
 	struct txq *t = &net->txq[q];
 	unsigned sent = 0;
 
+	if (t->n == 0 || pthread_mutex_trylock(&net->qlock[q]) != 0)
+		return 0;
 	while (sent < t->n) {
 		uint16_t n = dpdkt_tx_burst(net->port, (uint16_t)q, t->m + sent,
 					    (uint16_t)RTE_MIN(t->n - sent, 512u));
@@ -273,6 +301,7 @@ static unsigned txq_flush_one(struct dpdkt_net *net, unsigned q)
 			break;
 		sent += n;
 	}
+	pthread_mutex_unlock(&net->qlock[q]);
 	if (sent < t->n) {
 		st_add(&net->st.tx_short, 1);
 		memmove(t->m, t->m + sent, (t->n - sent) * sizeof(t->m[0]));
@@ -287,9 +316,79 @@ static unsigned txq_flush(struct dpdkt_net *net)
 {
 	unsigned sent = 0;
 
-	for (unsigned q = net->port->queues; q-- > 0;)
+	for (unsigned q = RTE_MIN(net->port->queues, 2u); q-- > 0;)
 		sent += txq_flush_one(net, q);
 	return sent;
+}
+
+/* The lane's copy of the net's tx injection, taken anew when it changed. */
+static struct inject *lane_inject(struct dpdkt_net *net, struct lane *ln, unsigned lane)
+{
+	uint32_t gen = atomic_load(&net->loss_gen);
+
+	if (ln->inj == NULL && gen == 0)
+		return NULL;
+	if (ln->inj != NULL && ln->inj->gen == gen)
+		return ln->inj->on ? ln->inj : NULL;
+	if (ln->inj == NULL && (ln->inj = calloc(1, sizeof(*ln->inj))) == NULL)
+		return NULL; /* no memory: no injection rather than no frames */
+	pthread_mutex_lock(&net->lock);
+	ln->inj->loss = net->loss[DIR_TX];
+	ln->inj->on = net->loss_on[DIR_TX];
+	ln->inj->rng = (net->loss_seed ^ (0x9E3779B97F4A7C15ull * (lane + 1))) | 1;
+	ln->inj->gen = gen;
+	pthread_mutex_unlock(&net->lock);
+	return ln->inj->on ? ln->inj : NULL;
+}
+
+struct xmit_buf {
+	struct rte_mbuf **m;
+	unsigned n, cap;
+};
+
+static bool xmit_emit(void *ctx, const struct held *h)
+{
+	struct xmit_buf *b = ctx;
+	if (b->n == b->cap)
+		return false;
+	b->m[b->n++] = h->m;
+	return true;
+}
+
+/* A sender's frames, numbered and kept for retransmission, go out on the lane's own
+ * queue, through the tx injection. n frames at most XMIT_BURST. Called with the lane's
+ * send_lock held. */
+void dpdkt_lane_xmit(struct dpdkt_link *l, struct lane *ln, struct rte_mbuf **ms, unsigned n)
+{
+	struct dpdkt_net *net = l->net;
+	struct rte_mbuf *out[2 * XMIT_BURST + XMIT_HELD];
+	struct xmit_buf b = {.m = out, .n = 0, .cap = XMIT_HELD};
+	struct inject *inj = lane_inject(net, ln, (unsigned)(ln - l->lanes));
+
+	if (inj != NULL) {
+		held_release(inj, xmit_emit, &b);
+		for (unsigned i = 0; i < n; i++)
+			b.n += inject(net, inj, ms[i], ln->txq, out + b.n);
+	} else {
+		memcpy(out, ms, n * sizeof(ms[0]));
+		b.n = n;
+	}
+	pthread_mutex_lock(&net->qlock[ln->txq]);
+	int sent = dpdkt_tx(net->port, (uint16_t)ln->txq, out, b.n);
+	pthread_mutex_unlock(&net->qlock[ln->txq]);
+	/* A peer that stopped reading: these go again from their slots, or the link dies. */
+	if (sent < (int)b.n) {
+		rte_pktmbuf_free_bulk(out + sent, b.n - (unsigned)sent);
+		st_add(&net->st.tx_short, 1);
+	}
+	st_add(&net->st.tx_frames, (uint64_t)sent);
+	uint64_t now = now_ns();
+	__atomic_store_n(&l->last_tx, now, __ATOMIC_RELAXED);
+	if (ln->urgent) {
+		/* The answer is on its way soon: the poller should be awake for it. */
+		__atomic_store_n(&net->awake_until, now + URGENT_AWAKE_NS, __ATOMIC_RELAXED);
+		dpdkt_kick(net);
+	}
 }
 
 /* ---- The poller: acks ---- */
@@ -342,7 +441,7 @@ static bool send_ctl(struct dpdkt_net *net, struct dpdkt_link *l, uint8_t type, 
 		fill_ack(l, ln, w);
 	dpdkt_frame_seal(w, dpdkt_crc32c(bm, len, 0));
 	txq_put(net, q, m);
-	l->last_tx = net->now;
+	__atomic_store_n(&l->last_tx, net->now, __ATOMIC_RELAXED);
 	if (type == DPDKT_ACK)
 		st_add(&l->st.acks_tx, 1);
 	else if (type == DPDKT_KEEPALIVE)
@@ -384,23 +483,31 @@ static void retransmit(struct dpdkt_net *net, struct dpdkt_link *l, const struct
 	txq_put(net, txq_of(net, ln), s->m);
 	s->sent_ns = net->now;
 	s->tries++;
-	l->last_tx = net->now;
+	__atomic_store_n(&l->last_tx, net->now, __ATOMIC_RELAXED);
 	st_add(&l->st.retrans, 1);
 	if (timeout)
 		st_add(&l->st.retrans_timeout, 1);
 }
 
+/* An RTT sample from a frame sent once. A sender stamps sent_ns on its own clock
+ * reading, which may be later than the poller's round's. */
+static void rtt_of(const struct tx_slot *s, uint64_t now, uint64_t *sample)
+{
+	if (s->tries == 1 && (int64_t)(now - s->sent_ns) > 0)
+		*sample = now - s->sent_ns;
+}
+
 /* Marks seq as held by the receiver; *sample gets an RTT sample of a frame sent once.
  * True when that is news. */
-static bool sacked(struct lane *ln, uint32_t mask, uint32_t seq, uint64_t now, uint64_t *sample)
+static bool sacked(struct lane *ln, uint32_t mask, uint32_t nxt, uint32_t seq, uint64_t now,
+		   uint64_t *sample)
 {
-	if (seq - ln->snd_una >= ln->snd_nxt - ln->snd_una)
+	if (seq - ln->snd_una >= nxt - ln->snd_una)
 		return false;
 	struct tx_slot *s = &ln->tx[seq & mask];
 	if (s->m == NULL)
 		return false;
-	if (s->tries == 1)
-		*sample = now - s->sent_ns;
+	rtt_of(s, now, sample);
 	rte_pktmbuf_free(s->m);
 	s->m = NULL;
 	if (!ln->have_sack || (int32_t)(seq - ln->sack_high) > 0) {
@@ -428,7 +535,7 @@ static unsigned resend_holes(struct dpdkt_net *net, struct dpdkt_link *l, struct
 			struct tx_slot *s = &ln->tx[seq & l->mask];
 			if (s->m == NULL)
 				continue;
-			if (s->tries > 1 && net->now - s->sent_ns < guard) {
+			if (s->tries > 1 && (int64_t)(net->now - s->sent_ns) < (int64_t)guard) {
 				next = RTE_MIN(next, s->sent_ns + guard);
 				continue;
 			}
@@ -449,19 +556,19 @@ static unsigned resend_holes(struct dpdkt_net *net, struct dpdkt_link *l, struct
 static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *ln,
 		     const struct hdr *h, const uint8_t *bitmap, size_t bitmap_len)
 {
-	uint32_t inflight = ln->snd_nxt - ln->snd_una;
+	uint32_t nxt = lane_nxt(ln);
+	uint32_t inflight = nxt - ln->snd_una;
 	uint32_t adv = h->ack - ln->snd_una;
 	uint64_t sample = 0;
 	bool progress = false;
 
-	ln->peer_credit = h->credit ? h->credit : 1;
+	__atomic_store_n(&ln->peer_credit, h->credit ? h->credit : 1u, __ATOMIC_RELAXED);
 	if (adv > 0 && adv <= inflight) {
 		for (uint32_t i = 0; i < adv; i++) {
 			struct tx_slot *s = &ln->tx[(ln->snd_una + i) & l->mask];
 			if (s->m == NULL)
 				continue;
-			if (s->tries == 1)
-				sample = net->now - s->sent_ns;
+			rtt_of(s, net->now, &sample);
 			rte_pktmbuf_free(s->m);
 			s->m = NULL;
 		}
@@ -472,13 +579,13 @@ static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *l
 			link_wake(l);
 	}
 	for (uint64_t bits = h->sack; bits != 0; bits &= bits - 1)
-		progress |= sacked(ln, l->mask, h->ack + 1 + (uint32_t)__builtin_ctzll(bits),
+		progress |= sacked(ln, l->mask, nxt, h->ack + 1 + (uint32_t)__builtin_ctzll(bits),
 				   net->now, &sample);
 	for (size_t i = 0; i < bitmap_len; i++)
 		for (unsigned b = bitmap[i]; b != 0; b &= b - 1)
-			progress |=
-			    sacked(ln, l->mask, h->ack + 1 + (uint32_t)(i * 8 + __builtin_ctz(b)),
-				   net->now, &sample);
+			progress |= sacked(ln, l->mask, nxt,
+					   h->ack + 1 + (uint32_t)(i * 8 + __builtin_ctz(b)),
+					   net->now, &sample);
 	if (sample != 0)
 		rtt_sample(l, sample);
 	/* The timer runs from the last progress, not from each frame's departure: a full
@@ -487,7 +594,7 @@ static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *l
 		ln->backoff = 0;
 		ln->rto_next = net->now + l->rto;
 	}
-	if (ln->snd_una == ln->snd_nxt)
+	if (ln->snd_una == nxt)
 		ln->have_sack = false;
 	if (progress)
 		resend_holes(net, l, ln);
@@ -673,10 +780,10 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 		take_ack(net, l, ln, &h, NULL, 0);
 		rte_pktmbuf_free(m);
 		return;
-	default: /* DPDKT_DATA */
+	default: /* DPDKT_DATA: its ack fields are zero (senders do not own them) */
 		if (ln->urgent)
-			net->awake_until = net->now + URGENT_AWAKE_NS;
-		take_ack(net, l, ln, &h, NULL, 0);
+			__atomic_store_n(&net->awake_until, net->now + URGENT_AWAKE_NS,
+					 __ATOMIC_RELAXED);
 		take_data(net, l, h.lane, m, h.seq);
 		return;
 	}
@@ -688,54 +795,32 @@ drop:
 /* Passes a received frame through the rx injection. */
 static void rx_inject(struct dpdkt_net *net, struct rte_mbuf *m)
 {
-	const struct dpdkt_loss *l = &net->ploss[DIR_RX];
+	struct rte_mbuf *out[2];
 
-	if (!net->ploss_on[DIR_RX]) {
+	if (!net->pinj[DIR_RX].on) {
 		take_frame(net, m);
 		return;
 	}
-	if (chance(net, l->drop)) {
-		st_add(&net->st.inj_drop, 1);
-		rte_pktmbuf_free(m);
-		return;
-	}
-	/* A copy: with net_ring the sender still holds this very mbuf. */
-	if (chance(net, l->corrupt))
-		m = corrupt(net, m);
-	if (net->nheld[DIR_RX] < HELD_CAP && chance(net, l->reorder)) {
-		hold(net, DIR_RX, m, 0);
-		return;
-	}
-	if (chance(net, l->dup)) {
-		st_add(&net->st.inj_dup, 1);
-		rte_mbuf_refcnt_update(m, 1);
-		take_frame(net, m);
-	}
-	take_frame(net, m);
+	unsigned n = inject(net, &net->pinj[DIR_RX], m, 0, out);
+	for (unsigned i = 0; i < n; i++)
+		take_frame(net, out[i]);
 }
 
-/* Lets held-back frames go when their time came: rx ones to take_frame, tx ones to
- * the tx queue. */
-static void release_held(struct dpdkt_net *net, int dir)
+static bool rx_emit(void *ctx, const struct held *h)
 {
-	unsigned keep = 0;
-
-	for (unsigned i = 0; i < net->nheld[dir]; i++) {
-		struct held *h = &net->held[dir][i];
-		if (h->left > 0)
-			h->left--;
-		if (h->left > 0 || (dir == DIR_TX && net->txq[h->q].n >= TXQ_CAP)) {
-			net->held[dir][keep++] = *h;
-		} else if (dir == DIR_TX) {
-			net->txq[h->q].m[net->txq[h->q].n++] = h->m;
-		} else {
-			take_frame(net, h->m);
-		}
-	}
-	net->nheld[dir] = keep;
+	take_frame(ctx, h->m);
+	return true;
 }
 
-static void urgent_turn(struct dpdkt_net *net);
+static bool tx_emit(void *ctx, const struct held *h)
+{
+	struct dpdkt_net *net = ctx;
+	struct txq *t = &net->txq[h->q];
+	if (t->n >= TXQ_CAP)
+		return false;
+	t->m[t->n++] = h->m;
+	return true;
+}
 
 static unsigned rx_queue(struct dpdkt_net *net, unsigned q)
 {
@@ -751,8 +836,10 @@ static unsigned rx_queue(struct dpdkt_net *net, unsigned q)
 		if (i + RX_PREFETCH < n)
 			rte_prefetch0(rte_pktmbuf_mtod(ms[i + RX_PREFETCH], void *));
 		rx_inject(net, ms[i]);
-		if (q == 0 && (i + 1) % URGENT_EVERY == 0)
-			urgent_turn(net);
+		/* Between bulk frames, urgent ones that came are taken, so they do not wait
+		 * for a whole burst of bulk work (a burst of 64 landed pages took ~100 us). */
+		if (q != 1 && net->port->queues > 1 && (i + 1) % URGENT_EVERY == 0)
+			rx_queue(net, 1);
 	}
 	return n;
 }
@@ -762,118 +849,28 @@ static unsigned rx_poll(struct dpdkt_net *net)
 {
 	unsigned got = 0;
 
-	release_held(net, DIR_RX);
-	for (unsigned q = net->port->queues; q-- > 0;)
-		got += rx_queue(net, q);
+	held_release(&net->pinj[DIR_RX], rx_emit, net);
+	if (net->port->queues > 1)
+		got += rx_queue(net, 1);
+	for (unsigned q = 0; q < net->port->queues; q++)
+		if (q != 1)
+			got += rx_queue(net, q);
 	return got;
 }
 
-/* ---- The poller: sending ---- */
-
-/* Takes up to max frames off a lane's ring, within the window and the peer's credit:
- * assigns sequence numbers and acks, seals them, keeps a reference for retransmission. */
-static unsigned lane_send(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, unsigned max)
-{
-	struct lane *ln = &l->lanes[lane];
-	uint32_t win = RTE_MIN(l->win, ln->peer_credit);
-	uint32_t inflight = ln->snd_nxt - ln->snd_una;
-	struct rte_mbuf *ms[LANE_TURN];
-
-	if (inflight >= win)
-		return 0;
-	max = RTE_MIN(max, win - inflight);
-	max = RTE_MIN(max, (unsigned)LANE_TURN);
-	unsigned n = rte_ring_sc_dequeue_burst(ln->ring, (void **)ms, max, NULL);
-	for (unsigned i = 0; i < n; i++) {
-		struct rte_mbuf *m = ms[i];
-		struct dpdkt_wire *w = wire_of(m);
-		uint32_t payload_crc = rte_le_to_cpu_32(w->crc); /* the sender's part */
-		uint32_t seq = ln->snd_nxt++;
-		struct tx_slot *s = &ln->tx[seq & l->mask];
-
-		w->seq = rte_cpu_to_le_32(seq);
-		fill_ack(l, ln, w);
-		dpdkt_frame_seal(w, payload_crc);
-		*s = (struct tx_slot){.m = m, .sent_ns = net->now, .tries = 1};
-		st_add(&l->st.tx_bytes, rte_le_to_cpu_16(w->len));
-		if (w->flags & DPDKT_FRAG_END)
-			st_add(&l->st.tx_msgs, 1);
-		rte_mbuf_refcnt_update(m, 1);
-		txq_put(net, txq_of(net, ln), m);
-	}
-	if (n > 0) {
-		if (ln->urgent)
-			net->awake_until = net->now + URGENT_AWAKE_NS;
-		st_add(&l->st.tx_frames, n);
-		l->last_tx = net->now;
-		if (inflight == 0) /* the timer starts with the first frame in flight */
-			ln->rto_next = net->now + lane_rto(l, ln);
-	}
-	return n;
-}
-
-static unsigned send_urgent(struct dpdkt_net *net)
-{
-	unsigned sent = 0;
-
-	for (unsigned i = 0; i < net->npl; i++) {
-		struct dpdkt_link *l = net->pl[i];
-		int u = l->cfg.urgent_lane;
-		if (u >= 0 && atomic_load(&l->dead) == 0)
-			sent += lane_send(net, l, (unsigned)u,
-					  txq_room(net, txq_of(net, &l->lanes[u]), TXQ_RETX_FILL));
-	}
-	return sent;
-}
-
-/* Between bulk frames, with a queue pair of its own: urgent frames that came are taken
- * and urgent ones waiting go out, so neither waits for a whole burst of bulk work (a
- * burst of 64 landed pages took ~100 us). */
-static void urgent_turn(struct dpdkt_net *net)
-{
-	if (net->port->queues < 2)
-		return;
-	rx_queue(net, 1);
-	if (send_urgent(net))
-		txq_flush_one(net, 1);
-}
-
-/* New DATA frames: urgent lanes first, then the bulk lanes in turn. */
-static unsigned send_data(struct dpdkt_net *net)
-{
-	unsigned sent = send_urgent(net);
-
-	for (unsigned k = 0; k < net->npl; k++) {
-		struct dpdkt_link *l = net->pl[(net->rr_link + k) % net->npl];
-		if (atomic_load(&l->dead) != 0)
-			continue;
-		for (unsigned j = 0; j < l->nlanes; j++) {
-			unsigned lane = (l->rr + j) % l->nlanes;
-			unsigned room = txq_room(net, 0, TXQ_DATA_FILL);
-			if (room == 0)
-				return sent;
-			if (l->lanes[lane].urgent)
-				continue;
-			sent += lane_send(net, l, lane, room);
-			urgent_turn(net);
-		}
-		l->rr = (l->rr + 1) % l->nlanes;
-	}
-	net->rr_link++;
-	return sent;
-}
+/* ---- The poller: timers ---- */
 
 /* The lane's timer expired: nothing was acked for lane_rto. The first expiry resends
  * the oldest RTO_BURST frames not acked that left at least that long ago (a tail was
  * lost); later ones only the oldest, as a probe, since the peer may be gone. */
-static unsigned rto_fire(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *ln)
+static unsigned rto_fire(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *ln, uint32_t nxt)
 {
 	uint64_t rto = lane_rto(l, ln);
 	unsigned n = 0;
 
-	for (uint32_t seq = ln->snd_una; seq != ln->snd_nxt; seq++) {
+	for (uint32_t seq = ln->snd_una; seq != nxt; seq++) {
 		struct tx_slot *s = &ln->tx[seq & l->mask];
-		if (s->m == NULL || net->now - s->sent_ns < rto)
+		if (s->m == NULL || (int64_t)(net->now - s->sent_ns) < (int64_t)rto)
 			continue;
 		if (txq_room(net, txq_of(net, ln), TXQ_RETX_FILL) == 0) {
 			ln->rto_next = net->now; /* the rest next round */
@@ -909,16 +906,23 @@ static unsigned link_timers(struct dpdkt_net *net, struct dpdkt_link *l, bool id
 	uint64_t ack_delay = (uint64_t)l->cfg.ack_delay_us * 1000;
 	for (unsigned i = 0; i < l->nlanes; i++) {
 		struct lane *ln = &l->lanes[i];
+		uint32_t nxt = lane_nxt(ln);
+		/* The timer starts with the first frame in flight: senders send without
+		 * the poller, which notices here. */
+		if (ln->nxt_seen == ln->snd_una && nxt != ln->snd_una)
+			ln->rto_next = net->now + lane_rto(l, ln);
+		ln->nxt_seen = nxt;
 		if (ln->ack_pending > 0 &&
 		    (idle || ln->ack_now || ln->ack_pending >= l->cfg.ack_every ||
 		     net->now - ln->ack_since >= ack_delay))
 			work += send_ctl(net, l, DPDKT_ACK, i);
-		if (ln->snd_una != ln->snd_nxt && net->now >= ln->rto_next)
-			work += rto_fire(net, l, ln);
+		if (ln->snd_una != nxt && net->now >= ln->rto_next)
+			work += rto_fire(net, l, ln, nxt);
 		if (net->now >= ln->hole_next)
 			work += resend_holes(net, l, ln);
 	}
-	if ((int64_t)(net->now - l->last_tx) >= (int64_t)l->cfg.keepalive_ms * 1000000)
+	uint64_t last_tx = __atomic_load_n(&l->last_tx, __ATOMIC_RELAXED);
+	if ((int64_t)(net->now - last_tx) >= (int64_t)l->cfg.keepalive_ms * 1000000)
 		work += send_ctl(net, l, DPDKT_KEEPALIVE, 0);
 	return work;
 }
@@ -951,10 +955,13 @@ static void refresh(struct dpdkt_net *net)
 	}
 	memcpy(net->pl, net->links, sizeof(net->pl));
 	net->npl = net->nlinks;
-	memcpy(net->ploss, net->loss, sizeof(net->ploss));
-	memcpy(net->ploss_on, net->loss_on, sizeof(net->ploss_on));
+	for (int dir = 0; dir < 2; dir++) {
+		net->pinj[dir].loss = net->loss[dir];
+		net->pinj[dir].on = net->loss_on[dir];
+	}
 	if (net->seed != 0) {
-		net->rng = net->seed;
+		net->pinj[DIR_TX].rng = net->seed;
+		net->pinj[DIR_RX].rng = rng_next(&net->seed) | 1;
 		net->seed = 0;
 	}
 	net->pgen = net->gen;
@@ -1001,25 +1008,23 @@ static void *poller(void *arg)
 		work += send_hellos(net);
 		for (unsigned i = 0; i < net->npl; i++)
 			work += link_timers(net, net->pl[i], idle_rx);
-		work += send_data(net);
-		release_held(net, DIR_TX);
+		held_release(&net->pinj[DIR_TX], tx_emit, net);
 		work += txq_flush(net);
 		/* While urgent frames flow a vCPU is blocked on this poller's work: it
 		 * goes ahead of the guest's threads then, behind them otherwise. */
-		bool urgent = net->now < net->awake_until;
+		bool urgent = net->now < __atomic_load_n(&net->awake_until, __ATOMIC_RELAXED);
 		if (urgent != net->boosted) {
 			(void)setpriority(PRIO_PROCESS, (id_t)gettid(),
 					  urgent ? net->cfg.urgent_nice : net->cfg.nice);
 			net->boosted = urgent;
 		}
 		/* Leftovers of a full tx ring wait too: the peer is not reading. */
-		if (work != 0) {
+		if (work != 0)
 			dpdkt_idle_reset(&idle);
-		} else if (net->now < net->awake_until) {
+		else if (urgent)
 			sched_yield();
-		} else {
+		else
 			poller_idle(net, &idle);
-		}
 	}
 	/* Queued frames are dropped: DATA ones are still kept for retransmission. */
 	for (unsigned q = 0; q < 2; q++) {
@@ -1027,9 +1032,9 @@ static void *poller(void *arg)
 		net->txq[q].n = 0;
 	}
 	for (int dir = 0; dir < 2; dir++) {
-		for (unsigned i = 0; i < net->nheld[dir]; i++)
-			rte_pktmbuf_free(net->held[dir][i].m);
-		net->nheld[dir] = 0;
+		for (unsigned i = 0; i < net->pinj[dir].nheld; i++)
+			rte_pktmbuf_free(net->pinj[dir].held[i].m);
+		net->pinj[dir].nheld = 0;
 	}
 	if (registered)
 		rte_thread_unregister();
@@ -1109,7 +1114,11 @@ int dpdkt_net_create(struct dpdkt_port *port, const struct dpdkt_net_cfg *cfg,
 		rte_eth_random_addr(net->mac.addr_bytes);
 	else
 		net->mac = port->mac;
-	net->rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)net;
+	for (int dir = 0; dir < 2; dir++)
+		net->pinj[dir].rng =
+		    (0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)net) + (uint64_t)dir;
+	for (unsigned q = 0; q < RTE_DIM(net->qlock); q++)
+		pthread_mutex_init(&net->qlock[q], NULL);
 	net->pgen = UINT32_MAX;
 	pthread_mutex_init(&net->lock, NULL);
 	dpdkt_cond_init_mono(&net->cond);
@@ -1192,6 +1201,8 @@ void dpdkt_net_destroy(struct dpdkt_net *net)
 	pthread_cond_destroy(&net->cond);
 	pthread_mutex_destroy(&net->hello_lock);
 	pthread_cond_destroy(&net->hello_cond);
+	for (unsigned q = 0; q < RTE_DIM(net->qlock); q++)
+		pthread_mutex_destroy(&net->qlock[q]);
 	free(net);
 }
 
@@ -1245,7 +1256,9 @@ int dpdkt_net_set_loss(struct dpdkt_net *net, const struct dpdkt_loss *tx,
 			net->loss[dir] = *l[dir];
 	}
 	net->seed = seed ? seed : 1;
+	net->loss_seed = net->seed;
 	atomic_store(&net->gen_pub, ++net->gen);
+	atomic_fetch_add(&net->loss_gen, 1);
 	pthread_mutex_unlock(&net->lock);
 	dpdkt_kick(net);
 	return 0;

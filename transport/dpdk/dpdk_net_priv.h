@@ -13,34 +13,56 @@
 
 #include "dpdk_net.h"
 
-#define TXQ_CAP	 1024 /* frames a tx queue (struct txq) holds */
-#define HELD_CAP 512  /* frames held back by reorder injection, per direction */
+#define TXQ_CAP	   1024 /* frames a tx queue (struct txq) holds */
+#define XMIT_BURST 32	/* frames a sender transmits at once */
+#define HELD_CAP   512	/* frames held back by reorder injection, per path */
 
-/* One DATA frame the sender keeps until it is acked. */
+/* One DATA frame the sender keeps until it is acked. The send_lock holder fills the
+ * slot of a new sequence number before it publishes snd_nxt; from then on only the
+ * poller touches it. */
 struct tx_slot {
 	struct rte_mbuf *m; /* our reference; NULL once acked selectively */
 	uint64_t sent_ns;   /* its last transmission */
 	uint32_t tries;	    /* transmissions so far */
 };
 
+/* Loss injection on one path (the poller's rx, the poller's tx, one lane's senders). */
+struct held {
+	struct rte_mbuf *m;
+	unsigned left; /* turns of the path before it goes */
+	unsigned q;    /* tx queue it goes to (the poller's tx) */
+};
+struct inject {
+	struct dpdkt_loss loss;
+	bool on;
+	uint64_t rng;
+	uint32_t gen; /* net->loss_gen this copy is of (a lane's) */
+	struct held held[HELD_CAP];
+	unsigned nheld;
+};
+
 struct lane {
-	/* Senders' side. send_lock serialises messages; ring carries built frames to the
-	 * poller (single producer: send_lock's holder; single consumer: the poller). */
+	/* Senders' side: send_lock serialises messages, and its holder builds, numbers
+	 * and transmits the frames itself on its PMD queue (txq). */
 	pthread_mutex_t send_lock;
-	struct rte_ring *ring;
+	unsigned txq;
 	/* The send_lock holder's own mbufs: senders are not EAL threads, so without it
 	 * every frame would cost a trip to the pool's shared ring. */
 	struct rte_mempool_cache *cache;
-	atomic_uint queued; /* frames queued or unacked: senders add, the poller subtracts */
-	atomic_int waiters; /* threads blocked on the link's cond for this lane */
-	uint64_t window_stalls, pool_stalls; /* written by the send_lock holder */
+	struct inject *inj;   /* tx loss injection of this lane's senders (NULL: none yet) */
+	atomic_uint queued;   /* frames unacked: senders add, the poller subtracts */
+	atomic_int waiters;   /* threads blocked on the link's cond for this lane */
+	uint32_t snd_nxt;     /* next to assign: written by the send_lock holder (release) */
+	uint32_t peer_credit; /* the receiver's advertised window: the poller stores it */
+	/* Written by the send_lock holder, read whole by dpdkt_link_stats. */
+	uint64_t window_stalls, pool_stalls, tx_frames, tx_bytes, tx_msgs;
 	bool urgent;
 
 	/* The poller's side; nobody else touches these while the link is attached. */
-	uint32_t snd_una, snd_nxt; /* oldest unacked, next to assign */
-	uint32_t sack_high;	   /* highest sequence acked selectively (if have_sack) */
+	uint32_t snd_una;   /* oldest unacked */
+	uint32_t nxt_seen;  /* snd_nxt when the poller last looked (arms the timer) */
+	uint32_t sack_high; /* highest sequence acked selectively (if have_sack) */
 	bool have_sack;
-	uint32_t peer_credit; /* the receiver's advertised window */
 	uint64_t rto_next;    /* the retransmission timer: rto after the last progress */
 	unsigned backoff;     /* timer expiries since the last progress */
 	uint64_t hole_next;   /* when a frame presumed lost may be resent again */
@@ -54,6 +76,12 @@ struct lane {
 	uint64_t ack_since;   /* when the first unacked frame arrived */
 	bool in_msg;	      /* between a START and an END delivered */
 };
+
+/* snd_nxt as the poller sees it: every slot below it is filled. */
+static inline uint32_t lane_nxt(const struct lane *ln)
+{
+	return __atomic_load_n(&ln->snd_nxt, __ATOMIC_ACQUIRE);
+}
 
 struct dpdkt_link {
 	struct dpdkt_net *net;
@@ -74,20 +102,14 @@ struct dpdkt_link {
 	atomic_bool want_reset; /* the poller owes the peer a RESET */
 	atomic_bool notify;	/* the poller owes the owner a dead_cb */
 
+	uint64_t last_tx; /* the last frame we sent: senders and poller store it */
 	/* The poller's. */
-	uint64_t last_rx, last_tx;
+	uint64_t last_rx;
 	uint64_t srtt, rttvar, rto; /* ns */
 	bool have_rtt;
-	unsigned rr;		    /* next bulk lane's turn */
 	struct dpdkt_link_stats st; /* written by the poller (and pool/window stalls) */
 
 	struct lane lanes[];
-};
-
-struct held {
-	struct rte_mbuf *m;
-	unsigned left; /* poller rounds before it goes */
-	unsigned q;    /* tx queue it goes to (DIR_TX) */
 };
 
 /* Frames waiting for tx_burst on one queue, leftovers of a short burst first. */
@@ -113,7 +135,13 @@ struct dpdkt_net {
 	uint64_t win_frames; /* mbufs the open links may hold, for dpdkt_link_open's check */
 	struct dpdkt_loss loss[2];
 	bool loss_on[2];
-	uint64_t seed;
+	uint64_t seed;	      /* for the poller's injection, until it took it (then 0) */
+	uint64_t loss_seed;   /* ... and the lanes' */
+	atomic_uint loss_gen; /* bumped by dpdkt_net_set_loss, for the lanes' copies */
+	/* A PMD queue has one caller at a time: the poller takes the lock of its own
+	 * (0, 1) with a trylock, senders of the lanes that share one wait for it. */
+	pthread_mutex_t qlock[2 + DPDKT_SENDER_QUEUES];
+	unsigned next_sendq; /* the sender queue the next lane gets (under lock) */
 	bool running;
 	pthread_t thread;
 	atomic_bool stop;
@@ -135,16 +163,11 @@ struct dpdkt_net {
 	struct dpdkt_link *pl[DPDKT_MAX_LINKS]; /* its copy of links */
 	unsigned npl;
 	uint32_t pgen;
-	struct dpdkt_loss ploss[2];
-	bool ploss_on[2];
-	uint64_t rng;
+	struct inject pinj[2]; /* by DIR_TX, DIR_RX */
 	uint64_t now;
-	uint64_t awake_until; /* no sleeping before this (URGENT_AWAKE_NS) */
+	uint64_t awake_until; /* no sleeping before this (URGENT_AWAKE_NS); senders store it */
 	bool boosted;	      /* running at cfg.urgent_nice (see poller) */
-	unsigned rr_link;
-	struct txq txq[2]; /* by queue: 0 bulk, 1 urgent (when the port has it) */
-	struct held held[2][HELD_CAP];
-	unsigned nheld[2];
+	struct txq txq[2];    /* by queue: 0 bulk, 1 urgent (when the port has it) */
 };
 
 /* ---- Small helpers ---- */
@@ -188,5 +211,6 @@ struct rte_mbuf *dpdkt_frame_new(struct dpdkt_net *net, struct rte_mempool_cache
 				 uint64_t session, size_t len);
 void dpdkt_frame_seal(struct dpdkt_wire *w, uint32_t payload_crc);
 void dpdkt_link_fail(struct dpdkt_link *l, int err, bool reset);
+void dpdkt_lane_xmit(struct dpdkt_link *l, struct lane *ln, struct rte_mbuf **ms, unsigned n);
 
 #endif

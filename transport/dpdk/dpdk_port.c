@@ -432,21 +432,28 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		goto fail_free;
 	}
 
-	/* A second queue pair carries urgent frames past a backlog of bulk ones, where
-	 * the frames sent on a queue arrive on the peer's queue of the same index: memif
-	 * pairs its rings so, and so does net_ring (af_packet, by contrast, spreads frames
-	 * over its queues by hash). Both ends of a memif ask for the same number. */
-	p->queues = (strcmp(info.driver_name, "net_memif") == 0 ||
-		     strcmp(info.driver_name, "net_ring") == 0) &&
-			    info.max_rx_queues >= 2 && info.max_tx_queues >= 2
-			? 2
-			: 1;
+	/* Where the frames sent on a queue arrive on the peer's queue of the same index
+	 * (memif pairs its rings so, and so does net_ring; af_packet, by contrast, spreads
+	 * frames over its queues by hash): a second queue pair carries urgent frames past
+	 * a backlog of bulk ones, and DPDKT_SENDER_QUEUES more let sender threads transmit
+	 * without a lock against each other or the poller. Both ends of a memif ask for
+	 * the same number. */
+	bool paired =
+	    strcmp(info.driver_name, "net_memif") == 0 || strcmp(info.driver_name, "net_ring") == 0;
+	unsigned want = 2 + DPDKT_SENDER_QUEUES;
+	p->queues = paired && info.max_rx_queues >= want && info.max_tx_queues >= want ? want
+		    : paired && info.max_rx_queues >= 2 && info.max_tx_queues >= 2     ? 2
+										       : 1;
+	/* A sender queue carries one lane's window, not the whole link's. */
+	p->sender_desc = RTE_MIN(p->rx_desc, (uint16_t)DPDKT_SENDER_DESC);
 
 	/* The pool feeds the rx rings, the frames sitting in the tx rings, the caller's
 	 * window and every lcore's cache; a mempool is best sized 2^q - 1. */
 	unsigned cache = DPDKT_POOL_CACHE;
-	unsigned need =
-	    cfg->window + p->queues * (p->rx_desc + p->tx_desc) + rte_lcore_count() * cache + 512;
+	unsigned main_queues = RTE_MIN(p->queues, 2u);
+	unsigned need = cfg->window + main_queues * (p->rx_desc + p->tx_desc) +
+			(p->queues - main_queues) * 2u * p->sender_desc +
+			rte_lcore_count() * cache + 512;
 	unsigned nmbufs = pow2_at_least(need + 1) - 1;
 	uint16_t data_room = RTE_PKTMBUF_HEADROOM + room;
 	char pool_name[RTE_MEMPOOL_NAMESIZE];
@@ -484,16 +491,18 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 	}
 	int socket = rte_eth_dev_socket_id(p->id);
 	for (uint16_t q = 0; q < p->queues; q++) {
-		rc = rte_eth_rx_queue_setup(p->id, q, p->rx_desc, socket, NULL, p->pool);
+		uint16_t rxd = q < 2 ? p->rx_desc : p->sender_desc;
+		uint16_t txd = q < 2 ? p->tx_desc : p->sender_desc;
+		rc = rte_eth_rx_queue_setup(p->id, q, rxd, socket, NULL, p->pool);
 		if (rc < 0) {
 			snprintf(err, errlen, "%s: cannot set up rx queue %u (%u descriptors): %s",
-				 p->name, q, p->rx_desc, strerror(-rc));
+				 p->name, q, rxd, strerror(-rc));
 			goto fail_close;
 		}
-		rc = rte_eth_tx_queue_setup(p->id, q, p->tx_desc, socket, NULL);
+		rc = rte_eth_tx_queue_setup(p->id, q, txd, socket, NULL);
 		if (rc < 0) {
 			snprintf(err, errlen, "%s: cannot set up tx queue %u (%u descriptors): %s",
-				 p->name, q, p->tx_desc, strerror(-rc));
+				 p->name, q, txd, strerror(-rc));
 			goto fail_close;
 		}
 	}
@@ -589,7 +598,7 @@ static void segv_install(void)
 
 static void burst_fault(struct dpdkt_port *p, const char *dir)
 {
-	if (p->stats.burst_faults++ == 0)
+	if (__atomic_fetch_add(&p->stats.burst_faults, 1, __ATOMIC_RELAXED) == 0)
 		fprintf(stderr,
 			"hymig: dpdk: %s: its rings went away during a %s burst (the peer is "
 			"gone); the burst is dropped\n",
@@ -626,13 +635,13 @@ uint16_t dpdkt_tx_burst(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **ms, 
 	return took;
 }
 
-int dpdkt_tx(struct dpdkt_port *p, struct rte_mbuf **pkts, unsigned n)
+int dpdkt_tx(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **pkts, unsigned n)
 {
-	unsigned sent = 0, idle = 0;
+	unsigned sent = 0, idle = 0, retries = 0;
 
 	while (sent < n) {
 		uint16_t burst = RTE_MIN(n - sent, (unsigned)UINT16_MAX);
-		uint16_t took = dpdkt_tx_burst(p, 0, pkts + sent, burst);
+		uint16_t took = dpdkt_tx_burst(p, q, pkts + sent, burst);
 		sent += took;
 		if (sent == n)
 			break;
@@ -641,14 +650,17 @@ int dpdkt_tx(struct dpdkt_port *p, struct rte_mbuf **pkts, unsigned n)
 		idle = took ? 0 : idle + 1;
 		if (idle >= p->tx_attempts)
 			break;
-		p->stats.tx_retries++;
+		retries++;
 		if (idle < DPDKT_TX_SPINS)
 			rte_pause();
 		else
 			usleep(DPDKT_TX_SLEEP_US);
 	}
-	p->stats.tx_frames += sent;
-	p->stats.tx_refused += n - sent;
+	/* Callers on other queues run at the same time. */
+	__atomic_fetch_add(&p->stats.tx_frames, sent, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&p->stats.tx_refused, n - sent, __ATOMIC_RELAXED);
+	if (retries)
+		__atomic_fetch_add(&p->stats.tx_retries, retries, __ATOMIC_RELAXED);
 	return (int)sent;
 }
 

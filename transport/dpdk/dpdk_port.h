@@ -40,6 +40,8 @@ bool dpdkt_eal_ready(void);
 const char *dpdkt_pmd_dir(void);
 
 #define DPDKT_FRAME_AUTO_MAX 9216
+#define DPDKT_SENDER_QUEUES  4	  /* queue pairs for sender threads, where the PMD pairs queues */
+#define DPDKT_SENDER_DESC    1024 /* descriptors of each of those rings */
 struct dpdkt_port_cfg {
 	const char *name; /* ethdev name, e.g. "net_memif0"; NULL: the only port */
 	unsigned window;  /* frames the caller keeps in flight (sizes pool and rings) */
@@ -63,16 +65,20 @@ struct dpdkt_port_stats {
 };
 
 struct dpdkt_port {
-	uint16_t id;		       /* ethdev port id */
-	char name[64];		       /* ethdev name */
-	struct rte_mempool *pool;      /* mbufs for this port's rx and the caller's tx */
-	struct rte_ether_addr mac;     /* this port's MAC */
-	uint16_t mtu;		       /* the port's MTU after set-up */
-	unsigned frame_size;	       /* the cfg's: one mbuf holds a frame this large */
-	uint16_t rx_desc, tx_desc;     /* ring sizes the PMD accepted */
-	uint16_t queues;	       /* queue pairs: 2 (0 bulk, 1 urgent; memif) or 1 */
+	uint16_t id;		   /* ethdev port id */
+	char name[64];		   /* ethdev name */
+	struct rte_mempool *pool;  /* mbufs for this port's rx and the caller's tx */
+	struct rte_ether_addr mac; /* this port's MAC */
+	uint16_t mtu;		   /* the port's MTU after set-up */
+	unsigned frame_size;	   /* the cfg's: one mbuf holds a frame this large */
+	uint16_t rx_desc, tx_desc; /* ring sizes the PMD accepted */
+	/* Queue pairs: 0 the poller's, 1 urgent, 2.. sender threads' (memif, net_ring:
+	 * 2 + DPDKT_SENDER_QUEUES, or 2 where the PMD has fewer); 1 where the PMD does not
+	 * pair a peer's queues with ours. */
+	uint16_t queues;
+	uint16_t sender_desc;	       /* descriptors of queues 2.. */
 	unsigned tx_attempts;	       /* from the cfg */
-	struct dpdkt_port_stats stats; /* updated by dpdkt_tx; one tx caller at a time */
+	struct dpdkt_port_stats stats; /* updated by dpdkt_tx (atomically) */
 };
 
 /* Configures and starts the port: one rx and one tx queue (two of each over memif and
@@ -98,12 +104,12 @@ int dpdkt_port_link_wait(struct dpdkt_port *p, int timeout_ms);
 uint16_t dpdkt_rx_burst(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **ms, uint16_t n);
 uint16_t dpdkt_tx_burst(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **ms, uint16_t n);
 
-/* Sends n frames on the tx queue. A short rte_eth_tx_burst (ring full) is retried for
+/* Sends n frames on tx queue q. A short rte_eth_tx_burst (ring full) is retried for
  * the frames it left until tx_attempts calls in a row took nothing, sleeping briefly
  * between the later ones so a peer on the same core can drain the ring. Returns how
  * many frames the PMD took; pkts[ret..n-1] are still the caller's (to free or send
- * again) and are counted in stats.tx_refused. One caller at a time per port. */
-int dpdkt_tx(struct dpdkt_port *p, struct rte_mbuf **pkts, unsigned n);
+ * again) and are counted in stats.tx_refused. One caller at a time per queue. */
+int dpdkt_tx(struct dpdkt_port *p, uint16_t q, struct rte_mbuf **pkts, unsigned n);
 
 /* Back-off for a polling loop, so an idle poller leaves the core to others: a few
  * empty polls spin, then each sleeps, longer up to max_us. Zero-initialise, or reset

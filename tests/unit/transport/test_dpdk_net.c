@@ -803,7 +803,11 @@ static void test_throughput(void **state)
 
 /* ---- Set-up: the EAL, two ring ports crossed, two nets ---- */
 
-static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx[2], struct rte_ring *tx[2],
+/* Queue pairs of the ring ports: the poller's, the urgent one, the senders'. */
+#define RING_QUEUES (2 + DPDKT_SENDER_QUEUES)
+
+static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx[RING_QUEUES],
+				  struct rte_ring *tx[RING_QUEUES],
 				  const struct rte_ether_addr *mac, struct rte_mempool **pool)
 {
 	struct dpdkt_port_cfg pcfg;
@@ -815,7 +819,7 @@ static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx[2], stru
 	/* The port is named net_ring_NAME. */
 	char port[64];
 	snprintf(port, sizeof(port), "net_ring_%s", name);
-	if (rte_eth_from_rings(name, rx, 2, tx, 2, rte_socket_id()) < 0)
+	if (rte_eth_from_rings(name, rx, RING_QUEUES, tx, RING_QUEUES, rte_socket_id()) < 0)
 		fail_msg("rte_eth_from_rings %s failed", name);
 	dpdkt_port_cfg_init(&pcfg);
 	pcfg.name = port;
@@ -823,8 +827,9 @@ static struct dpdkt_net *make_net(const char *name, struct rte_ring *rx[2], stru
 	pcfg.frame_size = FRAME_SIZE;
 	if (dpdkt_port_open(&pcfg, &p, err, sizeof(err)) != 0)
 		fail_msg("%s: %s", name, err);
-	if (p->queues != 2)
-		fail_msg("%s: %u queue pairs, not 2 (bulk, urgent)", name, p->queues);
+	if (p->queues != RING_QUEUES)
+		fail_msg("%s: %u queue pairs, not %u (poller, urgent, senders)", name, p->queues,
+			 RING_QUEUES);
 	*pool = p->pool;
 	if (mac == &mac_a)
 		port_a = p->id;
@@ -850,8 +855,8 @@ static int setup(void **state)
 		fprintf(stderr, "dpdk_net: %s\n", err);
 		return -1;
 	}
-	struct rte_ring *ab[2], *ba[2];
-	for (int q = 0; q < 2; q++) {
+	struct rte_ring *ab[RING_QUEUES], *ba[RING_QUEUES];
+	for (int q = 0; q < RING_QUEUES; q++) {
 		char n[32];
 		snprintf(n, sizeof(n), "hymig_ab%d", q);
 		ab[q] =

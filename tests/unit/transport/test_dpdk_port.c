@@ -286,7 +286,7 @@ static void test_loopback(void **state)
 	struct rte_mbuf *ms[2048];
 	for (unsigned i = 0; i < 64; i++)
 		ms[i] = make_frame(p, i);
-	assert_int_equal(dpdkt_tx(p, ms, 64), 64);
+	assert_int_equal(dpdkt_tx(p, 0, ms, 64), 64);
 	assert_int_equal(receive(p, 0, 64, 2000), 64);
 	assert_int_equal(receive(p, 64, 1, 50), 0); /* and nothing else */
 
@@ -294,7 +294,7 @@ static void test_loopback(void **state)
 	unsigned n = 2000;
 	for (unsigned i = 0; i < n; i++)
 		ms[i] = make_frame(p, 64 + i);
-	int sent = dpdkt_tx(p, ms, n);
+	int sent = dpdkt_tx(p, 0, ms, n);
 	assert_true(sent > 0 && (unsigned)sent < n);
 	assert_int_equal(p->stats.tx_refused, n - sent);
 	assert_true(p->stats.tx_retries >= cfg.tx_attempts - 1);
@@ -304,7 +304,7 @@ static void test_loopback(void **state)
 	assert_int_equal(receive(p, 64, sent, 2000), sent);
 	for (unsigned i = sent; i < n; i++)
 		ms[i] = make_frame(p, 64 + i);
-	assert_int_equal(dpdkt_tx(p, ms + sent, n - sent), n - sent);
+	assert_int_equal(dpdkt_tx(p, 0, ms + sent, n - sent), n - sent);
 	assert_int_equal(receive(p, 64 + sent, n - sent, 2000), n - sent);
 
 	/* Every mbuf is back in the pool. */
