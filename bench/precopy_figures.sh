@@ -3,7 +3,8 @@
 #   (a) a guest running `--workload dirtier:rate=RATE,pattern=uniform` migrated with
 #       --downtime-limit MS: downtime, the longest stall the guest itself saw (hymig
 #       verify on the destination), their difference, the dirtier's write rate during
-#       pre-copy against before it, rounds, and whether pre-copy converged;
+#       pre-copy against before it, rounds, whether pre-copy converged, and the host's
+#       steal time before and during the migration (a stall of the whole machine);
 #   (b) hymig's own memory: Pss of the guest process minus the Pss of its hymig-ram
 #       memfd mappings, as a fraction of RAM, for an idle and a dirtier guest, on the
 #       source before the migration and on the destination after it;
@@ -47,6 +48,13 @@ ENV_START=$(env_json)
 hosts_make pcf
 say "hosts $HOST_NAME-a ($ADDR_A) and $HOST_NAME-b ($ADDR_B)"
 
+# steal_ms: time the hypervisor ran something else on this machine's CPUs (all of them
+# together, /proc/stat's steal, counted in ticks of 1/CLK_TCK s): a guest stall in which
+# the whole machine was stolen is not hymig's.
+steal_ms() {
+	awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print int($9 * 1000 / hz); exit }' /proc/stat
+}
+
 # one_migration KIND REP WORKLOAD: a guest of MEM running WORKLOAD in host a migrated to
 # host b with --downtime-limit LIMIT; appends a record to $RUNS.
 one_migration() {
@@ -60,6 +68,8 @@ one_migration() {
 	guest_wait_ready src
 	# Let the workload settle; the dirtier's rate before the migration is taken over the
 	# last ~5 s.
+	local steal0 steal1 steal2
+	steal0=$(steal_ms)
 	sleep 6
 	mem_src=$(mem_json "$(gpid src)")
 	# The guest keeps its last heartbeat and its longest heartbeat gap in page 0. Hold
@@ -69,7 +79,9 @@ one_migration() {
 	exec {ramfd}<"$(ram0_path "$(gpid src)")" || die "cannot open the source's RAM memfd"
 	meta_before=$(meta_json "$ramfd")
 
+	steal1=$(steal_ms)
 	hymig_migrate src --to "tcp://$ADDR_B:$mport" --downtime-limit "$LIMIT"
+	steal2=$(steal_ms)
 	say "$kind rep $rep: migrate rc=$MIG_RC: $MIG_JSON"
 	wait_source_exit src
 	src_exit_ms=$SRC_EXIT_MS
@@ -86,16 +98,17 @@ one_migration() {
 	guest_quit dst
 	python3 -c '
 import json, sys
-(kind, rep, wl, limit, rc, mig, mb, mp, va, ms, md, exit_ms, ram, hb) = sys.argv[1:15]
+(kind, rep, wl, limit, rc, mig, mb, mp, va, ms, md, exit_ms, ram, hb, s0, s1, s2) = sys.argv[1:18]
 print(json.dumps({"kind": kind, "rep": int(rep), "workload": wl,
     "downtime_limit_ms": int(limit), "migrate_rc": int(rc), "result": json.loads(mig),
     "source_meta_before": json.loads(mb), "source_meta_final": json.loads(mp),
     "verify_destination": json.loads(va),
     "mem_source_before": json.loads(ms), "mem_destination_after": json.loads(md),
     "source_exit_after_ms": None if exit_ms == "null" else int(exit_ms),
-    "ram_bytes": int(ram), "heartbeat_ms": float(hb)}))' \
+    "ram_bytes": int(ram), "heartbeat_ms": float(hb),
+    "host_steal_ms": {"before": int(s1) - int(s0), "during": int(s2) - int(s1)}}))' \
 		"$kind" "$rep" "$wl" "$LIMIT" "$MIG_RC" "$MIG_JSON" "$meta_before" "$meta_pause" "$ver_after" \
-		"$mem_src" "$mem_dst" "$src_exit_ms" "$BYTES" "$HEARTBEAT_MS" >>"$RUNS"
+		"$mem_src" "$mem_dst" "$src_exit_ms" "$BYTES" "$HEARTBEAT_MS" "$steal0" "$steal1" "$steal2" >>"$RUNS"
 }
 
 say "(b) idle guest of $MEM"
@@ -176,6 +189,7 @@ for r in (x for x in runs if x["kind"] == "dirtier"):
          "max_stall_before_migration_ms": sb,
          "max_stall_source_final_ms": sf,
          "stall_attribution": attribute(stall, sb, sf),
+         "host_steal_ms": r.get("host_steal_ms"),
          "write_rate_before_mb_per_s": wb, "write_rate_during_mb_per_s": wd,
          "write_rate_during_over_before": wd / wb if wb and wd is not None else None,
          "pages_bad": v.get("pages_bad"), "pages_checked": v.get("pages_checked"),
@@ -257,24 +271,29 @@ if nbytes != 1 << 30:
 def f(v, fmt="%.3f"):
     return "-" if v is None else fmt % v
 
+def steal(d, when):
+    return "-" if not d.get("host_steal_ms") else str(d["host_steal_ms"][when])
+
 print(f"\n(a) {workload}, {mem} guest over veth, --downtime-limit {limit}", file=err)
 print("(maxstall: longest heartbeat gap the guest saw in its life, from verify on the\n"
       " destination; arrival: the gap across the switchover alone; src<mig / src end: the\n"
       " source's longest gap just before migrate / at the end of pre-copy; where: which\n"
-      " stage set maxstall)", file=err)
-print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s  %s" % ("rep", "conv", "rounds", "downtime",
+      " stage set maxstall; steal <mig / mig: time the hypervisor took this machine's CPUs in\n"
+      " the 6 s before migrate / during it, in 10 ms ticks)", file=err)
+print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s %5s %5s  %s" % ("rep", "conv", "rounds", "downtime",
       "maxstall", "stall-down", "arrival", "arr-down", "src<mig", "src end", "wr before", "wr during",
-      "during/", "where"), file=err)
-print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s" % ("", "", "", "ms", "ms", "ms", "ms", "ms",
-      "ms", "ms", "MB/s", "MB/s", "before"), file=err)
+      "during/", "steal", "steal", "where"), file=err)
+print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s %5s %5s" % ("", "", "", "ms", "ms", "ms", "ms", "ms",
+      "ms", "ms", "MB/s", "MB/s", "before", "<mig", "mig"), file=err)
 for d in dirt:
     a = d["stall_attribution"]
-    print("%4d %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s  %s" % (d["rep"], "yes" if d["converged"] else "NO",
+    print("%4d %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s %5s %5s  %s" % (d["rep"], "yes" if d["converged"] else "NO",
           d["rounds"], f(d["downtime_ms"]), f(d["max_stall_ms"]), f(d["max_stall_minus_downtime_ms"]),
           f(d["arrival_stall_ms"]), f(d["arrival_stall_minus_downtime_ms"]),
           f(d["max_stall_before_migration_ms"]), f(d["max_stall_source_final_ms"]),
           f(d["write_rate_before_mb_per_s"], "%.1f"), f(d["write_rate_during_mb_per_s"], "%.1f"),
-          f(d["write_rate_during_over_before"]), a["where"] if a else "-"), file=err)
+          f(d["write_rate_during_over_before"]), steal(d, "before"), steal(d, "during"),
+          a["where"] if a else "-"), file=err)
     if d["error"]:
         print("     error: " + d["error"], file=err)
 if "idle_migration" in out:
