@@ -186,6 +186,7 @@ for r in (x for x in runs if x["kind"] == "dirtier"):
          "max_stall_minus_downtime_ms": stall - down if stall is not None and down is not None else None,
          "arrival_stall_ms": arrival,
          "arrival_stall_minus_downtime_ms": arrival - down if arrival is not None and down is not None else None,
+         "arrival_wake_ms": v.get("arrival_wake_ms"),
          "max_stall_before_migration_ms": sb,
          "max_stall_source_final_ms": sf,
          "stall_attribution": attribute(stall, sb, sf),
@@ -278,18 +279,19 @@ print(f"\n(a) {workload}, {mem} guest over veth, --downtime-limit {limit}", file
 print("(maxstall: longest heartbeat gap the guest saw in its life, from verify on the\n"
       " destination; arrival: the gap across the switchover alone; src<mig / src end: the\n"
       " source's longest gap just before migrate / at the end of pre-copy; where: which\n"
-      " stage set maxstall; steal <mig / mig: time the hypervisor took this machine's CPUs in\n"
+      " stage set maxstall; wake: of the arrival gap, the destination vCPUs' wait for a CPU\n"
+      " after they were let run; steal <mig / mig: time the hypervisor took this machine's CPUs in\n"
       " the 6 s before migrate / during it, in 10 ms ticks)", file=err)
-print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s %5s %5s  %s" % ("rep", "conv", "rounds", "downtime",
-      "maxstall", "stall-down", "arrival", "arr-down", "src<mig", "src end", "wr before", "wr during",
+print("%4s %5s %6s %9s %9s %10s %9s %9s %6s %9s %9s %9s %9s %7s %5s %5s  %s" % ("rep", "conv", "rounds", "downtime",
+      "maxstall", "stall-down", "arrival", "arr-down", "wake", "src<mig", "src end", "wr before", "wr during",
       "during/", "steal", "steal", "where"), file=err)
-print("%4s %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s %5s %5s" % ("", "", "", "ms", "ms", "ms", "ms", "ms",
-      "ms", "ms", "MB/s", "MB/s", "before", "<mig", "mig"), file=err)
+print("%4s %5s %6s %9s %9s %10s %9s %9s %6s %9s %9s %9s %9s %7s %5s %5s" % ("", "", "", "ms", "ms", "ms", "ms", "ms",
+      "ms", "ms", "ms", "MB/s", "MB/s", "before", "<mig", "mig"), file=err)
 for d in dirt:
     a = d["stall_attribution"]
-    print("%4d %5s %6s %9s %9s %10s %9s %9s %9s %9s %9s %9s %7s %5s %5s  %s" % (d["rep"], "yes" if d["converged"] else "NO",
+    print("%4d %5s %6s %9s %9s %10s %9s %9s %6s %9s %9s %9s %9s %7s %5s %5s  %s" % (d["rep"], "yes" if d["converged"] else "NO",
           d["rounds"], f(d["downtime_ms"]), f(d["max_stall_ms"]), f(d["max_stall_minus_downtime_ms"]),
-          f(d["arrival_stall_ms"]), f(d["arrival_stall_minus_downtime_ms"]),
+          f(d["arrival_stall_ms"]), f(d["arrival_stall_minus_downtime_ms"]), f(d["arrival_wake_ms"]),
           f(d["max_stall_before_migration_ms"]), f(d["max_stall_source_final_ms"]),
           f(d["write_rate_before_mb_per_s"], "%.1f"), f(d["write_rate_during_mb_per_s"], "%.1f"),
           f(d["write_rate_during_over_before"]), steal(d, "before"), steal(d, "during"),

@@ -130,6 +130,9 @@ static void handle_verify(struct conn *c)
 		jw_u64(&w, "first_bad_page", v.first_bad_page);
 	jw_f64(&w, "max_stall_ms", v.max_stall_ms);
 	jw_f64(&w, "arrival_stall_ms", v.arrival_stall_ms);
+	/* Of that gap, the part after this host let the vCPUs run: their wait for a CPU. */
+	if (g->arrival_run_ns && v.arrival_at_ns >= g->arrival_run_ns)
+		jw_f64(&w, "arrival_wake_ms", (double)(v.arrival_at_ns - g->arrival_run_ns) / 1e6);
 	jw_u64(&w, "pages_written", v.pages_written);
 	jw_f64(&w, "write_rate_before_mb_per_s", g->rate_before);
 	jw_f64(&w, "write_rate_during_mb_per_s", g->rate_during);

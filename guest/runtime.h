@@ -29,11 +29,13 @@ struct guest {
 		      reads it between pages without the lock */
 	bool quit; /* process is ending */
 	unsigned parked;
-	uint64_t parked_ns; /* when the last vCPU parked */
-	atomic_bool ready;  /* the workload finished formatting RAM */
-	bool migrated;	    /* the guest now lives elsewhere (source) */
-	bool arrived;	    /* the guest came from elsewhere (destination) */
-	bool adopt;	    /* an operator took a guest whose commit never came */
+	uint64_t parked_ns;	 /* when the last vCPU parked */
+	atomic_bool ready;	 /* the workload finished formatting RAM */
+	bool migrated;		 /* the guest now lives elsewhere (source) */
+	bool arrived;		 /* the guest came from elsewhere (destination) */
+	uint64_t arrival_run_ns; /* CLOCK_REALTIME when an arrival let the vCPUs run (0: not yet) */
+	bool boosted[WL_MAX_VCPUS]; /* real-time until the vCPU's first step after arrival */
+	bool adopt;		    /* an operator took a guest whose commit never came */
 
 	/* Migration; guarded by lock. */
 	struct hm_migration *mig;

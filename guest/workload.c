@@ -17,7 +17,7 @@
 #endif
 
 #define WL_MAGIC       0x314b4c5747494d48ULL /* "HMIGWLK1" */
-#define WL_VERSION     1
+#define WL_VERSION     2
 #define WL_HOT_DEFAULT 0.05
 #define WL_HDR_WORDS   3 /* page_no, generation, checksum */
 #define WL_WORDS       (HM_PAGE_SIZE / 8)
@@ -42,7 +42,8 @@ struct wl_meta {
 	/* The gap from the source's last stamp to the destination's first, at the last
 	 * arrival by migration: the downtime the guest saw at that switchover. */
 	uint64_t hb_arrival_gap_ns;
-	uint64_t pages_written[WL_MAX_VCPUS];
+	uint64_t hb_arrival_at_ns; /* CLOCK_REALTIME of the stamp that ended that gap */
+	_Alignas(64) uint64_t pages_written[WL_MAX_VCPUS];
 };
 _Static_assert(sizeof(struct wl_meta) <= HM_PAGE_SIZE, "wl_meta must fit in page 0");
 _Static_assert(offsetof(struct wl_meta, pages_written) % 64 == 0, "counters cache-aligned");
@@ -410,8 +411,10 @@ static void wl_heartbeat(struct wl_meta *m, struct wl_vcpu *v)
 		;
 	/* The stamp that replaced one from before the arrival (the source's last) measures
 	 * the switchover; none when an operator resumed a held guest (no baseline). */
-	if (v->arrived_ns && last < v->arrived_ns)
+	if (v->arrived_ns && last < v->arrived_ns) {
 		__atomic_store_n(&m->hb_arrival_gap_ns, gap, __ATOMIC_RELAXED);
+		__atomic_store_n(&m->hb_arrival_at_ns, now, __ATOMIC_RELAXED);
+	}
 out:
 	v->arrived_ns = 0;
 }
@@ -516,6 +519,7 @@ int wl_verify(const struct hm_ram *ram, struct wl_verify *out)
 	}
 	out->max_stall_ms = (double)m->hb_max_gap_ns / 1e6;
 	out->arrival_stall_ms = (double)m->hb_arrival_gap_ns / 1e6;
+	out->arrival_at_ns = m->hb_arrival_at_ns;
 	out->pages_written = wl_pages_written(ram);
 	return 0;
 }

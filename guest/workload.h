@@ -78,6 +78,7 @@ struct wl_verify {
 	uint64_t first_bad_page; /* valid when pages_bad > 0 */
 	double max_stall_ms;	 /* longest heartbeat gap the guest saw */
 	double arrival_stall_ms; /* the gap across the last arrival by migration (0: none) */
+	uint64_t arrival_at_ns;	 /* CLOCK_REALTIME of the stamp that ended it (0: none) */
 	uint64_t pages_written;	 /* total pages the dirtier wrote since formatting */
 };
 

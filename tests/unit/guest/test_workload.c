@@ -499,14 +499,20 @@ static void test_arrival_stall(void **state)
 	 * measures the switchover, and the other's later stamp does not overwrite it. */
 	sleep_ns(20000000);
 	c0.arrived_ns = c1.arrived_ns = clock_ns(CLOCK_REALTIME);
+	uint64_t before = clock_ns(CLOCK_REALTIME);
 	wl_vcpu_step(ram, &s, &c1, NULL);
+	uint64_t after = clock_ns(CLOCK_REALTIME);
 	double gap = verify_ok().arrival_stall_ms;
 	print_message("arrival stall %.2f ms after a 20 ms switchover\n", gap);
 	assert_true(gap >= 20 && gap < 2000);
 	assert_int_equal(c1.arrived_ns, 0);
+	/* ... and says when it ended: the stamp of that step. */
+	uint64_t at = verify_ok().arrival_at_ns;
+	assert_true(at >= before && at <= after);
 	sleep_ns(1000000);
 	wl_vcpu_step(ram, &s, &c0, NULL);
 	assert_true(verify_ok().arrival_stall_ms == gap);
+	assert_true(verify_ok().arrival_at_ns == at);
 	assert_int_equal(c0.arrived_ns, 0);
 	sleep_ns(40000000);
 	wl_vcpu_step(ram, &s, &c0, NULL); /* a later gap is no arrival */
