@@ -15,6 +15,9 @@
 #    and 250M, which leaves the pollers CPU on a small host.
 # Every migration runs with --channels N. A table goes to stderr, one JSON object to
 # stdout. Ratios: dpdk pre-copy ÷ page-mode blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
+# Also the CPU seconds per GiB each costs (both processes, stolen time left out: a figure
+# the host's noise moves less than a rate); the pre-copy runs keep their source
+# (--keep-source) so its CPU time can be read after the migration.
 . "$(dirname "$0")/lib.sh"
 MEM=1G SECS=5 CHANNELS=2
 while [ $# -gt 0 ]; do
@@ -51,6 +54,18 @@ memif_guest() {
 	guest_wait_ready "$name"
 }
 
+# migrate_counting_cpu SRC DST MIGRATE_ARGS...: hymig_migrate, and the CPU time both
+# guest processes used meanwhile in CPU_JSON. With --keep-source among the arguments
+# the source is still there to be read after the migration.
+migrate_counting_cpu() {
+	local src=$1 dst=$2 s0 d0
+	shift 2
+	s0=$(cpu_ms "$(gpid "$src")")
+	d0=$(cpu_ms "$(gpid "$dst")")
+	hymig_migrate "$src" "$@"
+	CPU_JSON="{\"source_before\":$s0,\"source_after\":$(cpu_ms "$(gpid "$src")"),\"destination_before\":$d0,\"destination_after\":$(cpu_ms "$(gpid "$dst")")}"
+}
+
 # run_memif KIND WORKLOAD MIGRATE_ARGS...: a fresh memif pair, one migration; appends
 # {"kind":..., "result":...} to runs.jsonl.
 run_memif() {
@@ -60,15 +75,15 @@ run_memif() {
 	memif_guest "s$n" client "$n" --mem "$MEM" --workload "$wl"
 	sleep 1
 	say "$kind: hymig migrate --to dpdk:// $*"
-	hymig_migrate "s$n" --to dpdk:// --channels "$CHANNELS" "$@"
-	echo "{\"kind\":\"$kind\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
+	migrate_counting_cpu "s$n" "d$n" --to dpdk:// --channels "$CHANNELS" "$@"
+	echo "{\"kind\":\"$kind\",\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
 	guest_quit "s$n"
 	guest_quit "d$n"
 }
 
 : >"$WORK/runs.jsonl"
-run_memif precopy-memif idle --mode precopy
-LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy
+run_memif precopy-memif idle --mode precopy --keep-source
+LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy --keep-source
 run_memif postcopy-memif dirtier:rate=20M,pattern=uniform --mode postcopy --precopy-rounds 0
 run_memif postcopy-memif-missing dirtier:rate=20M,pattern=uniform --mode postcopy \
 	--precopy-rounds 0 --postcopy-mechanism missing
@@ -84,23 +99,37 @@ guest_start "$HOST_NAME-b" dtcp --mem "$MEM" --incoming "tcp://$ADDR_B:$PORT"
 guest_wait_ready dtcp
 guest_start "$HOST_NAME-a" stcp --mem "$MEM"
 guest_wait_ready stcp
-hymig_migrate stcp --to "tcp://$ADDR_B:$PORT" --channels "$CHANNELS" --mode precopy
-echo "{\"kind\":\"precopy-tcp-veth\",\"result\":$MIG_JSON}" >>"$WORK/runs.jsonl"
+migrate_counting_cpu stcp dtcp --to "tcp://$ADDR_B:$PORT" --channels "$CHANNELS" --mode precopy \
+	--keep-source
+echo "{\"kind\":\"precopy-tcp-veth\",\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
 guest_quit stcp
 guest_quit dtcp
 
 python3 - "$WORK/runs.jsonl" "$WORK/blaster.json" "$MEM" "$CHANNELS" <<'EOF'
 import json, sys
-runs = {}
+runs, cpu = {}, {}
 for l in open(sys.argv[1]):
     if l.strip():
         r = json.loads(l)
         runs[r["kind"]] = r["result"]
+        cpu[r["kind"]] = r.get("cpu_ms")
 bl = json.load(open(sys.argv[2]))
 def blast(mode, payload):
     for r in bl.get("runs", []):
         if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
             return r.get("mb_per_s")
+def blast_cpu(mode, payload):
+    for r in bl.get("runs", []):
+        if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
+            return r.get("cpu_s_per_gib")
+def cpu_per_gib(k):
+    # CPU seconds of both guest processes per GiB of RAM moved.
+    c, ram = cpu.get(k) or {}, runs.get(k, {}).get("ram_bytes")
+    if not ram or any(c.get(x) is None for x in ("source_before", "source_after",
+                                                    "destination_before", "destination_after")):
+        return None
+    ms = c["source_after"] - c["source_before"] + c["destination_after"] - c["destination_before"]
+    return round(ms / 1000 / (ram / 2**30), 3)
 def tput(k):
     return runs.get(k, {}).get("throughput_mb_per_s")
 def ratio(a, b):
@@ -118,6 +147,9 @@ out = {
     "precopy_mb_per_s": {"dpdk_memif": tput("precopy-memif"), "dpdk_memif_1pct_loss": tput("precopy-memif-loss1"),
                          "tcp_veth": tput("precopy-tcp-veth")},
     "dpdk_over_blaster_page": ratio(tput("precopy-memif"), blast("page", 2048)),
+    "cpu_s_per_gib": {"blaster_page_2048": blast_cpu("page", 2048), "blaster_page_4096": blast_cpu("page", 4096),
+                      "dpdk_memif": cpu_per_gib("precopy-memif"), "dpdk_memif_1pct_loss": cpu_per_gib("precopy-memif-loss1"),
+                      "tcp_veth": cpu_per_gib("precopy-tcp-veth")},
     "dpdk_over_tcp": ratio(tput("precopy-memif"), tput("precopy-tcp-veth")),
     "loss1_over_lossfree": ratio(tput("precopy-memif-loss1"), tput("precopy-memif")),
     "frames_loss1": runs.get("precopy-memif-loss1", {}).get("frames"),
@@ -130,6 +162,8 @@ b = out["blaster_memif_mb_per_s"]
 print(f"\nblaster over memif: raw {b['raw_2048']} MB/s (2 KiB frames), {b['raw_4096']} (4 KiB); page mode {b['page_2048']} (2 KiB), {b['page_4096']} (4 KiB)", file=e)
 p = out["precopy_mb_per_s"]
 print(f"pre-copy of an idle {out['mem']} guest, {out['channels']} channel(s): dpdk/memif {p['dpdk_memif']} MB/s ({out['dpdk_over_blaster_page']}x page blaster, {out['dpdk_over_tcp']}x tcp), with 1% loss {p['dpdk_memif_1pct_loss']} ({out['loss1_over_lossfree']}x), tcp/veth {p['tcp_veth']}", file=e)
+c = out["cpu_s_per_gib"]
+print(f"CPU seconds per GiB (both processes; leaves out stolen time): blaster page mode {c['blaster_page_2048']} (2 KiB), {c['blaster_page_4096']} (4 KiB); dpdk/memif {c['dpdk_memif']}, with 1% loss {c['dpdk_memif_1pct_loss']}; tcp/veth {c['tcp_veth']} (guests' idle vCPUs included)", file=e)
 print("post-copy at once over memif, same dirtier (stream: full speed, or --postcopy-bandwidth-limit):", file=e)
 print(f"  {'mechanism':10} {'stream':>6} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
 for r in out["postcopy"]:

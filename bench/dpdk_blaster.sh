@@ -16,7 +16,9 @@
 # the receiver on CPU 1. --buf (default 64M) sizes the page mode's buffer on each side:
 # give a migration's RAM size to compare with one, as a buffer that fits in the cache is
 # read and written faster than a guest's RAM. A table goes to stderr, one JSON object to stdout; MB/s are
-# 10^6 bytes of payload per second at the receiver. Runs taken while a QEMU VM was
+# 10^6 bytes of payload per second at the receiver; cpu_s/GiB is the CPU time of both
+# processes (CLOCK_PROCESS_CPUTIME_ID, which leaves out what a hypervisor stole) per GiB
+# received. Runs taken while a QEMU VM was
 # running say so ("qemu_running"). Environment: BLASTER (default
 # build/bench/dpdk_blaster).
 set -euo pipefail
@@ -179,12 +181,22 @@ run() {
 			>>"$WORK/runs.jsonl"
 		return 0
 	fi
-	python3 - "$n.rx.json" "$link" "$q0" "$(qemu_running)" >>"$WORK/runs.jsonl" <<'EOF'
+	python3 - "$n.rx.json" "$link" "$q0" "$(qemu_running)" "$n.tx.json" >>"$WORK/runs.jsonl" <<'EOF'
 import json, sys
 r = json.loads(open(sys.argv[1]).read())
 r = {"link": sys.argv[2], **r}
 r["qemu_running"] = sys.argv[3] == "true" or sys.argv[4] == "true"
 r["gbit_per_s"] = round(r["mb_per_s"] * 8 / 1000, 2)
+# CPU of both processes per GiB received: what the work costs, whatever the host's
+# noise did to the rate (a process's CPU time leaves out what a hypervisor stole).
+try:
+    tx = json.loads(open(sys.argv[5]).read())
+except (OSError, ValueError):
+    tx = {}
+r["rx_cpu_s"] = r.pop("cpu_s", None)
+r["tx_cpu_s"] = tx.get("cpu_s")
+if r["rx_cpu_s"] is not None and r["tx_cpu_s"] is not None and r["bytes"]:
+    r["cpu_s_per_gib"] = round((r["rx_cpu_s"] + r["tx_cpu_s"]) / (r["bytes"] / 2**30), 3)
 print(json.dumps(r))
 EOF
 }
@@ -212,16 +224,17 @@ python3 - "$WORK/runs.jsonl" "$SECONDS_PER_RUN" "$PIN" <<'EOF'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = ("link", "mode", "payload", "MB/s", "Gbit/s", "frames", "drops", "crc_err",
-        "verified", "qemu")
+        "verified", "cpu_s/GiB", "qemu")
 rows = []
 for r in runs:
     if r.get("error"):
-        rows.append((r["link"], r["mode"], r["frame_payload"], "failed", "", "", "", "", "", ""))
+        rows.append((r["link"], r["mode"], r["frame_payload"], "failed", "", "", "", "", "", "", ""))
         continue
     v = r["verified"]
     rows.append((r["link"], r["mode"], r["frame_payload"], "%.0f" % r["mb_per_s"],
                  "%.1f" % r["gbit_per_s"], r["frames"], r["drops"], r["crc_errors"],
                  "-" if v is None else ("yes" if v else "NO"),
+                 "-" if r.get("cpu_s_per_gib") is None else "%.3f" % r["cpu_s_per_gib"],
                  "yes" if r["qemu_running"] else "no"))
 w = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
 for row in (cols, *rows):

@@ -183,6 +183,14 @@ except Exception:
 print(str(v).lower() if isinstance(v,bool) else v)' "$1"
 }
 
+# cpu_ms PID: the CPU time the process has used (all its threads, kernel included;
+# /proc's utime + stime, in ticks of 1/CLK_TCK s, which leave out what a hypervisor
+# stole), or null when it is gone.
+cpu_ms() {
+	awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print int(($12 + $13) * 1000 / hz) }' \
+		"/proc/$1/stat" 2>/dev/null || echo null
+}
+
 # hymig_migrate NAME ARGS...: hymig migrate --json; sets MIG_JSON and MIG_RC.
 hymig_migrate() {
 	local name=$1
