@@ -1,4 +1,5 @@
 #include "dirty.h"
+#include "prio.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -41,8 +42,11 @@ _Static_assert(sizeof(struct hm_pm_scan_arg) == 96, "pm_scan_arg ABI");
 #define HM_PAGE_IS_WRITTEN	 (1ULL << 1)
 
 /* Regions per PAGEMAP_SCAN call; a fuller vector only costs another call. */
-#define DIRTY_VEC_LEN	8192
-#define DIRTY_MSG_BATCH 64
+#define DIRTY_VEC_LEN 8192
+/* Pages per PAGEMAP_SCAN of a collect, with a yield after each: a re-arm of 1 GiB takes
+ * 5-17 ms, and a vCPU that woke on this CPU waited for all of it (see prio_yield). */
+#define DIRTY_SCAN_PIECE 65536
+#define DIRTY_MSG_BATCH	 64
 /* Sync re-arm merges runs this close (in 4 KiB pages). Every page whose pending bit is
  * clear is already protected (the lock keeps that true), so re-protecting a gap only
  * walks it (~40 ns a page here) while each extra call costs a TLB shootdown (~18 us
@@ -176,12 +180,19 @@ static int dirty_protect_all(struct dirty_tracker *t, bool protect)
 {
 	for (unsigned i = 0; i < t->ram->nregions; i++) {
 		const struct ram_region *r = &t->ram->r[i];
-		int rc = uffd_wp(t->uffd, (uintptr_t)r->guest, r->size, protect);
+		const uint64_t piece = (uint64_t)DIRTY_SCAN_PIECE * HM_PAGE_SIZE;
 
-		if (rc < 0) {
-			log_err("dirty: %s guest view of hymig-ram:%u: %s",
-				protect ? "write-protect" : "un-protect", i, strerror(-rc));
-			return rc;
+		/* In pieces, with a yield after each: all of 1 GiB takes ~20 ms. */
+		for (uint64_t off = 0; off < r->size; off += piece) {
+			int rc = uffd_wp(t->uffd, (uintptr_t)r->guest + off,
+					 r->size - off < piece ? r->size - off : piece, protect);
+
+			if (rc < 0) {
+				log_err("dirty: %s guest view of hymig-ram:%u: %s",
+					protect ? "write-protect" : "un-protect", i, strerror(-rc));
+				return rc;
+			}
+			prio_yield();
 		}
 	}
 	return 0;
@@ -578,9 +589,15 @@ int dirty_collect(struct dirty_tracker *t, struct bitmap *out, bool rearm, uint6
 		return -EINVAL;
 	}
 	if (t->method == DIRTY_WP_ASYNC) {
-		for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++)
-			rc = dirty_collect_async(t, i, 0, t->ram->r[i].size / HM_PAGE_SIZE, out,
-						 rearm, false, &added);
+		for (unsigned i = 0; i < t->ram->nregions && rc == 0; i++) {
+			uint64_t n = t->ram->r[i].size / HM_PAGE_SIZE;
+			for (uint64_t s = 0; s < n && rc == 0; s += DIRTY_SCAN_PIECE) {
+				rc = dirty_collect_async(
+				    t, i, s, n - s > DIRTY_SCAN_PIECE ? s + DIRTY_SCAN_PIECE : n,
+				    out, rearm, false, &added);
+				prio_yield();
+			}
+		}
 		/* Marked pages are not write-protected: consuming them is all rearm means. */
 		for (uint64_t wi = 0; rc == 0 && wi < BITMAP_WORDS(t->ram->npages); wi++)
 			dirty_take_word(t, out, wi, rearm, false, &added);

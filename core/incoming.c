@@ -189,7 +189,7 @@ static void *puller_main(void *arg)
 	uint32_t run = burst < PULL_RUN_PAGES ? (uint32_t)burst : PULL_RUN_PAGES;
 
 	pthread_setname_np(pthread_self(), "hm-puller");
-	prio_set_nice(PRIO_BULK_NICE);
+	prio_set_bulk();
 	while (!atomic_load(&s->puller_stop) && !pc_complete(s->pc)) {
 		uint64_t gen, hint = pc_fault_hint(s->pc, &gen);
 		uint32_t n;

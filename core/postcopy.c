@@ -584,7 +584,7 @@ static void *mapper_main(void *arg)
 	uint64_t p = 0, npages = pc->ram->npages;
 
 	pthread_setname_np(pthread_self(), "hm-mapper");
-	prio_set_nice(PRIO_BULK_NICE);
+	prio_set_bulk();
 	if (!wait_go(pc))
 		return NULL;
 

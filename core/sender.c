@@ -247,7 +247,7 @@ void *sender_main(void *arg)
 
 	pthread_setname_np(pthread_self(), "hm-sender");
 	/* The network work done in a sender's context counts as bulk too. */
-	prio_set_nice(PRIO_BULK_NICE);
+	prio_set_bulk();
 
 	pthread_mutex_lock(&m->lock);
 	for (;;) {
@@ -264,7 +264,7 @@ void *sender_main(void *arg)
 		int rc = send_round(s, flags & ROUND_SKIP_ZERO, flags & ROUND_COLLECT_FIRST);
 		if (flags & ROUND_SWITCH) {
 			prio_set_normal();
-			prio_set_nice(PRIO_BULK_NICE);
+			prio_set_bulk();
 		}
 		pthread_mutex_lock(&m->lock);
 		if (rc && !m->send_error)

@@ -13,6 +13,7 @@
 #include "../../core/clock.h"
 #include "../../core/log.h"
 #include "../../core/postcopy.h"
+#include "../../core/prio.h"
 
 struct dpdk_lane {
 	/* Destination (and the source's urgent lane): the record being received. */
@@ -384,6 +385,8 @@ static int send_runs(struct dpdk_bulk *b, unsigned lane, const struct tp_run *ru
 			return link_fail(b, rc);
 		b->lanes[lane].pages += r->npages;
 		b->base.wire_bytes += sizeof(h) + (r->zero ? 0 : iov[1].iov_len);
+		if (lane != b->urgent)
+			prio_bulk_turn();
 	}
 	return 0;
 }

@@ -151,6 +151,8 @@ static int read_pages(struct tcp_chan *c, uint8_t *dst, size_t len)
 		if (rc < 0)
 			return rc;
 		c->owner->base.wire_bytes += n;
+		if (!c->urgent)
+			prio_bulk_turn();
 	}
 	return 0;
 }
@@ -276,7 +278,7 @@ static void *lander(void *arg)
 	if (c->urgent)
 		prio_set_urgent();
 	else
-		prio_set_nice(PRIO_BULK_NICE);
+		prio_set_bulk();
 	for (;;) {
 		struct wire_rec raw, r;
 		const struct ram_region *reg;
@@ -501,6 +503,8 @@ static int send_runs(struct tcp_bulk *b, struct tcp_chan *c, const struct tp_run
 			return rc;
 		runs += k;
 		n -= k;
+		if (c != &b->ch[TCP_URGENT])
+			prio_bulk_turn();
 	}
 	return 0;
 }
