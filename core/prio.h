@@ -116,20 +116,26 @@ static inline void prio_yield(void)
 	sched_yield();
 }
 
-/* prio_yield for a bulk thread, at most once per PRIO_BULK_TURN_NS: after every piece
- * (128 KiB) tcp landers gave the CPU to the source's senders so often that data piled
- * up in the sockets, and the switch waited 4-9 ms for it to land. */
-static inline void prio_bulk_turn(void)
+/* prio_yield when the calling thread ran turn_ns since it last did so here. */
+static inline void prio_turn(uint64_t turn_ns)
 {
 	static __thread uint64_t last;
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-	if (now - last >= PRIO_BULK_TURN_NS) {
+	if (now - last >= turn_ns) {
 		last = now;
 		sched_yield();
 	}
+}
+
+/* prio_turn for a bulk thread: after every piece (128 KiB) instead, tcp landers gave the
+ * CPU to the source's senders so often that data piled up in the sockets, and the
+ * switch waited 4-9 ms for it to land. */
+static inline void prio_bulk_turn(void)
+{
+	prio_turn(PRIO_BULK_TURN_NS);
 }
 
 /* Makes another thread of this process real-time while it carries the switch (see

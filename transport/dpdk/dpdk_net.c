@@ -40,6 +40,9 @@
 /* After an urgent frame went or came, an idle poller yields instead of sleeping for
  * this long: the answer (a page for a faulting vCPU) is usually on its way. */
 #define URGENT_AWAKE_NS 2000000ull
+/* A busy poller's longest run without a yield: a vCPU whose page it just landed waits
+ * at most this long behind it. */
+#define POLLER_TURN_NS 250000
 
 enum { DIR_TX, DIR_RX };
 
@@ -1018,10 +1021,13 @@ static void *poller(void *arg)
 					  urgent ? net->cfg.urgent_nice : net->cfg.nice);
 			net->boosted = urgent;
 		}
-		/* Leftovers of a full tx ring wait too: the peer is not reading. */
-		if (work != 0)
+		/* Leftovers of a full tx ring wait too: the peer is not reading. A busy
+		 * poller ends its turn itself now and then: the kernel would not let a vCPU
+		 * that woke on this CPU run before its tick (see core/prio.h). */
+		if (work != 0) {
 			dpdkt_idle_reset(&idle);
-		else if (urgent)
+			prio_turn(POLLER_TURN_NS);
+		} else if (urgent)
 			sched_yield();
 		else
 			poller_idle(net, &idle);
