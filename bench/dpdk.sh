@@ -114,14 +114,10 @@ for l in open(sys.argv[1]):
         runs[r["kind"]] = r["result"]
         cpu[r["kind"]] = r.get("cpu_ms")
 bl = json.load(open(sys.argv[2]))
-def blast(mode, payload):
+def blast(mode, payload, field="mb_per_s"):
     for r in bl.get("runs", []):
         if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
-            return r.get("mb_per_s")
-def blast_cpu(mode, payload):
-    for r in bl.get("runs", []):
-        if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
-            return r.get("cpu_s_per_gib")
+            return r.get(field)
 def cpu_per_gib(k):
     # CPU seconds of both guest processes per GiB of RAM moved.
     c, ram = cpu.get(k) or {}, runs.get(k, {}).get("ram_bytes")
@@ -147,7 +143,7 @@ out = {
     "precopy_mb_per_s": {"dpdk_memif": tput("precopy-memif"), "dpdk_memif_1pct_loss": tput("precopy-memif-loss1"),
                          "tcp_veth": tput("precopy-tcp-veth")},
     "dpdk_over_blaster_page": ratio(tput("precopy-memif"), blast("page", 2048)),
-    "cpu_s_per_gib": {"blaster_page_2048": blast_cpu("page", 2048), "blaster_page_4096": blast_cpu("page", 4096),
+    "cpu_s_per_gib": {"blaster_page_2048": blast("page", 2048, "cpu_s_per_gib"), "blaster_page_4096": blast("page", 4096, "cpu_s_per_gib"),
                       "dpdk_memif": cpu_per_gib("precopy-memif"), "dpdk_memif_1pct_loss": cpu_per_gib("precopy-memif-loss1"),
                       "tcp_veth": cpu_per_gib("precopy-tcp-veth")},
     "dpdk_over_tcp": ratio(tput("precopy-memif"), tput("precopy-tcp-veth")),

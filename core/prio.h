@@ -38,8 +38,9 @@
 #include <stdint.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
+
+#include "clock.h"
 
 #define PRIO_BULK_NICE	 19  /* senders and landers of bulk data: the lowest */
 #define PRIO_URGENT_NICE -10 /* urgent threads not real-time, or where it is not allowed */
@@ -120,10 +121,8 @@ static inline void prio_yield(void)
 static inline void prio_turn(uint64_t turn_ns)
 {
 	static __thread uint64_t last;
-	struct timespec ts;
+	uint64_t now = now_ns();
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 	if (now - last >= turn_ns) {
 		last = now;
 		sched_yield();

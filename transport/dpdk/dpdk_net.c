@@ -25,9 +25,8 @@
 #include <rte_prefetch.h>
 #include <rte_ring.h>
 
-/* The poller's tx queues (struct txq): new DATA frames stop at TXQ_DATA_FILL and
- * retransmissions at TXQ_RETX_FILL, so acks, hellos and urgent frames find room. */
-#define TXQ_DATA_FILL 128
+/* The poller's tx queues (struct txq): retransmissions stop at TXQ_RETX_FILL, so acks,
+ * hellos and urgent frames find room. */
 #define TXQ_RETX_FILL 768
 #define RX_BURST      64
 #define RX_PREFETCH   2	 /* frames whose header rx_queue asks for ahead of their turn */

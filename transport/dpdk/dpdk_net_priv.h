@@ -7,10 +7,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <time.h>
 
 #include <rte_mbuf.h>
 
+#include "../../core/clock.h"
 #include "dpdk_net.h"
 
 #define TXQ_CAP	   1024 /* frames a tx queue (struct txq) holds */
@@ -171,13 +171,6 @@ struct dpdkt_net {
 };
 
 /* ---- Small helpers ---- */
-
-static inline uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Copies counters that have one writer (see st_add), each loaded whole. */
 static inline void st_copy(void *dst, const void *src, size_t size)

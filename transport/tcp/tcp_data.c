@@ -503,7 +503,7 @@ static int send_runs(struct tcp_bulk *b, struct tcp_chan *c, const struct tp_run
 			return rc;
 		runs += k;
 		n -= k;
-		if (c != &b->ch[TCP_URGENT])
+		if (!c->urgent)
 			prio_bulk_turn();
 	}
 	return 0;
