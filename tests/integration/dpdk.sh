@@ -59,14 +59,16 @@ for mode in precopy postcopy0 postcopy0missing hybrid; do
 done
 
 # Loss on real mbufs (HYMIG_TEST_DPDK_LOSS: drops, duplicates and reordering at that
-# rate on each guest's frames, both ways): 1% and 10%, pre-copy and post-copy.
+# rate on each guest's frames, both ways; HYMIG_TEST_DPDK_CORRUPT: a flipped byte, which
+# the receiver finds as it lands the payload in guest RAM, at the same rate): 1% and 10%,
+# pre-copy and post-copy.
 for loss in 0.01 0.1; do
 	for mode in precopy postcopy0; do
 		c=l${loss#0.}$mode
-		step "$mode with ${loss} loss each way, compared byte for byte"
-		export HYMIG_TEST_DPDK_LOSS=$loss
+		step "$mode with ${loss} loss and corruption each way, compared byte for byte"
+		export HYMIG_TEST_DPDK_LOSS=$loss HYMIG_TEST_DPDK_CORRUPT=$loss
 		pair "$c" --no-autostart -- --workload dirtier:rate=20M,pattern=uniform
-		unset HYMIG_TEST_DPDK_LOSS
+		unset HYMIG_TEST_DPDK_LOSS HYMIG_TEST_DPDK_CORRUPT
 		case $mode in
 		precopy) args=(--mode precopy --downtime-limit 50) ;;
 		postcopy0) args=(--mode postcopy --precopy-rounds 0) ;;

@@ -299,6 +299,9 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	if (atomic_load(&ln->queued) < win)
 		return atomic_load(&l->dead) ? -ENOTCONN : 0;
 	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
+	if (l->cfg.senders_help && !ln->urgent && dpdkt_poll_help(l->net) &&
+	    atomic_load(&ln->queued) <= win - win / 4)
+		return atomic_load(&l->dead) ? -ENOTCONN : 0;
 	dpdkt_kick(l->net);
 	int rc = 0;
 	/* waiters goes up before the checks: a poller that changes queued after them
@@ -439,6 +442,8 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 	/* No kick: the poller takes the acks in within its longest idle sleep, well inside
 	 * a window's worth of frames, and a sender that finds the window full kicks it.
 	 * Kicking after every message woke it thousands of times per GiB. */
+	if (link->cfg.senders_help && !ln->urgent)
+		dpdkt_poll_help(net);
 	return rc;
 }
 

@@ -42,6 +42,11 @@
 /* A busy poller's longest run without a yield: a vCPU whose page it just landed waits
  * at most this long behind it. */
 #define POLLER_TURN_NS 250000
+/* While senders ran poll rounds (dpdkt_poll_help) in the last HELPED_FRESH_NS, an idle
+ * poller sleeps HELPED_SLEEP_US: they take the acks in and run the timers, and every
+ * wait on the poller kicks it. */
+#define HELPED_FRESH_NS 1000000ull
+#define HELPED_SLEEP_US 1000
 
 enum { DIR_TX, DIR_RX };
 
@@ -123,27 +128,38 @@ struct rte_mbuf *dpdkt_frame_new(struct dpdkt_net *net, struct rte_mempool_cache
 	return m;
 }
 
-/* Finishes the CRC from the payload's part. */
+/* Stores the payload's CRC and the header's. */
 void dpdkt_frame_seal(struct dpdkt_wire *w, uint32_t payload_crc)
 {
+	w->pcrc = rte_cpu_to_le_32(payload_crc);
 	w->crc = 0;
-	uint32_t crc = dpdkt_crc32c(w, sizeof(*w), payload_crc);
-	w->crc = rte_cpu_to_le_32(crc);
+	w->crc = rte_cpu_to_le_32(dpdkt_crc32c(w, sizeof(*w), 0));
 }
 
 /* A decoded, validated header. */
 struct hdr {
 	uint8_t type, lane, flags;
 	uint64_t session;
-	uint32_t seq, ack;
+	uint32_t seq, ack, pcrc;
 	uint64_t sack;
 	uint16_t credit, len;
 };
 
+/* Set in a received DATA frame's flags once its payload's CRC was checked. Ours: the
+ * wire's flags never carry it (wire_decode drops frames that do). */
+#define FLAG_CHECKED 0x80u
+
+static bool payload_ok(struct rte_mbuf *m)
+{
+	const struct dpdkt_wire *w = wire_of(m);
+	return dpdkt_crc32c(payload_of(m), rte_le_to_cpu_16(w->len), 0) ==
+	       rte_le_to_cpu_32(w->pcrc);
+}
+
 enum decode_err { DEC_OK, DEC_SHORT, DEC_MAGIC, DEC_CRC };
 
-/* Validates the wire header of a frame of avail bytes past the Ethernet header, and
- * its CRC over the payload. */
+/* Validates the wire header of a frame of avail bytes past the Ethernet header (not
+ * the payload: see payload_ok). */
 static enum decode_err wire_decode(const uint8_t *p, size_t avail, struct hdr *h)
 {
 	struct dpdkt_wire w;
@@ -152,15 +168,16 @@ static enum decode_err wire_decode(const uint8_t *p, size_t avail, struct hdr *h
 		return DEC_SHORT;
 	memcpy(&w, p, sizeof(w));
 	if (rte_le_to_cpu_32(w.magic) != DPDKT_MAGIC || w.version != DPDKT_VERSION ||
-	    w.type < DPDKT_HELLO || w.type > DPDKT_RESET)
+	    w.type < DPDKT_HELLO || w.type > DPDKT_RESET || (w.flags & FLAG_CHECKED))
 		return DEC_MAGIC;
 	h->len = rte_le_to_cpu_16(w.len);
 	if (h->len > avail - sizeof(w))
 		return DEC_SHORT;
 	uint32_t crc = rte_le_to_cpu_32(w.crc);
 	w.crc = 0;
-	if (dpdkt_crc32c(&w, sizeof(w), dpdkt_crc32c(p + sizeof(w), h->len, 0)) != crc)
+	if (dpdkt_crc32c(&w, sizeof(w), 0) != crc)
 		return DEC_CRC;
+	h->pcrc = rte_le_to_cpu_32(w.pcrc);
 	h->type = w.type;
 	h->lane = w.lane;
 	h->flags = w.flags;
@@ -604,30 +621,46 @@ static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *l
 
 /* ---- The poller: receiving ---- */
 
-/* Delivers one in-order DATA frame and frees it. */
-static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m)
+/* Delivers one in-order DATA frame and frees it. False when its payload failed its
+ * CRC: it was not delivered, and counts as never received. */
+static bool deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m)
 {
 	struct lane *ln = &l->lanes[lane];
 	const struct dpdkt_wire *w = wire_of(m);
 	unsigned flags = w->flags & (DPDKT_FRAG_START | DPDKT_FRAG_END);
+	bool checked = w->flags & FLAG_CHECKED;
 	size_t len = rte_le_to_cpu_16(w->len);
+	int rc;
 
 	/* Sequence numbers make this impossible unless the peer is broken. */
 	if (((flags & DPDKT_FRAG_START) != 0) == ln->in_msg) {
 		rte_pktmbuf_free(m);
 		dpdkt_link_fail(l, -EPROTO, true);
-		return;
+		return true;
 	}
-	int rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
+	if (!checked && l->cfg.land != NULL)
+		rc =
+		    l->cfg.land(l->ctx, lane, payload_of(m), len, flags, rte_le_to_cpu_32(w->pcrc));
+	else if (!checked && !payload_ok(m))
+		rc = -EBADMSG;
+	else
+		rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
 	rte_pktmbuf_free(m);
+	if (rc == -EBADMSG) {
+		st_add(&net->st.drop_crc, 1);
+		ln->ack_now = true; /* the sender learns of the hole at once */
+		return false;
+	}
 	if (rc < 0) {
 		dpdkt_link_fail(l, rc, true);
-		return;
+		return true;
 	}
 	ln->in_msg = !(flags & DPDKT_FRAG_END);
+	st_add(&l->st.rx_frames, 1);
 	st_add(&l->st.rx_bytes, len);
 	if (flags & DPDKT_FRAG_END)
 		st_add(&l->st.rx_msgs, 1);
+	return true;
 }
 
 /* A DATA frame for lane; consumes m. */
@@ -651,8 +684,14 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		rte_pktmbuf_free(m);
 		return;
 	}
-	st_add(&l->st.rx_frames, 1);
 	if (d > 0) {
+		/* Held frames are acked selectively, a promise: check them first. */
+		if (!payload_ok(m)) {
+			st_add(&net->st.drop_crc, 1);
+			rte_pktmbuf_free(m);
+			return;
+		}
+		wire_of(m)->flags |= FLAG_CHECKED;
 		/* A new gap: the sender should hear of it now; frames that merely follow
 		 * one are acked as usual. */
 		if (ln->held == 0 || seq != ln->rx_high + 1)
@@ -663,7 +702,8 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		return;
 	}
 	bool had_held = ln->held > 0;
-	deliver(net, l, lane, m);
+	if (!deliver(net, l, lane, m))
+		return;
 	ln->rcv_nxt++;
 	while (ln->held > 0 && atomic_load(&l->dead) == 0) {
 		struct rte_mbuf **slot = &ln->rx[ln->rcv_nxt & l->mask];
@@ -672,7 +712,7 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		m = *slot;
 		*slot = NULL;
 		ln->held--;
-		deliver(net, l, lane, m);
+		deliver(net, l, lane, m); /* checked: it cannot fail its CRC */
 		ln->rcv_nxt++;
 	}
 	if (had_held)
@@ -737,6 +777,11 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 		drop = &net->st.drop_magic;
 		goto drop;
 	case DEC_CRC:
+		drop = &net->st.drop_crc;
+		goto drop;
+	}
+	/* A DATA frame's payload is checked when it is held or landed (take_data). */
+	if (h.type != DPDKT_DATA && !payload_ok(m)) {
 		drop = &net->st.drop_crc;
 		goto drop;
 	}
@@ -972,15 +1017,53 @@ static void refresh(struct dpdkt_net *net)
 	pthread_mutex_unlock(&net->lock);
 }
 
-/* Sleeps on the dpdkt_idle schedule, or until a sender kicks. */
-static void poller_idle(struct dpdkt_net *net, struct dpdkt_idle *b)
+/* One round of the poller's work: receive, timers, tx. Under poll_lock. Returns the
+ * frames it handled. */
+static unsigned poll_round(struct dpdkt_net *net)
 {
-	if (++b->empty <= DPDKT_IDLE_SPINS) {
+	net->now = now_ns();
+	if (atomic_load(&net->kick))
+		atomic_store(&net->kick, 0);
+	refresh(net);
+	unsigned work = rx_poll(net);
+	bool idle_rx = work == 0;
+	work += send_hellos(net);
+	for (unsigned i = 0; i < net->npl; i++)
+		work += link_timers(net, net->pl[i], idle_rx);
+	held_release(&net->pinj[DIR_TX], tx_emit, net);
+	work += txq_flush(net);
+	return work;
+}
+
+bool dpdkt_poll_help(struct dpdkt_net *net)
+{
+	/* Urgent frames flow: the poller is awake and boosted for them, and a helper at
+	 * the bulk priority must not hold them up. */
+	if (!atomic_load(&net->helpable) ||
+	    now_ns() < __atomic_load_n(&net->awake_until, __ATOMIC_RELAXED) ||
+	    pthread_mutex_trylock(&net->poll_lock) != 0)
+		return false;
+	bool ran = atomic_load(&net->helpable);
+	if (ran) {
+		poll_round(net);
+		__atomic_store_n(&net->helped_at, net->now, __ATOMIC_RELAXED);
+	}
+	pthread_mutex_unlock(&net->poll_lock);
+	return ran;
+}
+
+/* Sleeps on the dpdkt_idle schedule (HELPED_SLEEP_US while senders poll for it), or
+ * until a sender kicks. */
+static void poller_idle(struct dpdkt_net *net, struct dpdkt_idle *b, uint64_t now)
+{
+	unsigned us = dpdkt_idle_next(b);
+	if (now - __atomic_load_n(&net->helped_at, __ATOMIC_RELAXED) < HELPED_FRESH_NS)
+		us = HELPED_SLEEP_US;
+	if (us == 0) {
 		rte_pause();
 		return;
 	}
-	b->sleep_us = b->sleep_us ? RTE_MIN(b->sleep_us * 2, (unsigned)DPDKT_IDLE_MAX_US) : 1;
-	struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)b->sleep_us * 1000};
+	struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)us * 1000};
 	atomic_store(&net->sleeping, 1);
 	syscall(SYS_futex, &net->kick, FUTEX_WAIT_PRIVATE, 0, &ts, NULL, 0);
 	atomic_store(&net->sleeping, 0);
@@ -1001,20 +1084,16 @@ static void *poller(void *arg)
 	bool registered = rte_thread_register() == 0;
 
 	while (!atomic_load(&net->stop)) {
-		net->now = now_ns();
-		if (atomic_load(&net->kick))
-			atomic_store(&net->kick, 0);
-		refresh(net);
-		unsigned work = rx_poll(net);
-		bool idle_rx = work == 0;
-		work += send_hellos(net);
-		for (unsigned i = 0; i < net->npl; i++)
-			work += link_timers(net, net->pl[i], idle_rx);
-		held_release(&net->pinj[DIR_TX], tx_emit, net);
-		work += txq_flush(net);
+		/* A sender runs the round (dpdkt_poll_help): it did the work. */
+		unsigned work = 0;
+		if (pthread_mutex_trylock(&net->poll_lock) == 0) {
+			work = poll_round(net);
+			pthread_mutex_unlock(&net->poll_lock);
+		}
+		uint64_t now = now_ns();
 		/* While urgent frames flow a vCPU is blocked on this poller's work: it
 		 * goes ahead of the guest's threads then, behind them otherwise. */
-		bool urgent = net->now < __atomic_load_n(&net->awake_until, __ATOMIC_RELAXED);
+		bool urgent = now < __atomic_load_n(&net->awake_until, __ATOMIC_RELAXED);
 		if (urgent != net->boosted) {
 			(void)setpriority(PRIO_PROCESS, (id_t)gettid(),
 					  urgent ? net->cfg.urgent_nice : net->cfg.nice);
@@ -1029,9 +1108,12 @@ static void *poller(void *arg)
 		} else if (urgent)
 			sched_yield();
 		else
-			poller_idle(net, &idle);
+			poller_idle(net, &idle, now);
 	}
-	/* Queued frames are dropped: DATA ones are still kept for retransmission. */
+	/* Queued frames are dropped: DATA ones are still kept for retransmission. No
+	 * sender helps any more (dpdkt_net_stop cleared helpable), but one may still
+	 * finish a round. */
+	pthread_mutex_lock(&net->poll_lock);
 	for (unsigned q = 0; q < 2; q++) {
 		rte_pktmbuf_free_bulk(net->txq[q].m, net->txq[q].n);
 		net->txq[q].n = 0;
@@ -1041,6 +1123,7 @@ static void *poller(void *arg)
 			rte_pktmbuf_free(net->pinj[dir].held[i].m);
 		net->pinj[dir].nheld = 0;
 	}
+	pthread_mutex_unlock(&net->poll_lock);
 	if (registered)
 		rte_thread_unregister();
 	return NULL;
@@ -1126,6 +1209,7 @@ int dpdkt_net_create(struct dpdkt_port *port, const struct dpdkt_net_cfg *cfg,
 		pthread_mutex_init(&net->qlock[q], NULL);
 	net->pgen = UINT32_MAX;
 	pthread_mutex_init(&net->lock, NULL);
+	pthread_mutex_init(&net->poll_lock, NULL);
 	dpdkt_cond_init_mono(&net->cond);
 	pthread_mutex_init(&net->hello_lock, NULL);
 	dpdkt_cond_init_mono(&net->hello_cond);
@@ -1166,6 +1250,7 @@ int dpdkt_net_start(struct dpdkt_net *net, char *err, size_t errlen)
 		goto out;
 	}
 	net->running = true;
+	atomic_store(&net->helpable, true);
 out:
 	pthread_mutex_unlock(&net->lock);
 	return rc;
@@ -1178,6 +1263,7 @@ void dpdkt_net_stop(struct dpdkt_net *net)
 	pthread_mutex_unlock(&net->lock);
 	if (!running)
 		return;
+	atomic_store(&net->helpable, false);
 	atomic_store(&net->stop, true);
 	dpdkt_kick(net);
 	pthread_join(net->thread, NULL);
@@ -1203,6 +1289,7 @@ void dpdkt_net_destroy(struct dpdkt_net *net)
 	free(net->hello_q);
 	dpdkt_port_close(net->port);
 	pthread_mutex_destroy(&net->lock);
+	pthread_mutex_destroy(&net->poll_lock);
 	pthread_cond_destroy(&net->cond);
 	pthread_mutex_destroy(&net->hello_lock);
 	pthread_cond_destroy(&net->hello_cond);

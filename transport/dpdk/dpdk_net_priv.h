@@ -157,9 +157,16 @@ struct dpdkt_net {
 	atomic_uint kick;
 	atomic_uint sleeping;
 
+	/* A poll round runs under poll_lock: on the poller, or on a sender helping it
+	 * (dpdkt_poll_help) while helpable (the poller runs). helped_at: when a sender
+	 * last did, so the poller may sleep longer meanwhile. */
+	pthread_mutex_t poll_lock;
+	atomic_bool helpable;
+	uint64_t helped_at;
+
 	struct dpdkt_net_stats st; /* written by the poller */
 
-	/* The poller's own state. */
+	/* The poll round's state (the poller's, or a helping sender's under poll_lock). */
 	struct dpdkt_link *pl[DPDKT_MAX_LINKS]; /* its copy of links */
 	unsigned npl;
 	uint32_t pgen;
@@ -205,5 +212,6 @@ struct rte_mbuf *dpdkt_frame_new(struct dpdkt_net *net, struct rte_mempool_cache
 void dpdkt_frame_seal(struct dpdkt_wire *w, uint32_t payload_crc);
 void dpdkt_link_fail(struct dpdkt_link *l, int err, bool reset);
 void dpdkt_lane_xmit(struct dpdkt_link *l, struct lane *ln, struct rte_mbuf **ms, unsigned n);
+bool dpdkt_poll_help(struct dpdkt_net *net);
 
 #endif

@@ -128,7 +128,8 @@ struct dpdkt_net *dpdkt_net_global(void)
 	return slots[0].net;
 }
 
-#define DPDK_TEST_LOSS_ENV "HYMIG_TEST_DPDK_LOSS"
+#define DPDK_TEST_LOSS_ENV    "HYMIG_TEST_DPDK_LOSS"
+#define DPDK_TEST_CORRUPT_ENV "HYMIG_TEST_DPDK_CORRUPT"
 
 int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 {
@@ -179,19 +180,20 @@ int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 		snprintf(err, errlen, "dpdk net: %s", why);
 		goto out;
 	}
-	/* Test-only (DPDK_TEST_LOSS_ENV): drops, duplicates and reordering at this rate on
-	 * the frames this guest sends and receives, so the tests migrate over a lossy
-	 * link. Never set it in production. */
-	const char *loss = getenv(DPDK_TEST_LOSS_ENV);
-	if (loss && *loss) {
-		double p = strtod(loss, NULL);
+	/* Test-only (DPDK_TEST_LOSS_ENV, DPDK_TEST_CORRUPT_ENV): drops, duplicates and
+	 * reordering, and corruption, at these rates on the frames this guest sends and
+	 * receives, so the tests migrate over a lossy link. Never set them in production. */
+	const char *loss = getenv(DPDK_TEST_LOSS_ENV), *bad = getenv(DPDK_TEST_CORRUPT_ENV);
+	if ((loss && *loss) || (bad && *bad)) {
+		double p = loss && *loss ? strtod(loss, NULL) : 0;
 		struct dpdkt_loss l = {.drop = p, .dup = p, .reorder = p};
+		l.corrupt = bad && *bad ? strtod(bad, NULL) : 0;
 		if (dpdkt_net_set_loss(net, &l, &l, (uint64_t)getpid(), why, sizeof(why)) < 0)
-			log_err("%s: %s", DPDK_TEST_LOSS_ENV, why);
+			log_err("%s/%s: %s", DPDK_TEST_LOSS_ENV, DPDK_TEST_CORRUPT_ENV, why);
 		else
 			log_info("dpdk: TEST: injecting %.3g drops, duplicates and reordering "
-				 "each way",
-				 p);
+				 "and %.3g corruption each way",
+				 p, l.corrupt);
 	}
 	snprintf(started_args, sizeof(started_args), "%s", eal_args);
 	const struct rte_ether_addr *m = dpdkt_net_mac(net);
