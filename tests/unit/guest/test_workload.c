@@ -453,7 +453,7 @@ static void test_heartbeat(void **state)
 	assert_int_equal(wl_init_ram(ram, &s), 0);
 	wl_vcpu_init(&c0, &s, 0, 2);
 	wl_vcpu_init(&c1, &s, 1, 2);
-	assert_int_equal(wl_vcpu_step(ram, &s, &c0, NULL), 100000);
+	assert_int_equal(wl_vcpu_step(ram, &s, &c0, NULL), 1000000); /* idle: 1 ms */
 	sleep_ns(1000000);
 	wl_vcpu_step(ram, &s, &c0, NULL);
 	double base = verify_ok().max_stall_ms;
