@@ -5,8 +5,7 @@
 #     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)] [--channels N(2)]
 #
 # 1. Ceiling: bench/dpdk_blaster.sh over net_memif (raw frames, and page mode: each
-#    4 KiB page copied into frames with a CRC32C each, copied into place and checked in
-#    one pass).
+#    4 KiB page copied into frames with a CRC32C each, checked and copied into place).
 # 2. Pre-copy of an idle SIZE guest between two guest processes joined by net_memif:
 #    loss-free, then with 1% of the frames dropped, duplicated and reordered each way
 #    (HYMIG_TEST_DPDK_LOSS), and over tcp on a veth pair between two namespaces.

@@ -8,12 +8,12 @@
  * for one and sends to its MAC. --mode page does a migration's per-page work: each 4 KiB
  * page of a buffer of random data is copied into frames of --frame-payload bytes (a
  * page needs 4096/B of them) and each frame carries the CRC32C of the bytes copied
- * into it; the receiver copies the payload to the page's offset in its own buffer and
- * checks the CRC in the same pass (as hymig's receiver does), and at the end compares
- * that buffer with what the sender's seed generates. --mode raw sends frames without copy or CRC. A
- * sequence number in each frame counts drops. Each side prints one JSON line on stdout (the
- * receiver's holds the figures) and DPDK's log goes to stderr. Idle polling backs off to short
- * sleeps, as two DPDK processes may share two cores. */
+ * into it; the receiver checks the CRC and copies the payload to the page's offset in
+ * its own buffer, and at the end compares that buffer with what the sender's seed
+ * generates. --mode raw sends frames without copy or CRC. A sequence number in each
+ * frame counts drops. Each side prints one JSON line on stdout (the receiver's holds
+ * the figures) and DPDK's log goes to stderr. Idle polling backs off to short sleeps,
+ * as two DPDK processes may share two cores. */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -29,6 +29,7 @@
 #include <rte_byteorder.h>
 #include <rte_ethdev.h>
 #include <rte_mbuf.h>
+#include <rte_memcpy.h>
 
 #include "transport/dpdk/dpdk_port.h"
 
@@ -474,10 +475,11 @@ static void rx_frame(const struct opts *o, struct rx_state *s, uint8_t *buf, str
 		return;
 	/* A PMD may chain a large frame over several mbufs. */
 	const uint8_t *pl = rte_pktmbuf_read(m, HDRS, len, scratch);
-	/* Checked as it is copied into place, in one pass, as hymig's receiver lands a
-	 * payload (a bad one stays there until its copy comes again). */
-	if (dpdkt_copy_crc32c(buf + off, pl, len, 0) != rte_le_to_cpu_32(h->crc))
+	if (dpdkt_crc32c(pl, len, 0) != rte_le_to_cpu_32(h->crc)) {
 		s->crc_errors++;
+		return;
+	}
+	rte_memcpy(buf + off, pl, len);
 }
 
 static int run_rx(const struct opts *o, struct dpdkt_port *p, uint8_t *buf)

@@ -10,8 +10,8 @@
 #   af_packet  net_af_packet on a veth pair (MTU 3500) between two network namespaces
 #              the script makes and removes; the kernel drops what the receiver misses
 # and in each mode: raw (frames without copy or CRC) and page (each 4 KiB page copied
-# into frames with a CRC32C per frame, copied into place and checked in one pass on the
-# receiver), with 2048-byte payloads (2 frames a page) and, over memif, 4096 (one jumbo frame).
+# into frames with a CRC32C per frame, checked and copied into place on the receiver),
+# with 2048-byte payloads (2 frames a page) and, over memif, 4096 (one jumbo frame).
 # --seconds (default 8, at most 20) bounds each run; --pin puts the sender on CPU 0 and
 # the receiver on CPU 1. --buf (default 64M) sizes the page mode's buffer on each side:
 # give a migration's RAM size to compare with one, as a buffer that fits in the cache is

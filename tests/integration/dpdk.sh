@@ -59,9 +59,9 @@ for mode in precopy postcopy0 postcopy0missing hybrid; do
 done
 
 # Loss on real mbufs (HYMIG_TEST_DPDK_LOSS: drops, duplicates and reordering at that
-# rate on each guest's frames, both ways; HYMIG_TEST_DPDK_CORRUPT: a flipped byte, which
-# the receiver finds as it lands the payload in guest RAM, at the same rate): 1% and 10%,
-# pre-copy and post-copy.
+# rate on each guest's frames, both ways; HYMIG_TEST_DPDK_CORRUPT: a flipped byte at the
+# same rate, which the receiver's CRC check must catch): 1% and 10%, pre-copy and
+# post-copy.
 for loss in 0.01 0.1; do
 	for mode in precopy postcopy0; do
 		c=l${loss#0.}$mode

@@ -196,21 +196,16 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 	return 0;
 }
 
-/* Takes one fragment of lane's message. check: its payload was not checked yet and
- * must have CRC crc (dpdkt_land_fn): a fragment with record header bytes is checked
- * whole before they are parsed, and page bytes are checked as they are copied into
- * place. */
-static int bulk_take(struct dpdk_bulk *b, unsigned lane, const uint8_t *p, size_t len,
-		     unsigned flags, bool check, uint32_t crc)
+/* Runs on the poller thread (or a sender helping it) for each fragment, in order per
+ * lane. */
+static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, unsigned flags)
 {
+	struct dpdk_bulk *b = ctx;
 	struct dpdk_lane *L = &b->lanes[lane];
+	const uint8_t *p = frag;
 	int rc;
 
-	if (check && ((flags & DPDKT_FRAG_START) || L->hdr_got < sizeof(L->raw))) {
-		if (dpdkt_crc32c(p, len, 0) != crc)
-			return -EBADMSG;
-		check = false;
-	}
+	b->base.wire_bytes += len;
 	if (flags & DPDKT_FRAG_START)
 		L->hdr_got = L->off = 0;
 	if (L->hdr_got < sizeof(L->raw)) {
@@ -221,7 +216,6 @@ static int bulk_take(struct dpdk_bulk *b, unsigned lane, const uint8_t *p, size_
 		L->hdr_got += n;
 		p += n;
 		len -= n;
-		b->base.wire_bytes += n;
 		if (L->hdr_got == sizeof(L->raw) && (rc = rec_start(b, lane, L)) < 0)
 			return rc;
 	}
@@ -231,15 +225,11 @@ static int bulk_take(struct dpdk_bulk *b, unsigned lane, const uint8_t *p, size_
 		    L->off + len > (size_t)r->npages * HM_PAGE_SIZE)
 			return land_fail(b, lane, -EPROTO, "%s: %s",
 					 "a record is longer than its header says");
-		uint8_t *dst = b->pc && (L->switched || lane == b->urgent)
-				   ? L->scratch + L->off
-				   : (uint8_t *)ram_mig_page(b->ram, r->first_page) + L->off;
-		if (!check)
-			memcpy(dst, p, len);
-		else if (dpdkt_copy_crc32c(dst, p, len, 0) != crc)
-			return -EBADMSG; /* the copy that replaces it lands here again */
+		if (b->pc && (L->switched || lane == b->urgent))
+			memcpy(L->scratch + L->off, p, len);
+		else
+			memcpy((uint8_t *)ram_mig_page(b->ram, r->first_page) + L->off, p, len);
 		L->off += len;
-		b->base.wire_bytes += len;
 	}
 	if (flags & DPDKT_FRAG_END) {
 		if (L->hdr_got < sizeof(L->raw))
@@ -247,19 +237,6 @@ static int bulk_take(struct dpdk_bulk *b, unsigned lane, const uint8_t *p, size_
 		return rec_end(b, lane, L);
 	}
 	return 0;
-}
-
-/* Run on the poller thread (or a sender helping it) for each fragment, in order per
- * lane: bulk_deliver for fragments the poller checked, bulk_land for the others. */
-static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, unsigned flags)
-{
-	return bulk_take(ctx, lane, frag, len, flags, false, 0);
-}
-
-static int bulk_land(void *ctx, unsigned lane, const void *frag, size_t len, unsigned flags,
-		     uint32_t crc)
-{
-	return bulk_take(ctx, lane, frag, len, flags, true, crc);
 }
 
 static void bulk_dead(void *ctx, int e)
@@ -314,7 +291,6 @@ static int bulk_open(struct dpdk_slot *s, const struct rte_ether_addr *peer, boo
 	lc.window = DPDK_BULK_WINDOW;
 	lc.ack_every = DPDK_BULK_ACK_EVERY;
 	lc.senders_help = true; /* the engine's senders hold no lock of ours */
-	lc.land = bulk_land;
 	lc.urgent_lane = (int)b->urgent;
 	lc.dead_ms = cfg->timeout_ms > 0 ? (unsigned)cfg->timeout_ms : DPDK_CTL_DEAD_MS;
 	lc.keepalive_ms = lc.dead_ms / 10 ? lc.dead_ms / 10 : 1;

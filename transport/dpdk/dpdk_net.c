@@ -42,6 +42,7 @@
 /* A busy poller's longest run without a yield: a vCPU whose page it just landed waits
  * at most this long behind it. */
 #define POLLER_TURN_NS 250000
+#define LINK_WATCH_NS  20000000ull /* the poller looks at the link this often */
 /* While senders ran poll rounds (dpdkt_poll_help) in the last HELPED_FRESH_NS, an idle
  * poller sleeps HELPED_SLEEP_US: they take the acks in and run the timers, and every
  * wait on the poller kicks it. */
@@ -128,38 +129,27 @@ struct rte_mbuf *dpdkt_frame_new(struct dpdkt_net *net, struct rte_mempool_cache
 	return m;
 }
 
-/* Stores the payload's CRC and the header's. */
+/* Finishes the CRC from the payload's part. */
 void dpdkt_frame_seal(struct dpdkt_wire *w, uint32_t payload_crc)
 {
-	w->pcrc = rte_cpu_to_le_32(payload_crc);
 	w->crc = 0;
-	w->crc = rte_cpu_to_le_32(dpdkt_crc32c(w, sizeof(*w), 0));
+	uint32_t crc = dpdkt_crc32c(w, sizeof(*w), payload_crc);
+	w->crc = rte_cpu_to_le_32(crc);
 }
 
 /* A decoded, validated header. */
 struct hdr {
 	uint8_t type, lane, flags;
 	uint64_t session;
-	uint32_t seq, ack, pcrc;
+	uint32_t seq, ack;
 	uint64_t sack;
 	uint16_t credit, len;
 };
 
-/* Set in a received DATA frame's flags once its payload's CRC was checked. Ours: the
- * wire's flags never carry it (wire_decode drops frames that do). */
-#define FLAG_CHECKED 0x80u
-
-static bool payload_ok(struct rte_mbuf *m)
-{
-	const struct dpdkt_wire *w = wire_of(m);
-	return dpdkt_crc32c(payload_of(m), rte_le_to_cpu_16(w->len), 0) ==
-	       rte_le_to_cpu_32(w->pcrc);
-}
-
 enum decode_err { DEC_OK, DEC_SHORT, DEC_MAGIC, DEC_CRC };
 
-/* Validates the wire header of a frame of avail bytes past the Ethernet header (not
- * the payload: see payload_ok). */
+/* Validates the wire header of a frame of avail bytes past the Ethernet header, and
+ * its CRC over the payload. */
 static enum decode_err wire_decode(const uint8_t *p, size_t avail, struct hdr *h)
 {
 	struct dpdkt_wire w;
@@ -168,16 +158,15 @@ static enum decode_err wire_decode(const uint8_t *p, size_t avail, struct hdr *h
 		return DEC_SHORT;
 	memcpy(&w, p, sizeof(w));
 	if (rte_le_to_cpu_32(w.magic) != DPDKT_MAGIC || w.version != DPDKT_VERSION ||
-	    w.type < DPDKT_HELLO || w.type > DPDKT_RESET || (w.flags & FLAG_CHECKED))
+	    w.type < DPDKT_HELLO || w.type > DPDKT_RESET)
 		return DEC_MAGIC;
 	h->len = rte_le_to_cpu_16(w.len);
 	if (h->len > avail - sizeof(w))
 		return DEC_SHORT;
 	uint32_t crc = rte_le_to_cpu_32(w.crc);
 	w.crc = 0;
-	if (dpdkt_crc32c(&w, sizeof(w), 0) != crc)
+	if (dpdkt_crc32c(&w, sizeof(w), dpdkt_crc32c(p + sizeof(w), h->len, 0)) != crc)
 		return DEC_CRC;
-	h->pcrc = rte_le_to_cpu_32(w.pcrc);
 	h->type = w.type;
 	h->lane = w.lane;
 	h->flags = w.flags;
@@ -621,46 +610,30 @@ static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *l
 
 /* ---- The poller: receiving ---- */
 
-/* Delivers one in-order DATA frame and frees it. False when its payload failed its
- * CRC: it was not delivered, and counts as never received. */
-static bool deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m)
+/* Delivers one in-order DATA frame and frees it. */
+static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m)
 {
 	struct lane *ln = &l->lanes[lane];
 	const struct dpdkt_wire *w = wire_of(m);
 	unsigned flags = w->flags & (DPDKT_FRAG_START | DPDKT_FRAG_END);
-	bool checked = w->flags & FLAG_CHECKED;
 	size_t len = rte_le_to_cpu_16(w->len);
-	int rc;
 
 	/* Sequence numbers make this impossible unless the peer is broken. */
 	if (((flags & DPDKT_FRAG_START) != 0) == ln->in_msg) {
 		rte_pktmbuf_free(m);
 		dpdkt_link_fail(l, -EPROTO, true);
-		return true;
+		return;
 	}
-	if (!checked && l->cfg.land != NULL)
-		rc =
-		    l->cfg.land(l->ctx, lane, payload_of(m), len, flags, rte_le_to_cpu_32(w->pcrc));
-	else if (!checked && !payload_ok(m))
-		rc = -EBADMSG;
-	else
-		rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
+	int rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
 	rte_pktmbuf_free(m);
-	if (rc == -EBADMSG) {
-		st_add(&net->st.drop_crc, 1);
-		ln->ack_now = true; /* the sender learns of the hole at once */
-		return false;
-	}
 	if (rc < 0) {
 		dpdkt_link_fail(l, rc, true);
-		return true;
+		return;
 	}
 	ln->in_msg = !(flags & DPDKT_FRAG_END);
-	st_add(&l->st.rx_frames, 1);
 	st_add(&l->st.rx_bytes, len);
 	if (flags & DPDKT_FRAG_END)
 		st_add(&l->st.rx_msgs, 1);
-	return true;
 }
 
 /* A DATA frame for lane; consumes m. */
@@ -684,14 +657,8 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		rte_pktmbuf_free(m);
 		return;
 	}
+	st_add(&l->st.rx_frames, 1);
 	if (d > 0) {
-		/* Held frames are acked selectively, a promise: check them first. */
-		if (!payload_ok(m)) {
-			st_add(&net->st.drop_crc, 1);
-			rte_pktmbuf_free(m);
-			return;
-		}
-		wire_of(m)->flags |= FLAG_CHECKED;
 		/* A new gap: the sender should hear of it now; frames that merely follow
 		 * one are acked as usual. */
 		if (ln->held == 0 || seq != ln->rx_high + 1)
@@ -702,8 +669,7 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		return;
 	}
 	bool had_held = ln->held > 0;
-	if (!deliver(net, l, lane, m))
-		return;
+	deliver(net, l, lane, m);
 	ln->rcv_nxt++;
 	while (ln->held > 0 && atomic_load(&l->dead) == 0) {
 		struct rte_mbuf **slot = &ln->rx[ln->rcv_nxt & l->mask];
@@ -712,7 +678,7 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		m = *slot;
 		*slot = NULL;
 		ln->held--;
-		deliver(net, l, lane, m); /* checked: it cannot fail its CRC */
+		deliver(net, l, lane, m);
 		ln->rcv_nxt++;
 	}
 	if (had_held)
@@ -753,6 +719,10 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 		goto drop;
 	}
 	const struct rte_ether_hdr *eth = rte_pktmbuf_mtod(m, const struct rte_ether_hdr *);
+	if (eth->ether_type == rte_cpu_to_be_16(DPDKT_WARM_ETHERTYPE)) {
+		rte_pktmbuf_free(m); /* the peer warmed its ring: not a drop */
+		return;
+	}
 	if (eth->ether_type != rte_cpu_to_be_16(DPDKT_ETHERTYPE)) {
 		drop = &net->st.drop_ethertype;
 		goto drop;
@@ -777,11 +747,6 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 		drop = &net->st.drop_magic;
 		goto drop;
 	case DEC_CRC:
-		drop = &net->st.drop_crc;
-		goto drop;
-	}
-	/* A DATA frame's payload is checked when it is held or landed (take_data). */
-	if (h.type != DPDKT_DATA && !payload_ok(m)) {
 		drop = &net->st.drop_crc;
 		goto drop;
 	}
@@ -1070,6 +1035,22 @@ static void poller_idle(struct dpdkt_net *net, struct dpdkt_idle *b, uint64_t no
 	st_add(&net->st.sleeps, 1);
 }
 
+/* memif: warms the tx rings each time the link comes up (dpdkt_port_warm). */
+static void link_watch(struct dpdkt_net *net, uint64_t now)
+{
+	if (net->port->warm_slots == 0 || now < net->link_next)
+		return;
+	net->link_next = now + LINK_WATCH_NS;
+	bool up = dpdkt_port_link_up(net->port);
+	if (up && !net->link_up)
+		for (uint16_t q = 0; q < net->port->queues; q++) {
+			pthread_mutex_lock(&net->qlock[q]);
+			dpdkt_port_warm(net->port, q);
+			pthread_mutex_unlock(&net->qlock[q]);
+		}
+	net->link_up = up;
+}
+
 static void *poller(void *arg)
 {
 	struct dpdkt_net *net = arg;
@@ -1091,6 +1072,7 @@ static void *poller(void *arg)
 			pthread_mutex_unlock(&net->poll_lock);
 		}
 		uint64_t now = now_ns();
+		link_watch(net, now);
 		/* While urgent frames flow a vCPU is blocked on this poller's work: it
 		 * goes ahead of the guest's threads then, behind them otherwise. */
 		bool urgent = now < __atomic_load_n(&net->awake_until, __ATOMIC_RELAXED);

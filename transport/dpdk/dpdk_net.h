@@ -22,15 +22,12 @@
  *
  * Frame. Ethernet header (ethertype DPDKT_ETHERTYPE), struct dpdkt_wire (50 bytes, so
  * the payload starts 64 bytes into the frame), then len payload bytes; trailing bytes
- * (padding) are ignored. pcrc is the CRC32C of the payload, computed over the bytes
- * copied into the mbuf (a guest page may change while it is copied); crc that of the
- * header with crc zero. Frames that are too short, of another ethertype, for another
- * MAC, with a bad magic, version, type or CRC, for an unknown session or from a MAC
- * other than the session's peer are counted (struct dpdkt_net_stats) and dropped. The
- * header is checked on arrival. So is the payload, but for a DATA frame that arrives in
- * order on a link with a land callback: that callback copies it to its place and checks
- * it in the same pass (one pass over the bytes less), and a frame that fails is dropped
- * as if lost, its bytes left where they landed until the copy that replaces it.
+ * (padding) are ignored. crc is the CRC32C of the payload followed by the header with
+ * crc zero, computed over the bytes copied into the mbuf (a guest page may change while
+ * it is copied). Frames
+ * that are too short, of another ethertype, for another MAC, with a bad magic, version,
+ * type or CRC, for an unknown session or from a MAC other than the session's peer are
+ * counted (struct dpdkt_net_stats) and dropped.
  *
  * Reliability, per lane and direction. DATA frames carry 32-bit sequence numbers from
  * 0. Every ACK and KEEPALIVE frame carries, for its lane and the other direction,
@@ -92,7 +89,7 @@
 
 #define DPDKT_ETHERTYPE	 0x88B5	    /* IEEE 802 local experimental */
 #define DPDKT_MAGIC	 0x4B444D48 /* "HMDK" little-endian */
-#define DPDKT_VERSION	 3
+#define DPDKT_VERSION	 2
 #define DPDKT_HDR_LEN	 64 /* Ethernet header + struct dpdkt_wire: where the payload starts */
 #define DPDKT_MAX_LANES	 64
 #define DPDKT_MAX_LINKS	 16
@@ -114,20 +111,19 @@ enum dpdkt_frame_type {
 
 /* The header after the Ethernet header. Little-endian. */
 struct dpdkt_wire {
-	uint32_t magic;	     /* DPDKT_MAGIC */
-	uint8_t version;     /* DPDKT_VERSION */
-	uint8_t type;	     /* enum dpdkt_frame_type */
-	uint8_t lane;	     /* lane of seq and of the ack fields */
-	uint8_t flags;	     /* DPDKT_FRAG_* (DATA) */
-	uint64_t session;    /* link's session id; 0 in HELLO */
-	uint32_t seq;	     /* DATA: sequence number on the lane */
-	uint32_t ack;	     /* next sequence number expected on the lane, other direction */
-	uint64_t sack;	     /* bit i: ack+1+i is held by the receiver */
-	uint16_t credit;     /* frames the receiver takes past ack */
-	uint16_t len;	     /* payload bytes */
-	uint32_t pcrc;	     /* CRC32C of the payload */
-	uint8_t reserved[6]; /* zero */
-	uint32_t crc;	     /* CRC32C of this header with crc = 0 */
+	uint32_t magic;	      /* DPDKT_MAGIC */
+	uint8_t version;      /* DPDKT_VERSION */
+	uint8_t type;	      /* enum dpdkt_frame_type */
+	uint8_t lane;	      /* lane of seq and of the ack fields */
+	uint8_t flags;	      /* DPDKT_FRAG_* (DATA) */
+	uint64_t session;     /* link's session id; 0 in HELLO */
+	uint32_t seq;	      /* DATA: sequence number on the lane */
+	uint32_t ack;	      /* next sequence number expected on the lane, other direction */
+	uint64_t sack;	      /* bit i: ack+1+i is held by the receiver */
+	uint16_t credit;      /* frames the receiver takes past ack */
+	uint16_t len;	      /* payload bytes */
+	uint8_t reserved[10]; /* zero */
+	uint32_t crc;	      /* CRC32C of payload, then this header with crc = 0 */
 } __attribute__((packed));
 _Static_assert(sizeof(struct dpdkt_wire) == 50, "dpdkt_wire is 50 bytes");
 _Static_assert(RTE_ETHER_HDR_LEN + sizeof(struct dpdkt_wire) == DPDKT_HDR_LEN,
@@ -223,11 +219,6 @@ int dpdkt_hello_recv(struct dpdkt_net *net, int timeout_ms, struct rte_ether_add
  * close of a link of the same net). */
 typedef int (*dpdkt_deliver_fn)(void *ctx, unsigned lane, const void *frag, size_t len,
 				unsigned flags);
-/* As deliver, for a fragment whose payload was not checked yet: copies it to its place
- * with dpdkt_copy_crc32c and, when the CRC of what it stored is not crc, returns
- * -EBADMSG having changed nothing else (the frame comes again). Same rules. */
-typedef int (*dpdkt_land_fn)(void *ctx, unsigned lane, const void *frag, size_t len, unsigned flags,
-			     uint32_t crc);
 
 struct dpdkt_link_cfg {
 	unsigned window;       /* frames unacked per lane and direction (rounded up to 2^n) */
@@ -244,9 +235,6 @@ struct dpdkt_link_cfg {
 	 * for every ack. The callbacks of every link of the net may then run on the
 	 * thread that calls dpdkt_link_send, which must hold no lock they take. */
 	bool senders_help;
-	/* Takes in-order DATA fragments in place of deliver when they were not checked
-	 * yet (see Frame), or NULL: the poller checks every payload before deliver. */
-	dpdkt_land_fn land;
 	/* Called once on the poller thread when the link dies of something else than
 	 * dpdkt_link_shutdown or close (peer silent, RESET, a deliver error, a send that
 	 * timed out mid-message), with that error. NULL: none. Same rules as deliver. */

@@ -174,6 +174,8 @@ struct dpdkt_net {
 	uint64_t now;
 	uint64_t awake_until; /* no sleeping before this (URGENT_AWAKE_NS); senders store it */
 	bool boosted;	      /* running at cfg.urgent_nice (see poller) */
+	bool link_up;	      /* the port's link when last looked at (memif warming) */
+	uint64_t link_next;   /* when to look again */
 	struct txq txq[2];    /* by queue: 0 bulk, 1 urgent (when the port has it) */
 };
 

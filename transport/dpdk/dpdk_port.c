@@ -344,20 +344,6 @@ static unsigned pow2_at_least(unsigned v)
 	return p;
 }
 
-/* rte_mempool_obj_iter callback: writes every page of an mbuf's data room once. */
-static void touch_mbuf(struct rte_mempool *mp, void *arg, void *obj, unsigned idx)
-{
-	struct rte_mbuf *m = obj;
-	volatile uint8_t *b = m->buf_addr;
-
-	(void)mp;
-	(void)arg;
-	(void)idx;
-	for (uint32_t off = 0; off < m->buf_len; off += 4096)
-		b[off] = 0;
-	b[m->buf_len - 1] = 0;
-}
-
 int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, char *err,
 		    size_t errlen)
 {
@@ -460,6 +446,9 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 										       : 1;
 	/* A sender queue carries one lane's window, not the whole link's. */
 	p->sender_desc = RTE_MIN(p->rx_desc, (uint16_t)DPDKT_SENDER_DESC);
+	/* memif's rings have 2^rsize slots whatever the queue set-up asks for. */
+	if (strcmp(info.driver_name, "net_memif") == 0)
+		p->warm_slots = 1u << RTE_MIN(devarg_uint(&info, "rsize", 10), 14u);
 
 	/* The pool feeds the rx rings, the frames sitting in the tx rings, the caller's
 	 * window and every lcore's cache; a mempool is best sized 2^q - 1. */
@@ -488,9 +477,6 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 			 p->name, nmbufs, data_room, rte_strerror(-rc), DPDKT_PMD_DIR);
 		goto fail_free;
 	}
-	/* Without hugepages the pool is plain anonymous memory, each page faulted in and
-	 * zeroed at its first use: 30 ms of a first 1 GiB pre-copy went to that. */
-	rte_mempool_obj_iter(p->pool, touch_mbuf, NULL);
 	p->frame_size = cfg->frame_size;
 	p->tx_attempts = cfg->tx_attempts;
 
@@ -571,19 +557,52 @@ void dpdkt_port_close(struct dpdkt_port *p)
 	free(p);
 }
 
-int dpdkt_port_link_wait(struct dpdkt_port *p, int timeout_ms)
+bool dpdkt_port_link_up(struct dpdkt_port *p)
 {
 	struct rte_eth_link link;
 
+	memset(&link, 0, sizeof(link));
+	return rte_eth_link_get_nowait(p->id, &link) == 0 && link.link_status == RTE_ETH_LINK_UP;
+}
+
+int dpdkt_port_link_wait(struct dpdkt_port *p, int timeout_ms)
+{
 	for (int waited = 0;; waited += 10) {
-		memset(&link, 0, sizeof(link));
-		if (rte_eth_link_get_nowait(p->id, &link) == 0 &&
-		    link.link_status == RTE_ETH_LINK_UP)
+		if (dpdkt_port_link_up(p))
 			return 0;
 		if (waited >= timeout_ms)
 			return -ETIMEDOUT;
 		usleep(10000);
 	}
+}
+
+unsigned dpdkt_port_warm(struct dpdkt_port *p, uint16_t q)
+{
+	struct rte_mbuf *ms[32];
+	unsigned sent = 0;
+
+	while (sent < p->warm_slots) {
+		unsigned n = RTE_MIN(32u, p->warm_slots - sent);
+		if (rte_pktmbuf_alloc_bulk(p->pool, ms, n) != 0)
+			break;
+		for (unsigned i = 0; i < n; i++) {
+			struct rte_ether_hdr *eth = (struct rte_ether_hdr *)rte_pktmbuf_append(
+			    ms[i], (uint16_t)p->frame_size);
+			if (eth == NULL) { /* the pool holds frames this large: cannot happen */
+				rte_pktmbuf_free_bulk(ms, n);
+				return sent;
+			}
+			memset(eth, 0, sizeof(*eth));
+			eth->src_addr = p->mac;
+			eth->ether_type = rte_cpu_to_be_16(DPDKT_WARM_ETHERTYPE);
+		}
+		uint16_t took = dpdkt_tx_burst(p, q, ms, (uint16_t)n);
+		rte_pktmbuf_free_bulk(ms + took, n - took);
+		sent += took;
+		if (took < n)
+			break; /* the ring is full: the peer has not read yet */
+	}
+	return sent;
 }
 
 /* A guarded burst: see dpdkt_rx_burst. The handler is the process's for SIGSEGV; a

@@ -77,6 +77,7 @@ struct dpdkt_port {
 	 * pair a peer's queues with ours. */
 	uint16_t queues;
 	uint16_t sender_desc;	       /* descriptors of queues 2.. */
+	unsigned warm_slots;	       /* memif: slots of each tx ring (see dpdkt_port_warm) */
 	unsigned tx_attempts;	       /* from the cfg */
 	struct dpdkt_port_stats stats; /* updated by dpdkt_tx (atomically) */
 };
@@ -93,6 +94,17 @@ void dpdkt_port_close(struct dpdkt_port *p);
 /* Waits up to timeout_ms for the link to be up (memif: the peer connected). 0 or
  * -ETIMEDOUT. */
 int dpdkt_port_link_wait(struct dpdkt_port *p, int timeout_ms);
+/* Whether the link is up now. */
+bool dpdkt_port_link_up(struct dpdkt_port *p);
+
+/* Ethertype of the frames dpdkt_port_warm sends, which receivers drop unseen. */
+#define DPDKT_WARM_ETHERTYPE 0x88B6 /* IEEE 802 local experimental 2 */
+/* memif (warm_slots > 0): fills every slot of tx queue q's ring once with a frame of
+ * frame_size bytes nobody takes. The shared buffers behind the ring are memory the
+ * kernel faults in and zeroes at its first use, which took 60 ms of a first 1 GiB
+ * pre-copy; call it when the link comes up (memif maps new buffers at each connection).
+ * One caller per queue. Returns the frames sent. */
+unsigned dpdkt_port_warm(struct dpdkt_port *p, uint16_t q);
 
 /* rte_eth_rx_burst and rte_eth_tx_burst on queue q, guarded against a PMD that takes
  * its rings away under a burst: DPDK 22.11's memif unmaps them in the EAL interrupt
