@@ -16,6 +16,7 @@
 #define TXQ_CAP	   1024 /* frames a tx queue (struct txq) holds */
 #define XMIT_BURST 32	/* frames a sender transmits at once */
 #define HELD_CAP   512	/* frames held back by reorder injection, per path */
+#define FREE_BATCH 64	/* frames a poll round frees at once */
 
 /* One DATA frame the sender keeps until it is acked. The send_lock holder fills the
  * slot of a new sequence number before it publishes snd_nxt; from then on only the
@@ -177,6 +178,8 @@ struct dpdkt_net {
 	bool link_up;	      /* the port's link when last looked at (memif warming) */
 	uint64_t link_next;   /* when to look again */
 	struct txq txq[2];    /* by queue: 0 bulk, 1 urgent (when the port has it) */
+	struct rte_mbuf *fb[FREE_BATCH]; /* frames to free at the round's end */
+	unsigned nfb;
 };
 
 /* ---- Small helpers ---- */
