@@ -2,26 +2,31 @@
 # The dpdk transport against its ceiling and against tcp, in one run (root; a build with
 # DPDK):
 #
-#     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)] [--channels N(2)]
+#     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)] [--channels N(2)] [--reps N(3)]
 #
 # 1. Ceiling: bench/dpdk_blaster.sh over net_memif (raw frames, and page mode: each
 #    4 KiB page copied into frames with a CRC32C each, checked and copied into place).
-# 2. Pre-copy of an idle SIZE guest between two guest processes joined by net_memif:
-#    loss-free, then with 1% of the frames dropped, duplicated and reordered each way
-#    (HYMIG_TEST_DPDK_LOSS), and over tcp on a veth pair between two namespaces.
+# 2. N reps, in turn: the page-mode blaster (2 KiB payloads) again, and the pre-copy of an
+#    idle SIZE guest between two guest processes joined by net_memif, loss-free, then
+#    with 1% of the frames dropped, duplicated and reordered each way
+#    (HYMIG_TEST_DPDK_LOSS), then over tcp on a veth pair between two namespaces. This
+#    host's speed swings by 2x within minutes (other tenants): each rep's ratios compare
+#    runs a minute apart, and the medians over the reps are the figures.
 # 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency, with
 #    the background stream at full speed (by MINOR faults and by MISSING faults, to
 #    choose the default mechanism), and paced by --postcopy-bandwidth-limit at 1000M
 #    and 250M, which leaves the pollers CPU on a small host.
 # Every migration runs with --channels N. A table goes to stderr, one JSON object to
-# stdout. Ratios: dpdk pre-copy ÷ page-mode blaster, dpdk ÷ tcp, 1% loss ÷ loss-free.
+# stdout. Ratios (medians of each rep's): dpdk pre-copy ÷ page-mode blaster, dpdk ÷ tcp,
+# 1% loss ÷ loss-free.
 # Also the CPU seconds per GiB each costs (both processes, stolen time left out: a figure
 # the host's noise moves less than a rate); the pre-copy runs keep their source
 # (--keep-source) so its CPU time can be read after the migration.
 . "$(dirname "$0")/lib.sh"
-MEM=1G SECS=5 CHANNELS=2
+MEM=1G SECS=5 CHANNELS=2 REPS=3
 while [ $# -gt 0 ]; do
 	case $1 in
+	--reps) REPS=${2:?}; shift 2 ;;
 	--mem) MEM=${2:?}; shift 2 ;;
 	--seconds) SECS=${2:?}; shift 2 ;;
 	--channels) CHANNELS=${2:?}; shift 2 ;;
@@ -29,6 +34,7 @@ while [ $# -gt 0 ]; do
 	*) die "unknown argument: $1 (see --help)" ;;
 	esac
 done
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive number"
 [ "$(id -u)" = 0 ] || die "needs root (DPDK's runtime files, network namespaces)"
 BLASTER=${BLASTER:-$BENCH_ROOT/build/bench/dpdk_blaster}
 [ -x "$BLASTER" ] || die "no $BLASTER: build with DPDK (meson option dpdk)"
@@ -67,7 +73,8 @@ migrate_counting_cpu() {
 }
 
 # run_memif KIND WORKLOAD MIGRATE_ARGS...: a fresh memif pair, one migration; appends
-# {"kind":..., "result":...} to runs.jsonl.
+# {"kind":..., "rep":REP, "result":...} to runs.jsonl.
+REP=0
 run_memif() {
 	local kind=$1 wl=$2 n=${1//-/_} # guest names become shell variable names
 	shift 2
@@ -76,14 +83,39 @@ run_memif() {
 	sleep 1
 	say "$kind: hymig migrate --to dpdk:// $*"
 	migrate_counting_cpu "s$n" "d$n" --to dpdk:// --channels "$CHANNELS" "$@"
-	echo "{\"kind\":\"$kind\",\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
+	echo "{\"kind\":\"$kind\",\"rep\":$REP,\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
 	guest_quit "s$n"
 	guest_quit "d$n"
 }
 
+# run_tcp: the same pre-copy over tcp on the veth pair.
+run_tcp() {
+	say "pre-copy over tcp on veth"
+	next_port
+	guest_start "$HOST_NAME-b" dtcp --mem "$MEM" --incoming "tcp://$ADDR_B:$PORT"
+	guest_wait_ready dtcp
+	guest_start "$HOST_NAME-a" stcp --mem "$MEM"
+	guest_wait_ready stcp
+	migrate_counting_cpu stcp dtcp --to "tcp://$ADDR_B:$PORT" --channels "$CHANNELS" \
+		--mode precopy --keep-source
+	echo "{\"kind\":\"precopy-tcp-veth\",\"rep\":$REP,\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" \
+		>>"$WORK/runs.jsonl"
+	guest_quit stcp
+	guest_quit dtcp
+}
+
 : >"$WORK/runs.jsonl"
-run_memif precopy-memif idle --mode precopy --keep-source
-LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy --keep-source
+: >"$WORK/blaster_reps.jsonl"
+hosts_make dpb
+for REP in $(seq 1 "$REPS"); do
+	say "rep $REP of $REPS: page blaster, pre-copy over memif (loss-free, 1% loss), over tcp"
+	BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --memif-runs page:2048 \
+		--seconds "$SECS" --buf "$MEM" | sed "s/^{/{\"rep\":$REP,/" >>"$WORK/blaster_reps.jsonl"
+	run_memif precopy-memif idle --mode precopy --keep-source
+	LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy --keep-source
+	run_tcp
+done
+REP=0
 run_memif postcopy-memif dirtier:rate=20M,pattern=uniform --mode postcopy --precopy-rounds 0
 run_memif postcopy-memif-missing dirtier:rate=20M,pattern=uniform --mode postcopy \
 	--precopy-rounds 0 --postcopy-mechanism missing
@@ -92,74 +124,105 @@ for cap in 1000M 250M; do
 		--precopy-rounds 0 --postcopy-bandwidth-limit "$cap"
 done
 
-say "pre-copy over tcp on veth"
-hosts_make dpb
-next_port
-guest_start "$HOST_NAME-b" dtcp --mem "$MEM" --incoming "tcp://$ADDR_B:$PORT"
-guest_wait_ready dtcp
-guest_start "$HOST_NAME-a" stcp --mem "$MEM"
-guest_wait_ready stcp
-migrate_counting_cpu stcp dtcp --to "tcp://$ADDR_B:$PORT" --channels "$CHANNELS" --mode precopy \
-	--keep-source
-echo "{\"kind\":\"precopy-tcp-veth\",\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
-guest_quit stcp
-guest_quit dtcp
-
-python3 - "$WORK/runs.jsonl" "$WORK/blaster.json" "$MEM" "$CHANNELS" <<'EOF'
-import json, sys
-runs, cpu = {}, {}
+python3 - "$WORK/runs.jsonl" "$WORK/blaster.json" "$MEM" "$CHANNELS" "$WORK/blaster_reps.jsonl" \
+	"$REPS" <<'EOF'
+import json, statistics, sys
+nreps = int(sys.argv[6])
+runs, cpu = {}, {}  # by (kind, rep); rep 0: the post-copy runs
 for l in open(sys.argv[1]):
     if l.strip():
         r = json.loads(l)
-        runs[r["kind"]] = r["result"]
-        cpu[r["kind"]] = r.get("cpu_ms")
+        runs[r["kind"], r["rep"]] = r["result"]
+        cpu[r["kind"], r["rep"]] = r.get("cpu_ms")
 bl = json.load(open(sys.argv[2]))
+blreps = {}
+for l in open(sys.argv[5]):
+    if l.strip():
+        r = json.loads(l)
+        blreps[r["rep"]] = (r.get("runs") or [{}])[0]
 def blast(mode, payload, field="mb_per_s"):
     for r in bl.get("runs", []):
         if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
             return r.get(field)
-def cpu_per_gib(k):
+def num(v):
+    return isinstance(v, (int, float))
+def cpu_per_gib(k, rep):
     # CPU seconds of both guest processes per GiB of RAM moved.
-    c, ram = cpu.get(k) or {}, runs.get(k, {}).get("ram_bytes")
+    c, ram = cpu.get((k, rep)) or {}, runs.get((k, rep), {}).get("ram_bytes")
     if not ram or any(c.get(x) is None for x in ("source_before", "source_after",
                                                     "destination_before", "destination_after")):
         return None
     ms = c["source_after"] - c["source_before"] + c["destination_after"] - c["destination_before"]
     return round(ms / 1000 / (ram / 2**30), 3)
-def tput(k):
-    return runs.get(k, {}).get("throughput_mb_per_s")
+def tput(k, rep):
+    return runs.get((k, rep), {}).get("throughput_mb_per_s")
 def ratio(a, b):
-    return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+    return round(a / b, 3) if num(a) and num(b) and b else None
+def med(vals):
+    vals = [v for v in vals if num(v)]
+    return round(statistics.median(vals), 3) if vals else None
+reps = list(range(1, nreps + 1))
+per_rep = [{"rep": i,
+            "blaster_page_2048_mb_per_s": blreps.get(i, {}).get("mb_per_s"),
+            "blaster_page_2048_cpu_s_per_gib": blreps.get(i, {}).get("cpu_s_per_gib"),
+            "dpdk_memif_mb_per_s": tput("precopy-memif", i),
+            "dpdk_memif_1pct_loss_mb_per_s": tput("precopy-memif-loss1", i),
+            "tcp_veth_mb_per_s": tput("precopy-tcp-veth", i),
+            "dpdk_memif_cpu_s_per_gib": cpu_per_gib("precopy-memif", i),
+            "dpdk_memif_1pct_loss_cpu_s_per_gib": cpu_per_gib("precopy-memif-loss1", i),
+            "tcp_veth_cpu_s_per_gib": cpu_per_gib("precopy-tcp-veth", i),
+            "dpdk_over_blaster_page": ratio(tput("precopy-memif", i), blreps.get(i, {}).get("mb_per_s")),
+            "dpdk_over_tcp": ratio(tput("precopy-memif", i), tput("precopy-tcp-veth", i)),
+            "loss1_over_lossfree": ratio(tput("precopy-memif-loss1", i), tput("precopy-memif", i)),
+            "frames_loss1": runs.get(("precopy-memif-loss1", i), {}).get("frames")}
+           for i in reps]
+def m(field):
+    return med(r[field] for r in per_rep)
 def pcrun(kind, stream):
-    r = runs.get(kind, {})
+    r = runs.get((kind, 0), {})
     return dict({k: r.get(k) for k in ("postcopy_mechanism", "total_time_ms", "postcopy_blocked_ms",
                                        "postcopy_requests", "postcopy_faults", "fault_latency_us")},
                 stream=stream)
 out = {
     "mem": sys.argv[3],
     "channels": int(sys.argv[4]),
+    "reps": nreps,
     "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
                                "raw_4096": blast("raw", 4096), "page_4096": blast("page", 4096)},
-    "precopy_mb_per_s": {"dpdk_memif": tput("precopy-memif"), "dpdk_memif_1pct_loss": tput("precopy-memif-loss1"),
-                         "tcp_veth": tput("precopy-tcp-veth")},
-    "dpdk_over_blaster_page": ratio(tput("precopy-memif"), blast("page", 2048)),
-    "cpu_s_per_gib": {"blaster_page_2048": blast("page", 2048, "cpu_s_per_gib"), "blaster_page_4096": blast("page", 4096, "cpu_s_per_gib"),
-                      "dpdk_memif": cpu_per_gib("precopy-memif"), "dpdk_memif_1pct_loss": cpu_per_gib("precopy-memif-loss1"),
-                      "tcp_veth": cpu_per_gib("precopy-tcp-veth")},
-    "dpdk_over_tcp": ratio(tput("precopy-memif"), tput("precopy-tcp-veth")),
-    "loss1_over_lossfree": ratio(tput("precopy-memif-loss1"), tput("precopy-memif")),
-    "frames_loss1": runs.get("precopy-memif-loss1", {}).get("frames"),
+    # Medians over the reps.
+    "precopy_mb_per_s": {"dpdk_memif": m("dpdk_memif_mb_per_s"),
+                         "dpdk_memif_1pct_loss": m("dpdk_memif_1pct_loss_mb_per_s"),
+                         "tcp_veth": m("tcp_veth_mb_per_s"),
+                         "blaster_page_2048": m("blaster_page_2048_mb_per_s")},
+    "dpdk_over_blaster_page": m("dpdk_over_blaster_page"),
+    "cpu_s_per_gib": {"blaster_page_2048": m("blaster_page_2048_cpu_s_per_gib"),
+                      "dpdk_memif": m("dpdk_memif_cpu_s_per_gib"),
+                      "dpdk_memif_1pct_loss": m("dpdk_memif_1pct_loss_cpu_s_per_gib"),
+                      "tcp_veth": m("tcp_veth_cpu_s_per_gib")},
+    "dpdk_over_tcp": m("dpdk_over_tcp"),
+    "loss1_over_lossfree": m("loss1_over_lossfree"),
+    "per_rep": per_rep,
     "postcopy": [pcrun("postcopy-memif", "full"), pcrun("postcopy-memif-missing", "full"),
                  pcrun("postcopy-memif-1000M", "1000M"), pcrun("postcopy-memif-250M", "250M")],
-    "runs": runs,
+    "runs": [dict(kind=k, rep=i, **v) for (k, i), v in runs.items()],
 }
 e = sys.stderr
 b = out["blaster_memif_mb_per_s"]
 print(f"\nblaster over memif: raw {b['raw_2048']} MB/s (2 KiB frames), {b['raw_4096']} (4 KiB); page mode {b['page_2048']} (2 KiB), {b['page_4096']} (4 KiB)", file=e)
-p = out["precopy_mb_per_s"]
-print(f"pre-copy of an idle {out['mem']} guest, {out['channels']} channel(s): dpdk/memif {p['dpdk_memif']} MB/s ({out['dpdk_over_blaster_page']}x page blaster, {out['dpdk_over_tcp']}x tcp), with 1% loss {p['dpdk_memif_1pct_loss']} ({out['loss1_over_lossfree']}x), tcp/veth {p['tcp_veth']}", file=e)
-c = out["cpu_s_per_gib"]
-print(f"CPU seconds per GiB (both processes; leaves out stolen time): blaster page mode {c['blaster_page_2048']} (2 KiB), {c['blaster_page_4096']} (4 KiB); dpdk/memif {c['dpdk_memif']}, with 1% loss {c['dpdk_memif_1pct_loss']}; tcp/veth {c['tcp_veth']} (guests' idle vCPUs included)", file=e)
+print("pre-copy of an idle %s guest, %d channel(s), MB/s and (CPU s/GiB, both processes):" % (out["mem"], out["channels"]), file=e)
+print(f"  {'rep':>3} {'blaster':>14} {'dpdk/memif':>14} {'1% loss':>14} {'tcp/veth':>14} {'÷blaster':>8} {'÷tcp':>6} {'loss÷':>6}", file=e)
+def cell(v, c):
+    return "%.0f (%s)" % (v, c) if num(v) else "failed"
+for r in per_rep:
+    print(f"  {r['rep']:>3} {cell(r['blaster_page_2048_mb_per_s'], r['blaster_page_2048_cpu_s_per_gib']):>14} "
+          f"{cell(r['dpdk_memif_mb_per_s'], r['dpdk_memif_cpu_s_per_gib']):>14} "
+          f"{cell(r['dpdk_memif_1pct_loss_mb_per_s'], r['dpdk_memif_1pct_loss_cpu_s_per_gib']):>14} "
+          f"{cell(r['tcp_veth_mb_per_s'], r['tcp_veth_cpu_s_per_gib']):>14} "
+          f"{r['dpdk_over_blaster_page']!s:>8} {r['dpdk_over_tcp']!s:>6} {r['loss1_over_lossfree']!s:>6}", file=e)
+p, c = out["precopy_mb_per_s"], out["cpu_s_per_gib"]
+print(f"  med {cell(p['blaster_page_2048'], c['blaster_page_2048']):>14} {cell(p['dpdk_memif'], c['dpdk_memif']):>14} "
+      f"{cell(p['dpdk_memif_1pct_loss'], c['dpdk_memif_1pct_loss']):>14} {cell(p['tcp_veth'], c['tcp_veth']):>14} "
+      f"{out['dpdk_over_blaster_page']!s:>8} {out['dpdk_over_tcp']!s:>6} {out['loss1_over_lossfree']!s:>6}", file=e)
 print("post-copy at once over memif, same dirtier (stream: full speed, or --postcopy-bandwidth-limit):", file=e)
 print(f"  {'mechanism':10} {'stream':>6} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
 for r in out["postcopy"]:

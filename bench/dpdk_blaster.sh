@@ -3,6 +3,7 @@
 # against. Needs root and a build with DPDK (meson option dpdk).
 #
 #     bench/dpdk_blaster.sh [--seconds S] [--links memif,af_packet] [--pin] [--buf SIZE]
+#                           [--memif-runs MODE:PAYLOAD,...]
 #
 # For each link it runs build/bench/dpdk_blaster pairs, one receiver and one sender:
 #   memif      two processes on this host; the receiver is the memif server, the sender
@@ -13,7 +14,8 @@
 # into frames with a CRC32C per frame, checked and copied into place on the receiver),
 # with 2048-byte payloads (2 frames a page) and, over memif, 4096 (one jumbo frame).
 # --seconds (default 8, at most 20) bounds each run; --pin puts the sender on CPU 0 and
-# the receiver on CPU 1. --buf (default 64M) sizes the page mode's buffer on each side:
+# the receiver on CPU 1. --memif-runs picks memif's runs (default
+# raw:2048,raw:4096,page:2048,page:4096). --buf (default 64M) sizes the page mode's buffer on each side:
 # give a migration's RAM size to compare with one, as a buffer that fits in the cache is
 # read and written faster than a guest's RAM. A table goes to stderr, one JSON object to stdout; MB/s are
 # 10^6 bytes of payload per second at the receiver; cpu_s/GiB is the CPU time of both
@@ -27,6 +29,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BLASTER=${BLASTER:-$ROOT/build/bench/dpdk_blaster}
 SECONDS_PER_RUN=8
 LINKS=memif,af_packet
+MEMIF_RUNS=raw:2048,raw:4096,page:2048,page:4096
 PIN=0
 BUF=64M
 
@@ -45,6 +48,7 @@ while [ $# -gt 0 ]; do
 	--links) LINKS=${2:?}; shift 2 ;;
 	--pin) PIN=1; shift ;;
 	--buf) BUF=${2:?}; shift 2 ;;
+	--memif-runs) MEMIF_RUNS=${2:?}; shift 2 ;;
 	-h | --help) usage ;;
 	*) echo "unknown argument: $1" >&2; usage ;;
 	esac
@@ -206,10 +210,13 @@ IFS=, read -r -a links <<<"$LINKS"
 for link in "${links[@]}"; do
 	case $link in
 	memif)
-		run memif raw 2048
-		run memif raw 4096
-		run memif page 2048
-		run memif page 4096
+		IFS=, read -r -a memif_runs <<<"$MEMIF_RUNS"
+		for r in "${memif_runs[@]}"; do
+			case $r in
+			raw:[0-9]* | page:[0-9]*) run memif "${r%%:*}" "${r#*:}" ;;
+			*) die "--memif-runs: '$r' is not MODE:PAYLOAD (raw or page)" ;;
+			esac
+		done
 		;;
 	af_packet)
 		veth_up

@@ -292,6 +292,12 @@ static unsigned lane_window(const struct dpdkt_link *l, struct lane *ln)
 	return credit < l->win ? credit : l->win;
 }
 
+/* Whether the lane's senders run poll rounds (dpdkt_link_cfg.senders_help). */
+static bool lane_helps(struct dpdkt_link *l, const struct lane *ln)
+{
+	return l->cfg.senders_help && !ln->urgent && !atomic_load(&l->urgent_used);
+}
+
 /* Waits until lane's window has room (or a quarter of it after a stall). */
 static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 {
@@ -299,7 +305,7 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	if (atomic_load(&ln->queued) < win)
 		return atomic_load(&l->dead) ? -ENOTCONN : 0;
 	__atomic_store_n(&ln->window_stalls, ln->window_stalls + 1, __ATOMIC_RELAXED);
-	if (l->cfg.senders_help && !ln->urgent && dpdkt_poll_help(l->net) &&
+	if (lane_helps(l, ln) && dpdkt_poll_help(l->net) &&
 	    atomic_load(&ln->queued) <= win - win / 4)
 		return atomic_load(&l->dead) ? -ENOTCONN : 0;
 	dpdkt_kick(l->net);
@@ -444,7 +450,7 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 	/* No kick: the poller takes the acks in within its longest idle sleep, well inside
 	 * a window's worth of frames, and a sender that finds the window full kicks it.
 	 * Kicking after every message woke it thousands of times per GiB. */
-	if (link->cfg.senders_help && !ln->urgent)
+	if (lane_helps(link, ln))
 		dpdkt_poll_help(net);
 	return rc;
 }

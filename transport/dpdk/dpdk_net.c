@@ -409,6 +409,7 @@ void dpdkt_lane_xmit(struct dpdkt_link *l, struct lane *ln, struct rte_mbuf **ms
 	uint64_t now = now_ns();
 	__atomic_store_n(&l->last_tx, now, __ATOMIC_RELAXED);
 	if (ln->urgent) {
+		atomic_store(&l->urgent_used, true);
 		/* The answer is on its way soon: the poller should be awake for it. */
 		__atomic_store_n(&net->awake_until, now + URGENT_AWAKE_NS, __ATOMIC_RELAXED);
 		dpdkt_kick(net);
@@ -809,9 +810,11 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 		round_free(net, m);
 		return;
 	default: /* DPDKT_DATA: its ack fields are zero (senders do not own them) */
-		if (ln->urgent)
+		if (ln->urgent) {
+			atomic_store(&l->urgent_used, true);
 			__atomic_store_n(&net->awake_until, net->now + URGENT_AWAKE_NS,
 					 __ATOMIC_RELAXED);
+		}
 		take_data(net, l, h.lane, m, h.seq);
 		return;
 	}

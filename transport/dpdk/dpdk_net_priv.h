@@ -102,6 +102,9 @@ struct dpdkt_link {
 	atomic_int dead;	/* 0 or why the link died */
 	atomic_bool want_reset; /* the poller owes the peer a RESET */
 	atomic_bool notify;	/* the poller owes the owner a dead_cb */
+	/* An urgent frame went or came (post-copy runs): senders stop helping (they are
+	 * bulk threads, and a request must not wait behind one the kernel preempted). */
+	atomic_bool urgent_used;
 
 	uint64_t last_tx; /* the last frame we sent: senders and poller store it */
 	/* The poller's. */
