@@ -51,6 +51,7 @@ memif_guest() {
 	local name=$1 role=$2 pair=$3
 	shift 3
 	rm -f "$(ctl "$name")"
+	[ "$role" != server ] || rm -f "$WORK/$pair.memif" # a server binds it afresh
 	HYMIG_TEST_DPDK_LOSS=${LOSS:-} "$HYMIG" guest --ctl "$(ctl "$name")" \
 		--dpdk-eal "--no-huge -m 512 --no-pci --file-prefix hymig-b-$name-$$ \
 --vdev net_memif0,role=$role,socket=$WORK/$pair.memif,socket-abstract=no,bsize=4096" \
@@ -76,7 +77,7 @@ migrate_counting_cpu() {
 # {"kind":..., "rep":REP, "result":...} to runs.jsonl.
 REP=0
 run_memif() {
-	local kind=$1 wl=$2 n=${1//-/_} # guest names become shell variable names
+	local kind=$1 wl=$2 n=${1//-/_}_r$REP # guest names become shell variable names
 	shift 2
 	memif_guest "d$n" server "$n" --mem "$MEM" --incoming dpdk://
 	memif_guest "s$n" client "$n" --mem "$MEM" --workload "$wl"

@@ -298,6 +298,19 @@ static bool lane_helps(struct dpdkt_link *l, const struct lane *ln)
 	return l->cfg.senders_help && !ln->urgent && !atomic_load(&l->urgent_used);
 }
 
+/* Sends what the lane's tx injection holds back (reordering): a frame is only let go
+ * after more of the lane's bursts, and a lane that waits for its window sends none, so
+ * a frame held back near the window's end became a loss waiting for the RTO. */
+static void lane_let_go(struct dpdkt_link *l, struct lane *ln)
+{
+	for (unsigned tries = 0; ln->inj != NULL && ln->inj->nheld > 0 && tries < HELD_CAP;
+	     tries++) {
+		for (unsigned i = 0; i < ln->inj->nheld; i++)
+			ln->inj->held[i].left = 1;
+		dpdkt_lane_xmit(l, ln, NULL, 0);
+	}
+}
+
 /* Waits until lane's window has room (or a quarter of it after a stall). */
 static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 {
@@ -308,6 +321,7 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	if (lane_helps(l, ln) && dpdkt_poll_help(l->net) &&
 	    atomic_load(&ln->queued) <= win - win / 4)
 		return atomic_load(&l->dead) ? -ENOTCONN : 0;
+	lane_let_go(l, ln);
 	dpdkt_kick(l->net);
 	int rc = 0;
 	/* waiters goes up before the checks: a poller that changes queued after them

@@ -394,7 +394,8 @@ void dpdkt_lane_xmit(struct dpdkt_link *l, struct lane *ln, struct rte_mbuf **ms
 		for (unsigned i = 0; i < n; i++)
 			b.n += inject(net, inj, ms[i], ln->txq, out + b.n);
 	} else {
-		memcpy(out, ms, n * sizeof(ms[0]));
+		if (n > 0)
+			memcpy(out, ms, n * sizeof(ms[0]));
 		b.n = n;
 	}
 	pthread_mutex_lock(&net->qlock[ln->txq]);
@@ -676,9 +677,11 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 	}
 	st_add(&l->st.rx_frames, 1);
 	if (d > 0) {
-		/* A new gap: the sender should hear of it now; frames that merely follow
-		 * one are acked as usual. */
-		if (ln->held == 0 || seq != ln->rx_high + 1)
+		/* A new gap: the sender should hear of it now, and of the frames past it
+		 * until it knows enough to resend the missing one (DPDKT_DUPTHRESH); later
+		 * ones are acked as usual. With acks every 64 frames and only the gap acked
+		 * at once, a lost frame waited for the next ack to be resent. */
+		if (ln->held < DPDKT_DUPTHRESH || seq != ln->rx_high + 1)
 			ln->ack_now = true;
 		ln->rx[seq & l->mask] = m;
 		if (ln->held++ == 0 || (int32_t)(seq - ln->rx_high) > 0)
@@ -1002,8 +1005,9 @@ static void refresh(struct dpdkt_net *net)
 }
 
 /* One round of the poller's work: receive, timers, tx. Under poll_lock. Returns the
- * frames it handled. */
-static unsigned poll_round(struct dpdkt_net *net)
+ * frames it handled; *waiting: frames still wait in this net (held back by injection,
+ * or left by a short tx burst), which later rounds let go. */
+static unsigned poll_round(struct dpdkt_net *net, bool *waiting)
 {
 	net->now = now_ns();
 	if (atomic_load(&net->kick))
@@ -1017,6 +1021,8 @@ static unsigned poll_round(struct dpdkt_net *net)
 	held_release(&net->pinj[DIR_TX], tx_emit, net);
 	work += txq_flush(net);
 	round_free_flush(net);
+	*waiting =
+	    net->pinj[DIR_RX].nheld + net->pinj[DIR_TX].nheld + net->txq[0].n + net->txq[1].n > 0;
 	return work;
 }
 
@@ -1028,21 +1034,21 @@ bool dpdkt_poll_help(struct dpdkt_net *net)
 	    now_ns() < __atomic_load_n(&net->awake_until, __ATOMIC_RELAXED) ||
 	    pthread_mutex_trylock(&net->poll_lock) != 0)
 		return false;
-	bool ran = atomic_load(&net->helpable);
+	bool ran = atomic_load(&net->helpable), waiting;
 	if (ran) {
-		poll_round(net);
+		poll_round(net, &waiting);
 		__atomic_store_n(&net->helped_at, net->now, __ATOMIC_RELAXED);
 	}
 	pthread_mutex_unlock(&net->poll_lock);
 	return ran;
 }
 
-/* Sleeps on the dpdkt_idle schedule (HELPED_SLEEP_US while senders poll for it), or
- * until a sender kicks. */
-static void poller_idle(struct dpdkt_net *net, struct dpdkt_idle *b, uint64_t now)
+/* Sleeps on the dpdkt_idle schedule (HELPED_SLEEP_US while senders poll for it and
+ * nothing waits for the poller's next rounds), or until a sender kicks. */
+static void poller_idle(struct dpdkt_net *net, struct dpdkt_idle *b, uint64_t now, bool waiting)
 {
 	unsigned us = dpdkt_idle_next(b);
-	if (now - __atomic_load_n(&net->helped_at, __ATOMIC_RELAXED) < HELPED_FRESH_NS)
+	if (!waiting && now - __atomic_load_n(&net->helped_at, __ATOMIC_RELAXED) < HELPED_FRESH_NS)
 		us = HELPED_SLEEP_US;
 	if (us == 0) {
 		rte_pause();
@@ -1087,8 +1093,9 @@ static void *poller(void *arg)
 	while (!atomic_load(&net->stop)) {
 		/* A sender runs the round (dpdkt_poll_help): it did the work. */
 		unsigned work = 0;
+		bool waiting = false;
 		if (pthread_mutex_trylock(&net->poll_lock) == 0) {
-			work = poll_round(net);
+			work = poll_round(net, &waiting);
 			pthread_mutex_unlock(&net->poll_lock);
 		}
 		uint64_t now = now_ns();
@@ -1110,7 +1117,7 @@ static void *poller(void *arg)
 		} else if (urgent)
 			sched_yield();
 		else
-			poller_idle(net, &idle, now);
+			poller_idle(net, &idle, now, waiting);
 	}
 	/* Queued frames are dropped: DATA ones are still kept for retransmission. No
 	 * sender helps any more (dpdkt_net_stop cleared helpable), but one may still
