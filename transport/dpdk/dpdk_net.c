@@ -28,10 +28,13 @@
 /* The poller's tx queues (struct txq): retransmissions stop at TXQ_RETX_FILL, so acks,
  * hellos and urgent frames find room. */
 #define TXQ_RETX_FILL 768
-#define RX_BURST      64
-#define RX_PREFETCH   2	 /* frames whose header rx_queue asks for ahead of their turn */
-#define URGENT_EVERY  16 /* bulk frames landed between two looks at the urgent queue */
-#define XMIT_HELD     32 /* held-back frames a sender's burst lets go at most */
+/* Frames one rx_burst takes: memif copies them all into mbufs first, and 16 (64 KiB)
+ * are still in the cache when their CRC and landing copy come (10 alternating 1 GiB
+ * pre-copies each: median 2806 MB/s against 2586 with 64, 0.67 CPU s/GiB against 0.70). */
+#define RX_BURST     16
+#define RX_PREFETCH  2	/* frames whose header rx_queue asks for ahead of their turn */
+#define URGENT_EVERY 16 /* bulk frames landed between two looks at the urgent queue */
+#define XMIT_HELD    32 /* held-back frames a sender's burst lets go at most */
 /* Frames the first expiry of a lane's timer resends: a lost tail is recovered at once,
  * and a peer that was only slow (descheduled) gets few copies it did not need. */
 #define RTO_BURST  32
