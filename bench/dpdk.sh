@@ -73,8 +73,13 @@ migrate_counting_cpu() {
 	CPU_JSON="{\"source_before\":$s0,\"source_after\":$(cpu_ms "$(gpid "$src")"),\"destination_before\":$d0,\"destination_after\":$(cpu_ms "$(gpid "$dst")")}"
 }
 
-# run_memif KIND WORKLOAD MIGRATE_ARGS...: a fresh memif pair, one migration; appends
-# {"kind":..., "rep":REP, "result":...} to runs.jsonl.
+# record_run KIND: appends {"kind":KIND, "rep":REP, "result":MIG_JSON, "cpu_ms":CPU_JSON}
+# to runs.jsonl.
+record_run() {
+	echo "{\"kind\":\"$1\",\"rep\":$REP,\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
+}
+
+# run_memif KIND WORKLOAD MIGRATE_ARGS...: a fresh memif pair, one migration, recorded.
 REP=0
 run_memif() {
 	local kind=$1 wl=$2 n=${1//-/_}_r$REP # guest names become shell variable names
@@ -84,7 +89,7 @@ run_memif() {
 	sleep 1
 	say "$kind: hymig migrate --to dpdk:// $*"
 	migrate_counting_cpu "s$n" "d$n" --to dpdk:// --channels "$CHANNELS" "$@"
-	echo "{\"kind\":\"$kind\",\"rep\":$REP,\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" >>"$WORK/runs.jsonl"
+	record_run "$kind"
 	guest_quit "s$n"
 	guest_quit "d$n"
 }
@@ -99,8 +104,7 @@ run_tcp() {
 	guest_wait_ready stcp
 	migrate_counting_cpu stcp dtcp --to "tcp://$ADDR_B:$PORT" --channels "$CHANNELS" \
 		--mode precopy --keep-source
-	echo "{\"kind\":\"precopy-tcp-veth\",\"rep\":$REP,\"result\":$MIG_JSON,\"cpu_ms\":$CPU_JSON}" \
-		>>"$WORK/runs.jsonl"
+	record_run precopy-tcp-veth
 	guest_quit stcp
 	guest_quit dtcp
 }

@@ -25,12 +25,12 @@
 #define WL_GEN_PER_PG  (HM_PAGE_SIZE / sizeof(uint32_t))
 #define WL_STEP_MAX    64	  /* pages per step: keeps a step near 100 us */
 #define WL_SLEEP_MAX   100000ULL  /* ns: heartbeat resolution of a writing vCPU */
+#define WL_BACKLOG_NS  10000000.0 /* credit cap: a long pause must not burst */
+#define WL_HOT_PROB    0.9
 /* ns between the heartbeats of a vCPU with nothing to write (idle): a halted vCPU wakes
  * for its timer tick. At 100 us, the wakes of one idle vCPU took 11% of a CPU on these
  * virtual machines, which every benchmark of an "idle" guest then paid for. */
 #define WL_IDLE_SLEEP 1000000ULL
-#define WL_BACKLOG_NS  10000000.0 /* credit cap: a long pause must not burst */
-#define WL_HOT_PROB    0.9
 
 /* Page 0. Fixed layout: a destination reads it without knowing the spec. The
  * counters start on their own cache line, away from the heartbeat the vCPUs stamp. */

@@ -32,7 +32,8 @@ struct wl_spec {
 
 /* Parses "idle" or "dirtier:rate=RATE,pattern=P[,hot=F][,seed=S]"; RATE takes decimal
  * suffixes (50M = 50e6 B/s). Idle vCPUs only stamp the heartbeat, every 1 ms (writing
- * ones at least every 100 us), so an idle guest's stalls are measured to 1 ms. On error returns -EINVAL and writes a reason into err. */
+ * ones at least every 100 us), so an idle guest's stalls are measured to 1 ms. On error
+ * returns -EINVAL and writes a reason into err. */
 int wl_parse(const char *s, struct wl_spec *out, char *err, size_t errlen);
 /* Writes the spec back in the same syntax (for status and the device state blob). */
 void wl_format(const struct wl_spec *s, char *buf, size_t len);

@@ -461,9 +461,9 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 	if (rc == 0)
 		__atomic_store_n(&ln->tx_msgs, ln->tx_msgs + 1, __ATOMIC_RELAXED);
 	pthread_mutex_unlock(&ln->send_lock);
-	/* No kick: the poller takes the acks in within its longest idle sleep, well inside
-	 * a window's worth of frames, and a sender that finds the window full kicks it.
-	 * Kicking after every message woke it thousands of times per GiB. */
+	/* No kick (after every message it woke the poller thousands of times per GiB): a
+	 * helping sender takes the acks in itself here, else the poller does within its
+	 * longest idle sleep, and a sender that finds the window full kicks it. */
 	if (lane_helps(link, ln))
 		dpdkt_poll_help(net);
 	return rc;

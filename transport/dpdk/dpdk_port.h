@@ -101,7 +101,7 @@ bool dpdkt_port_link_up(struct dpdkt_port *p);
 #define DPDKT_WARM_ETHERTYPE 0x88B6 /* IEEE 802 local experimental 2 */
 /* memif (warm_slots > 0): fills every slot of tx queue q's ring once with a frame of
  * frame_size bytes nobody takes. The shared buffers behind the ring are memory the
- * kernel faults in and zeroes at its first use, which took 60 ms of a first 1 GiB
+ * kernel faults in and zeroes at its first use, which took ~50 ms of a first 1 GiB
  * pre-copy; call it when the link comes up (memif maps new buffers at each connection).
  * One caller per queue. Returns the frames sent. */
 unsigned dpdkt_port_warm(struct dpdkt_port *p, uint16_t q);
