@@ -321,12 +321,14 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	if (lane_helps(l, ln) && dpdkt_poll_help(l->net) &&
 	    atomic_load(&ln->queued) <= win - win / 4)
 		return atomic_load(&l->dead) ? -ENOTCONN : 0;
+	/* waiters goes up before the checks: a poller that changes queued after them
+	 * sees it and bumps wake, so the sleep below does not start; blocked before the
+	 * kick, so the poller that wakes does not go back to a long sleep. */
+	atomic_fetch_add(&ln->waiters, 1);
+	atomic_fetch_add(&l->net->blocked, 1);
 	lane_let_go(l, ln);
 	dpdkt_kick(l->net);
 	int rc = 0;
-	/* waiters goes up before the checks: a poller that changes queued after them
-	 * sees it and bumps wake, so the sleep below does not start. */
-	atomic_fetch_add(&ln->waiters, 1);
 	for (;;) {
 		unsigned seen = atomic_load(&l->wake);
 		if (atomic_load(&l->dead) != 0 || atomic_load(&ln->queued) <= win - win / 4)
@@ -337,6 +339,7 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 		}
 	}
 	atomic_fetch_sub(&ln->waiters, 1);
+	atomic_fetch_sub(&l->net->blocked, 1);
 	return atomic_load(&l->dead) ? -ENOTCONN : rc;
 }
 
@@ -477,8 +480,9 @@ int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
 	uint64_t deadline = deadline_after(timeout_ms);
 	int rc = 0;
 
-	dpdkt_kick(link->net);
 	atomic_fetch_add(&ln->waiters, 1);
+	atomic_fetch_add(&link->net->blocked, 1);
+	dpdkt_kick(link->net);
 	for (;;) {
 		unsigned seen = atomic_load(&link->wake);
 		if (atomic_load(&ln->queued) == 0)
@@ -493,6 +497,7 @@ int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
 		}
 	}
 	atomic_fetch_sub(&ln->waiters, 1);
+	atomic_fetch_sub(&link->net->blocked, 1);
 	return rc;
 }
 

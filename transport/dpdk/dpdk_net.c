@@ -1013,7 +1013,7 @@ static void refresh(struct dpdkt_net *net)
 
 /* One round of the poller's work: receive, timers, tx. Under poll_lock. Returns the
  * frames it handled; *waiting: frames still wait in this net (held back by injection,
- * or left by a short tx burst), which later rounds let go. */
+ * or left by a short tx burst), which later rounds let go, or a sender waits for acks. */
 static unsigned poll_round(struct dpdkt_net *net, bool *waiting)
 {
 	net->now = now_ns();
@@ -1029,7 +1029,8 @@ static unsigned poll_round(struct dpdkt_net *net, bool *waiting)
 	work += txq_flush(net);
 	round_free_flush(net);
 	*waiting =
-	    net->pinj[DIR_RX].nheld + net->pinj[DIR_TX].nheld + net->txq[0].n + net->txq[1].n > 0;
+	    net->pinj[DIR_RX].nheld + net->pinj[DIR_TX].nheld + net->txq[0].n + net->txq[1].n > 0 ||
+	    atomic_load(&net->blocked) > 0;
 	return work;
 }
 

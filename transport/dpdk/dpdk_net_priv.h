@@ -167,6 +167,9 @@ struct dpdkt_net {
 	pthread_mutex_t poll_lock;
 	atomic_bool helpable;
 	uint64_t helped_at;
+	/* Threads blocked on a lane of any link (window, flush): the acks they wait for
+	 * are the poller's to take in, so it keeps its short idle schedule meanwhile. */
+	atomic_int blocked;
 
 	struct dpdkt_net_stats st; /* written by the poller */
 
