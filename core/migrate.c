@@ -273,6 +273,7 @@ static int run_round(struct hm_migration *m, unsigned flags)
 	pthread_mutex_lock(&m->lock);
 	m->round_flags = flags;
 	m->round_busy = m->cfg.channels;
+	atomic_store(&m->next_block, 0);
 	m->st.remaining_pages = bitmap_count(&m->send);
 	m->round_gen++;
 	pthread_cond_broadcast(&m->cv);

@@ -83,6 +83,9 @@ struct hm_migration {
 	/* Sender coordination: guarded by lock. */
 	pthread_mutex_t lock;
 	pthread_cond_t cv;
+	/* The next block a pre-copy round hands out, where senders take blocks as they go
+	 * (TP_CAP_DRAIN_LANDS); not guarded. */
+	atomic_uint_fast64_t next_block;
 	uint64_t round_gen;   /* bumped to start a round */
 	unsigned round_busy;  /* senders still working on the round */
 	unsigned round_flags; /* ROUND_* */

@@ -201,8 +201,23 @@ static int collect_block(struct hm_migration *m, uint64_t blk)
 	return dirty_collect_range(m->dirty, first, n, &m->send);
 }
 
-/* Sends this channel's share of the round: every block b with b % channels == ch; with
- * collect_first, collect_block before each. */
+/* The pre-copy block after blk for this sender. Where the channels' drains land what
+ * they carried, senders take the next block nobody took: a sender that the kernel
+ * starves (all run at nice 19, and the other CPU may be the receiver's) leaves its work
+ * to the others, not for a tail that one sender sends alone while a CPU idles. Else
+ * each channel has its fixed share, every block b with b % channels == ch, so a page's
+ * copies keep their order. */
+static uint64_t next_block(struct sender *s, uint64_t blk, bool first)
+{
+	struct hm_migration *m = s->m;
+
+	if (m->bulk->ops->caps & TP_CAP_DRAIN_LANDS)
+		return atomic_fetch_add(&m->next_block, 1);
+	return first ? s->ch : blk + m->cfg.channels;
+}
+
+/* Sends this channel's share of the round (next_block); with collect_first,
+ * collect_block before each block. */
 static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 {
 	struct hm_migration *m = s->m;
@@ -213,8 +228,8 @@ static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 	if (m->postcopy) {
 		rc = send_postcopy(s, &b);
 	} else {
-		for (uint64_t blk = s->ch; blk * BLOCK_PAGES < npages && !rc;
-		     blk += m->cfg.channels) {
+		for (uint64_t blk = next_block(s, 0, true); blk * BLOCK_PAGES < npages && !rc;
+		     blk = next_block(s, blk, false)) {
 			int64_t n;
 			if (atomic_load(&m->cancel))
 				return -ECANCELED;

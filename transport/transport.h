@@ -19,6 +19,9 @@ enum tp_caps {
 	TP_CAP_ONE_SIDED_READ = 1 << 1,	 /* the destination can pull pages by itself */
 	TP_CAP_ZERO_COPY = 1 << 2,	 /* no user-space copy on either side */
 	TP_CAP_NEEDS_REG = 1 << 3,	 /* RAM must be registered before use */
+	/* drain returns once the destination has landed what the channel carried (not
+	 * only received it), so after a round's drains a page may take another channel. */
+	TP_CAP_DRAIN_LANDS = 1 << 4,
 };
 
 struct tp_ops;

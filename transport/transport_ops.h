@@ -47,7 +47,9 @@ struct tp_ops {
 	int (*bulk_accept)(struct tp_listener *l, const struct tp_bulk_cfg *cfg,
 			   struct tp_bulk **out, char *err, size_t errlen);
 	/* Source: sends runs on channel ch; one caller per channel at a time. A page must
-	 * always travel on the same channel so a newer copy never overtakes an older one. */
+	 * always travel on the same channel so a newer copy never overtakes an older one,
+	 * unless the transport has TP_CAP_DRAIN_LANDS (the engine drains every channel at a
+	 * round's end). */
 	int (*push)(struct tp_bulk *b, unsigned ch, const struct tp_run *runs, unsigned n);
 	/* Source: ends the pre-switch part of channel ch (post-copy). */
 	int (*push_switch)(struct tp_bulk *b, unsigned ch);
