@@ -9,7 +9,7 @@
 # 2. N reps, in turn: the page-mode blaster (2 KiB payloads) again, and the pre-copy of an
 #    idle SIZE guest between two guest processes joined by net_memif, loss-free, then
 #    with 1% of the frames dropped, duplicated and reordered each way
-#    (HYMIG_TEST_DPDK_LOSS), then over tcp on a veth pair between two namespaces. This
+#    (HYMIG_TEST_DPDK_LOSS on the destination), then over tcp on a veth pair between two namespaces. This
 #    host's speed swings by 2x within minutes (other tenants): each rep's ratios compare
 #    runs a minute apart, and the medians over the reps are the figures.
 # 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency, with
@@ -52,7 +52,12 @@ memif_guest() {
 	shift 3
 	rm -f "$(ctl "$name")"
 	[ "$role" != server ] || rm -f "$WORK/$pair.memif" # a server binds it afresh
-	HYMIG_TEST_DPDK_LOSS=${LOSS:-} "$HYMIG" guest --ctl "$(ctl "$name")" \
+	# Loss is injected by the destination alone, on what it receives and what it sends:
+	# so each direction loses, duplicates and reorders LOSS of its frames once (set on
+	# both guests, a frame would meet two injections, ~2 LOSS).
+	local loss=
+	[ "$role" != server ] || loss=${LOSS:-}
+	HYMIG_TEST_DPDK_LOSS=$loss "$HYMIG" guest --ctl "$(ctl "$name")" \
 		--dpdk-eal "--no-huge -m 512 --no-pci --file-prefix hymig-b-$name-$$ \
 --vdev net_memif0,role=$role,socket=$WORK/$pair.memif,socket-abstract=no,bsize=4096" \
 		"$@" 2>"$WORK/$name.log" &
