@@ -15,12 +15,12 @@
 # with 2048-byte payloads (2 frames a page) and, over memif, 4096 (one jumbo frame).
 # --seconds (default 8, at most 20) bounds each run; --pin puts the sender on CPU 0 and
 # the receiver on CPU 1. --memif-runs picks memif's runs (default
-# raw:2048,raw:4096,page:2048,page:4096). --buf (default 64M) sizes the page mode's buffer on each side:
-# give a migration's RAM size to compare with one, as a buffer that fits in the cache is
-# read and written faster than a guest's RAM. A table goes to stderr, one JSON object to stdout; MB/s are
-# 10^6 bytes of payload per second at the receiver; cpu_s/GiB is the CPU time of both
-# processes (CLOCK_PROCESS_CPUTIME_ID, which leaves out what a hypervisor stole) per GiB
-# received. Runs taken while a QEMU VM was
+# raw:2048,raw:4096,page:2048,page:4096). --buf (default 64M) sizes the page mode's
+# buffer on each side: give a migration's RAM size to compare with one, as a buffer that
+# fits in the cache is read and written faster than a guest's RAM. A table goes to
+# stderr, one JSON object to stdout; MB/s are 10^6 bytes of payload per second at the
+# receiver; cpu_s/GiB is the CPU time of both processes (CLOCK_PROCESS_CPUTIME_ID, which
+# leaves out what a hypervisor stole) per GiB received. Runs taken while a QEMU VM was
 # running say so ("qemu_running"). Environment: BLASTER (default
 # build/bench/dpdk_blaster).
 set -euo pipefail

@@ -311,6 +311,14 @@ static void lane_let_go(struct dpdkt_link *l, struct lane *ln)
 	}
 }
 
+/* A thread starts (+1) or stops (-1) waiting on lane: the poller bumps wake for it, and
+ * keeps its short idle schedule while anyone waits (dpdkt_net.blocked). */
+static void lane_waiting(struct dpdkt_link *l, struct lane *ln, int d)
+{
+	atomic_fetch_add(&ln->waiters, d);
+	atomic_fetch_add(&l->net->blocked, d);
+}
+
 /* Waits until lane's window has room (or a quarter of it after a stall). */
 static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 {
@@ -324,8 +332,7 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 	/* waiters goes up before the checks: a poller that changes queued after them
 	 * sees it and bumps wake, so the sleep below does not start; blocked before the
 	 * kick, so the poller that wakes does not go back to a long sleep. */
-	atomic_fetch_add(&ln->waiters, 1);
-	atomic_fetch_add(&l->net->blocked, 1);
+	lane_waiting(l, ln, 1);
 	lane_let_go(l, ln);
 	dpdkt_kick(l->net);
 	int rc = 0;
@@ -338,8 +345,7 @@ static int wait_window(struct dpdkt_link *l, struct lane *ln, uint64_t deadline)
 			break;
 		}
 	}
-	atomic_fetch_sub(&ln->waiters, 1);
-	atomic_fetch_sub(&l->net->blocked, 1);
+	lane_waiting(l, ln, -1);
 	return atomic_load(&l->dead) ? -ENOTCONN : rc;
 }
 
@@ -480,8 +486,7 @@ int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
 	uint64_t deadline = deadline_after(timeout_ms);
 	int rc = 0;
 
-	atomic_fetch_add(&ln->waiters, 1);
-	atomic_fetch_add(&link->net->blocked, 1);
+	lane_waiting(link, ln, 1); /* before the kick: see wait_window */
 	dpdkt_kick(link->net);
 	for (;;) {
 		unsigned seen = atomic_load(&link->wake);
@@ -496,8 +501,7 @@ int dpdkt_link_flush(struct dpdkt_link *link, unsigned lane, int timeout_ms)
 			break;
 		}
 	}
-	atomic_fetch_sub(&ln->waiters, 1);
-	atomic_fetch_sub(&link->net->blocked, 1);
+	lane_waiting(link, ln, -1);
 	return rc;
 }
 

@@ -24,10 +24,9 @@
  * the payload starts 64 bytes into the frame), then len payload bytes; trailing bytes
  * (padding) are ignored. crc is the CRC32C of the payload followed by the header with
  * crc zero, computed over the bytes copied into the mbuf (a guest page may change while
- * it is copied). Frames
- * that are too short, of another ethertype, for another MAC, with a bad magic, version,
- * type or CRC, for an unknown session or from a MAC other than the session's peer are
- * counted (struct dpdkt_net_stats) and dropped.
+ * it is copied). Frames that are too short, of another ethertype, for another MAC, with
+ * a bad magic, version, type or CRC, for an unknown session or from a MAC other than the
+ * session's peer are counted (struct dpdkt_net_stats) and dropped.
  *
  * Reliability, per lane and direction. DATA frames carry 32-bit sequence numbers from
  * 0. Every ACK and KEEPALIVE frame carries, for its lane and the other direction,
@@ -232,8 +231,8 @@ struct dpdkt_link_cfg {
 	/* Senders of the other lanes than the urgent one run a poll round (receive acks,
 	 * timers) after each message and before they wait for the window, when the poller
 	 * is not in one, until the link's first urgent frame: the poller then sleeps
-	 * instead of waking for every ack. The callbacks of every link of the net may then run on
-	 * the thread that calls dpdkt_link_send, which must hold no lock they take. */
+	 * instead of waking for every ack. The callbacks of every link of the net may then
+	 * run on the thread that calls dpdkt_link_send, which must hold no lock they take. */
 	bool senders_help;
 	/* Called once on the poller thread when the link dies of something else than
 	 * dpdkt_link_shutdown or close (peer silent, RESET, a deliver error, a send that
