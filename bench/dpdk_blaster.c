@@ -29,7 +29,6 @@
 #include <rte_byteorder.h>
 #include <rte_ethdev.h>
 #include <rte_mbuf.h>
-#include <rte_memcpy.h>
 
 #include "transport/dpdk/dpdk_port.h"
 
@@ -479,7 +478,7 @@ static void rx_frame(const struct opts *o, struct rx_state *s, uint8_t *buf, str
 		s->crc_errors++;
 		return;
 	}
-	rte_memcpy(buf + off, pl, len);
+	dpdkt_copy_uncached(buf + off, pl, len); /* as the transport lands pages */
 }
 
 static int run_rx(const struct opts *o, struct dpdkt_port *p, uint8_t *buf)
@@ -496,6 +495,7 @@ static int run_rx(const struct opts *o, struct dpdkt_port *p, uint8_t *buf)
 		uint16_t n = rte_eth_rx_burst(p->id, 0, ms, BURST);
 		for (uint16_t i = 0; i < n; i++)
 			rx_frame(o, &s, buf, ms[i], scratch);
+		dpdkt_uncached_fence();
 		rte_pktmbuf_free_bulk(ms, n);
 		if (s.end_seen || stop)
 			break;

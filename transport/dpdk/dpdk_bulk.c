@@ -177,6 +177,8 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 		land_pc(b, L);
 	else if (r->type == REC_ZERO)
 		memset(ram_mig_page(b->ram, r->first_page), 0, (size_t)r->npages * HM_PAGE_SIZE);
+	else if (r->type == REC_PAGES)
+		dpdkt_uncached_fence(); /* bulk_deliver's copies, before the count says landed */
 	pthread_mutex_lock(&b->lock);
 	if (r->type == REC_SWITCH) {
 		L->switched = true;
@@ -228,7 +230,8 @@ static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, 
 		if (b->pc && (L->switched || lane == b->urgent))
 			memcpy(L->scratch + L->off, p, len);
 		else
-			memcpy((uint8_t *)ram_mig_page(b->ram, r->first_page) + L->off, p, len);
+			dpdkt_copy_uncached((uint8_t *)ram_mig_page(b->ram, r->first_page) + L->off,
+					    p, len);
 		L->off += len;
 	}
 	if (flags & DPDKT_FRAG_END) {

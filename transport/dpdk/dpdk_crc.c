@@ -1,5 +1,6 @@
 /* CRC32C for frames: three interleaved streams of the crc32 instruction, and a copy that
- * computes the CRC of what it stores in the same pass. See dpdk_port.h.
+ * computes the CRC of what it stores in the same pass; and the copy that lands a frame's
+ * payload in guest RAM with streaming stores. See dpdk_port.h.
  *
  * One crc32 instruction takes 3 cycles but a new one can start every cycle, so a single
  * dependent chain runs at a third of the unit's speed. Splitting a block into three
@@ -15,6 +16,7 @@
 #include <rte_hash_crc.h>
 
 #if defined(__x86_64__) && defined(__SSE4_2__)
+#include <emmintrin.h>
 #include <nmmintrin.h>
 
 /* Two block sizes: 3 x 1024 bytes for the bulk of a frame, 3 x 128 for its rest. */
@@ -132,7 +134,51 @@ static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
 	return r;
 }
 
+/* Landing 1 GiB from frames still in the cache took 62-86 ms with memcpy here and 40-43 ms
+ * with streaming stores (a plain store reads each line of the destination first), but
+ * 62 ms with a fence after each 4 KiB. The destination's partial lines take plain stores. */
+void dpdkt_copy_uncached(void *dst, const void *src, size_t len)
+{
+	uint8_t *d = dst;
+	const uint8_t *s = src;
+	size_t head = (size_t)(-(uintptr_t)d & 63);
+
+	if (len < head + 64) {
+		memcpy(d, s, len);
+		return;
+	}
+	memcpy(d, s, head);
+	d += head;
+	s += head;
+	len -= head;
+	for (; len >= 64; len -= 64, d += 64, s += 64) {
+		__m128i a = _mm_loadu_si128((const __m128i *)s),
+			b = _mm_loadu_si128((const __m128i *)(s + 16)),
+			c = _mm_loadu_si128((const __m128i *)(s + 32)),
+			e = _mm_loadu_si128((const __m128i *)(s + 48));
+		_mm_stream_si128((__m128i *)d, a);
+		_mm_stream_si128((__m128i *)(d + 16), b);
+		_mm_stream_si128((__m128i *)(d + 32), c);
+		_mm_stream_si128((__m128i *)(d + 48), e);
+	}
+	memcpy(d, s, len);
+}
+
+void dpdkt_uncached_fence(void)
+{
+	_mm_sfence();
+}
+
 #else /* no SSE4.2: DPDK's portable CRC, and a copy before it */
+
+void dpdkt_copy_uncached(void *dst, const void *src, size_t len)
+{
+	memcpy(dst, src, len);
+}
+
+void dpdkt_uncached_fence(void)
+{
+}
 
 static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
 {

@@ -153,5 +153,11 @@ uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc);
 /* Copies len bytes from src to dst and returns the CRC32C of the bytes stored (continuing
  * from crc), in one pass: src may change meanwhile and the CRC still matches dst. */
 uint32_t dpdkt_copy_crc32c(void *dst, const void *src, size_t len, uint32_t crc);
+/* Copies len bytes to memory nothing will read soon (a page landed in guest RAM) with
+ * stores that bypass the cache: the lines are not read first, and the cache keeps the
+ * frames still to come. These stores are weakly ordered: call dpdkt_uncached_fence
+ * before a store that says they are done (once per batch: a fence waits for them). */
+void dpdkt_copy_uncached(void *dst, const void *src, size_t len);
+void dpdkt_uncached_fence(void);
 
 #endif
