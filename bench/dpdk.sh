@@ -8,8 +8,9 @@
 #    4 KiB page copied into frames with a CRC32C each, checked and copied into place).
 # 2. N reps, in turn: the page-mode blaster (2 KiB payloads) again, and the pre-copy of an
 #    idle SIZE guest between two guest processes joined by net_memif, loss-free, then
-#    with 1% of the frames dropped, duplicated and reordered each way
-#    (HYMIG_TEST_DPDK_LOSS on the destination), then over tcp on a veth pair between two namespaces. This
+#    with 1% of the frames dropped each way (the issue's "1% frame loss"), then with
+#    1% dropped, 1% duplicated and 1% reordered each way (HYMIG_TEST_DPDK_LOSS on the
+#    destination), then over tcp on a veth pair between two namespaces. This
 #    host's speed swings by 2x within minutes (other tenants): each rep's ratios compare
 #    runs a minute apart, and the medians over the reps are the figures.
 # 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency, with
@@ -18,7 +19,7 @@
 #    and 250M, which leaves the pollers CPU on a small host.
 # Every migration runs with --channels N. A table goes to stderr, one JSON object to
 # stdout. Ratios (medians of each rep's): dpdk pre-copy ÷ page-mode blaster, dpdk ÷ tcp,
-# 1% loss ÷ loss-free.
+# 1% drops ÷ loss-free, 1% drop+dup+reorder ÷ loss-free.
 # Also the CPU seconds per GiB each costs (both processes, stolen time left out: a figure
 # the host's noise moves less than a rate); the pre-copy runs keep their source
 # (--keep-source) so its CPU time can be read after the migration.
@@ -52,9 +53,9 @@ memif_guest() {
 	shift 3
 	rm -f "$(ctl "$name")"
 	[ "$role" != server ] || rm -f "$WORK/$pair.memif" # a server binds it afresh
-	# Loss is injected by the destination alone, on what it receives and what it sends:
-	# so each direction loses, duplicates and reorders LOSS of its frames once (set on
-	# both guests, a frame would meet two injections, ~2 LOSS).
+	# Loss (LOSS: a HYMIG_TEST_DPDK_LOSS spec, 0.01 or drop=0.01) is injected by the
+	# destination alone, on what it receives and what it sends: so each direction meets
+	# it once (set on both guests, a frame would meet two injections, ~2 LOSS).
 	local loss=
 	[ "$role" != server ] || loss=${LOSS:-}
 	HYMIG_TEST_DPDK_LOSS=$loss "$HYMIG" guest --ctl "$(ctl "$name")" \
@@ -118,10 +119,11 @@ run_tcp() {
 : >"$WORK/blaster_reps.jsonl"
 hosts_make dpb
 for REP in $(seq 1 "$REPS"); do
-	say "rep $REP of $REPS: page blaster, pre-copy over memif (loss-free, 1% loss), over tcp"
+	say "rep $REP of $REPS: page blaster, pre-copy over memif (loss-free, 1% drops, 1% drop+dup+reorder), over tcp"
 	BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --memif-runs page:2048 \
 		--seconds "$SECS" --buf "$MEM" | sed "s/^{/{\"rep\":$REP,/" >>"$WORK/blaster_reps.jsonl"
 	run_memif precopy-memif idle --mode precopy --keep-source
+	LOSS=drop=0.01 run_memif precopy-memif-drop1 idle --mode precopy --keep-source
 	LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy --keep-source
 	run_tcp
 done
@@ -176,14 +178,18 @@ per_rep = [{"rep": i,
             "blaster_page_2048_mb_per_s": blreps.get(i, {}).get("mb_per_s"),
             "blaster_page_2048_cpu_s_per_gib": blreps.get(i, {}).get("cpu_s_per_gib"),
             "dpdk_memif_mb_per_s": tput("precopy-memif", i),
+            "dpdk_memif_1pct_drop_mb_per_s": tput("precopy-memif-drop1", i),
             "dpdk_memif_1pct_loss_mb_per_s": tput("precopy-memif-loss1", i),
             "tcp_veth_mb_per_s": tput("precopy-tcp-veth", i),
             "dpdk_memif_cpu_s_per_gib": cpu_per_gib("precopy-memif", i),
+            "dpdk_memif_1pct_drop_cpu_s_per_gib": cpu_per_gib("precopy-memif-drop1", i),
             "dpdk_memif_1pct_loss_cpu_s_per_gib": cpu_per_gib("precopy-memif-loss1", i),
             "tcp_veth_cpu_s_per_gib": cpu_per_gib("precopy-tcp-veth", i),
             "dpdk_over_blaster_page": ratio(tput("precopy-memif", i), blreps.get(i, {}).get("mb_per_s")),
             "dpdk_over_tcp": ratio(tput("precopy-memif", i), tput("precopy-tcp-veth", i)),
+            "drop1_over_lossfree": ratio(tput("precopy-memif-drop1", i), tput("precopy-memif", i)),
             "loss1_over_lossfree": ratio(tput("precopy-memif-loss1", i), tput("precopy-memif", i)),
+            "frames_drop1": runs.get(("precopy-memif-drop1", i), {}).get("frames"),
             "frames_loss1": runs.get(("precopy-memif-loss1", i), {}).get("frames")}
            for i in reps]
 def m(field):
@@ -201,15 +207,18 @@ out = {
                                "raw_4096": blast("raw", 4096), "page_4096": blast("page", 4096)},
     # Medians over the reps.
     "precopy_mb_per_s": {"dpdk_memif": m("dpdk_memif_mb_per_s"),
+                         "dpdk_memif_1pct_drop": m("dpdk_memif_1pct_drop_mb_per_s"),
                          "dpdk_memif_1pct_loss": m("dpdk_memif_1pct_loss_mb_per_s"),
                          "tcp_veth": m("tcp_veth_mb_per_s"),
                          "blaster_page_2048": m("blaster_page_2048_mb_per_s")},
     "dpdk_over_blaster_page": m("dpdk_over_blaster_page"),
     "cpu_s_per_gib": {"blaster_page_2048": m("blaster_page_2048_cpu_s_per_gib"),
                       "dpdk_memif": m("dpdk_memif_cpu_s_per_gib"),
+                      "dpdk_memif_1pct_drop": m("dpdk_memif_1pct_drop_cpu_s_per_gib"),
                       "dpdk_memif_1pct_loss": m("dpdk_memif_1pct_loss_cpu_s_per_gib"),
                       "tcp_veth": m("tcp_veth_cpu_s_per_gib")},
     "dpdk_over_tcp": m("dpdk_over_tcp"),
+    "drop1_over_lossfree": m("drop1_over_lossfree"),
     "loss1_over_lossfree": m("loss1_over_lossfree"),
     "per_rep": per_rep,
     "postcopy": [pcrun("postcopy-memif", "full"), pcrun("postcopy-memif-missing", "full"),
@@ -220,19 +229,23 @@ e = sys.stderr
 b = out["blaster_memif_mb_per_s"]
 print(f"\nblaster over memif: raw {b['raw_2048']} MB/s (2 KiB frames), {b['raw_4096']} (4 KiB); page mode {b['page_2048']} (2 KiB), {b['page_4096']} (4 KiB)", file=e)
 print("pre-copy of an idle %s guest, %d channel(s), MB/s and (CPU s/GiB, both processes):" % (out["mem"], out["channels"]), file=e)
-print(f"  {'rep':>3} {'blaster':>14} {'dpdk/memif':>14} {'1% loss':>14} {'tcp/veth':>14} {'÷blaster':>8} {'÷tcp':>6} {'loss÷':>6}", file=e)
+print(f"  {'rep':>3} {'blaster':>14} {'dpdk/memif':>14} {'1% drops':>14} {'1% d+d+r':>14} {'tcp/veth':>14} {'÷blaster':>8} {'÷tcp':>6} {'drop÷':>6} {'d+d+r÷':>6}", file=e)
 def cell(v, c):
     return "%.0f (%s)" % (v, c) if num(v) else "failed"
 for r in per_rep:
     print(f"  {r['rep']:>3} {cell(r['blaster_page_2048_mb_per_s'], r['blaster_page_2048_cpu_s_per_gib']):>14} "
           f"{cell(r['dpdk_memif_mb_per_s'], r['dpdk_memif_cpu_s_per_gib']):>14} "
+          f"{cell(r['dpdk_memif_1pct_drop_mb_per_s'], r['dpdk_memif_1pct_drop_cpu_s_per_gib']):>14} "
           f"{cell(r['dpdk_memif_1pct_loss_mb_per_s'], r['dpdk_memif_1pct_loss_cpu_s_per_gib']):>14} "
           f"{cell(r['tcp_veth_mb_per_s'], r['tcp_veth_cpu_s_per_gib']):>14} "
-          f"{r['dpdk_over_blaster_page']!s:>8} {r['dpdk_over_tcp']!s:>6} {r['loss1_over_lossfree']!s:>6}", file=e)
+          f"{r['dpdk_over_blaster_page']!s:>8} {r['dpdk_over_tcp']!s:>6} "
+          f"{r['drop1_over_lossfree']!s:>6} {r['loss1_over_lossfree']!s:>6}", file=e)
 p, c = out["precopy_mb_per_s"], out["cpu_s_per_gib"]
 print(f"  med {cell(p['blaster_page_2048'], c['blaster_page_2048']):>14} {cell(p['dpdk_memif'], c['dpdk_memif']):>14} "
+      f"{cell(p['dpdk_memif_1pct_drop'], c['dpdk_memif_1pct_drop']):>14} "
       f"{cell(p['dpdk_memif_1pct_loss'], c['dpdk_memif_1pct_loss']):>14} {cell(p['tcp_veth'], c['tcp_veth']):>14} "
-      f"{out['dpdk_over_blaster_page']!s:>8} {out['dpdk_over_tcp']!s:>6} {out['loss1_over_lossfree']!s:>6}", file=e)
+      f"{out['dpdk_over_blaster_page']!s:>8} {out['dpdk_over_tcp']!s:>6} "
+      f"{out['drop1_over_lossfree']!s:>6} {out['loss1_over_lossfree']!s:>6}", file=e)
 print("post-copy at once over memif, same dirtier (stream: full speed, or --postcopy-bandwidth-limit):", file=e)
 print(f"  {'mechanism':10} {'stream':>6} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
 for r in out["postcopy"]:

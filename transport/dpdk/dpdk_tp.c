@@ -131,6 +131,35 @@ struct dpdkt_net *dpdkt_net_global(void)
 #define DPDK_TEST_LOSS_ENV    "HYMIG_TEST_DPDK_LOSS"
 #define DPDK_TEST_CORRUPT_ENV "HYMIG_TEST_DPDK_CORRUPT"
 
+int dpdk_tp_parse_loss(const char *spec, struct dpdkt_loss *l)
+{
+	struct dpdkt_loss out = {0};
+	const char *key[] = {"drop=", "dup=", "reorder="};
+	double *rate[] = {&out.drop, &out.dup, &out.reorder};
+	char *end;
+	double p = strtod(spec, &end);
+
+	if (end != spec && *end == '\0') {
+		out.drop = out.dup = out.reorder = p;
+		*l = out;
+		return 0;
+	}
+	while (*spec) {
+		size_t k = 0;
+		while (k < 3 && strncmp(spec, key[k], strlen(key[k])))
+			k++;
+		if (k == 3)
+			return -EINVAL;
+		spec += strlen(key[k]);
+		*rate[k] = strtod(spec, &end);
+		if (end == spec || (*end && *end != ','))
+			return -EINVAL;
+		spec = *end ? end + 1 : end;
+	}
+	*l = out;
+	return 0;
+}
+
 int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 {
 	static pthread_mutex_t once = PTHREAD_MUTEX_INITIALIZER;
@@ -185,15 +214,17 @@ int dpdk_tp_start(const char *eal_args, char *err, size_t errlen)
 	 * receives, so the tests migrate over a lossy link. Never set them in production. */
 	const char *loss = getenv(DPDK_TEST_LOSS_ENV), *bad = getenv(DPDK_TEST_CORRUPT_ENV);
 	if ((loss && *loss) || (bad && *bad)) {
-		double p = loss && *loss ? strtod(loss, NULL) : 0;
-		struct dpdkt_loss l = {.drop = p, .dup = p, .reorder = p};
+		struct dpdkt_loss l = {0};
+		if (loss && *loss && dpdk_tp_parse_loss(loss, &l) < 0)
+			log_err("%s: '%s' is neither a rate nor a list of drop=, dup=, reorder=",
+				DPDK_TEST_LOSS_ENV, loss);
 		l.corrupt = bad && *bad ? strtod(bad, NULL) : 0;
 		if (dpdkt_net_set_loss(net, &l, &l, (uint64_t)getpid(), why, sizeof(why)) < 0)
 			log_err("%s/%s: %s", DPDK_TEST_LOSS_ENV, DPDK_TEST_CORRUPT_ENV, why);
 		else
-			log_info("dpdk: TEST: injecting %.3g drops, duplicates and reordering "
-				 "and %.3g corruption each way",
-				 p, l.corrupt);
+			log_info("dpdk: TEST: injecting %.3g drops, %.3g duplicates, %.3g "
+				 "reordering and %.3g corruption each way",
+				 l.drop, l.dup, l.reorder, l.corrupt);
 	}
 	snprintf(started_args, sizeof(started_args), "%s", eal_args);
 	const struct rte_ether_addr *m = dpdkt_net_mac(net);

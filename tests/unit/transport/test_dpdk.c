@@ -185,6 +185,25 @@ static void push_range(struct pair *p, struct hm_ram *src, uint64_t first, uint6
 	}
 }
 
+/* HYMIG_TEST_DPDK_LOSS's spec: one rate for all three, or some of them by name. */
+static void test_parse_loss(void **state)
+{
+	struct dpdkt_loss l = {.corrupt = 0.5};
+
+	assert_int_equal(dpdk_tp_parse_loss("0.01", &l), 0);
+	assert_true(l.drop == 0.01 && l.dup == 0.01 && l.reorder == 0.01 && l.corrupt == 0);
+	assert_int_equal(dpdk_tp_parse_loss("drop=0.02", &l), 0);
+	assert_true(l.drop == 0.02 && l.dup == 0 && l.reorder == 0);
+	assert_int_equal(dpdk_tp_parse_loss("reorder=0.1,dup=0.2", &l), 0);
+	assert_true(l.drop == 0 && l.dup == 0.2 && l.reorder == 0.1);
+	static const char *bad[] = {"drop", "drop=", "loss=0.1", "0.01,", "drop=0.1;dup=0.1", "x"};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		l.drop = 7;
+		assert_int_equal(dpdk_tp_parse_loss(bad[i], &l), -EINVAL);
+		assert_true(l.drop == 7);
+	}
+}
+
 static void test_uri(void **state)
 {
 	struct tp_addr a;
@@ -547,10 +566,10 @@ static int teardown(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_uri),	      cmocka_unit_test(test_control),
-	    cmocka_unit_test(test_precopy),   cmocka_unit_test(test_postcopy),
-	    cmocka_unit_test(test_loss1),     cmocka_unit_test(test_no_peer),
-	    cmocka_unit_test(test_dead_peer),
+	    cmocka_unit_test(test_parse_loss), cmocka_unit_test(test_uri),
+	    cmocka_unit_test(test_control),    cmocka_unit_test(test_precopy),
+	    cmocka_unit_test(test_postcopy),   cmocka_unit_test(test_loss1),
+	    cmocka_unit_test(test_no_peer),    cmocka_unit_test(test_dead_peer),
 	};
 
 	if (geteuid() != 0) {
