@@ -29,6 +29,8 @@ pair() {
 	dpdk_guest "d$c" server --mem 256M --incoming dpdk:// "${dargs[@]}"
 	MEMIF="d$c" dpdk_guest "s$c" client --mem 256M "${sargs[@]}"
 	wait_status "s$c" '"ready":true' 60
+	# The EAL's runtime files went right after its start (~6.5 MB a process in /run).
+	[ ! -e "/var/run/dpdk/hymig-t-s$c-$$" ] || fail "s$c left its EAL runtime files"
 	sleep 1
 }
 

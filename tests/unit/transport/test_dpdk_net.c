@@ -920,9 +920,5 @@ int main(void)
 	snprintf(prefix, sizeof(prefix), "hymig-net-%d", (int)getpid());
 	int failed = cmocka_run_group_tests(tests, setup, teardown);
 	rte_eal_cleanup();
-	char cmd[160];
-	snprintf(cmd, sizeof(cmd), "rm -rf /var/run/dpdk/%s", prefix);
-	if (system(cmd) != 0)
-		fprintf(stderr, "dpdk_net: could not remove /var/run/dpdk/%s\n", prefix);
 	return failed;
 }

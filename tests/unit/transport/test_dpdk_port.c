@@ -180,6 +180,11 @@ static void test_eal_once(void **state)
 	cpu_set_t cpus;
 	assert_int_equal(pthread_getaffinity_np(pthread_self(), sizeof(cpus), &cpus), 0);
 	assert_true(CPU_EQUAL(&cpus, &cpus_before));
+	/* Nothing of the EAL's is left in /var/run/dpdk. */
+	char dir[256];
+	snprintf(dir, sizeof(dir), "/var/run/dpdk/%s", prefix);
+	assert_string_equal(rte_eal_get_runtime_dir(), dir);
+	assert_int_equal(access(dir, F_OK), -1);
 }
 
 static void test_port_cfg_checked(void **state)
@@ -360,9 +365,5 @@ int main(void)
 		 prefix, prefix);
 	int failed = cmocka_run_group_tests(tests, NULL, NULL);
 	rte_eal_cleanup();
-	char cmd[160];
-	snprintf(cmd, sizeof(cmd), "rm -rf /var/run/dpdk/%s", prefix);
-	if (system(cmd) != 0)
-		fprintf(stderr, "dpdk_port: could not remove /var/run/dpdk/%s\n", prefix);
 	return failed;
 }
