@@ -4,13 +4,15 @@
 #
 #     bench/dpdk.sh [--mem SIZE(1G)] [--seconds S(5)] [--channels N(2)] [--reps N(3)]
 #
-# 1. Ceiling: bench/dpdk_blaster.sh over net_memif (raw frames, and page mode: each
-#    4 KiB page copied into frames with a CRC32C each, checked and copied into place).
+# 1. Ceiling: bench/dpdk_blaster.sh over net_memif and net_af_packet on veth (raw
+#    frames, and page mode: each 4 KiB page copied into frames with a CRC32C each,
+#    checked and copied into place).
 # 2. N reps, in turn: the page-mode blaster (2 KiB payloads) again, and the pre-copy of an
 #    idle SIZE guest between two guest processes joined by net_memif, loss-free, then
 #    with 1% of the frames dropped each way (the issue's "1% frame loss"), then with
 #    1% dropped, 1% duplicated and 1% reordered each way (HYMIG_TEST_DPDK_LOSS on the
-#    destination), then over tcp on a veth pair between two namespaces. This
+#    destination), then over tcp on a veth pair between two namespaces, then over dpdk's
+#    net_af_packet on another veth pair (MTU 9000, for 4 KiB frames). This
 #    host's speed swings by 2x within minutes (other tenants): each rep's ratios compare
 #    runs a minute apart, and the medians over the reps are the figures.
 # 3. Post-copy at once of a 20 MB/s dirtier over memif: the vCPU fault latency, with
@@ -40,11 +42,11 @@ done
 BLASTER=${BLASTER:-$BENCH_ROOT/build/bench/dpdk_blaster}
 [ -x "$BLASTER" ] || die "no $BLASTER: build with DPDK (meson option dpdk)"
 
-say "ceiling: raw frame blaster over net_memif"
+say "ceiling: raw frame blaster over net_memif and net_af_packet"
 # The page mode reads and writes buffers as large as the guest's RAM: a migration's pages
 # come from DRAM, not from the cache a small buffer would fit in.
-BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --seconds "$SECS" --buf "$MEM" \
-	>"$WORK/blaster.json"
+BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif,af_packet --seconds "$SECS" \
+	--buf "$MEM" >"$WORK/blaster.json"
 
 # memif_guest NAME ROLE PAIR ARGS...: a guest on this host owning one end of the memif
 # pair PAIR (ROLE server or client).
@@ -115,17 +117,41 @@ run_tcp() {
 	guest_quit dtcp
 }
 
+# run_afpacket: the same pre-copy over dpdk's net_af_packet on the veth pair AF_HOST
+# (the kernel's packet rings copy each frame once more than memif).
+AF_RING=framesz=4096,blocksz=4096,framecnt=4096
+run_afpacket() {
+	local n=afp_r$REP eal="--no-huge -m 512 --no-pci --vdev net_af_packet0"
+	say "pre-copy over dpdk af_packet on veth"
+	guest_start "$AF_HOST-b" "d$n" --mem "$MEM" --incoming dpdk:// \
+		--dpdk-eal "$eal,iface=$AF_HOST-vb,$AF_RING --file-prefix hymig-b-d$n-$$"
+	guest_wait_ready "d$n"
+	guest_start "$AF_HOST-a" "s$n" --mem "$MEM" \
+		--dpdk-eal "$eal,iface=$AF_HOST-va,$AF_RING --file-prefix hymig-b-s$n-$$"
+	guest_wait_ready "s$n"
+	sleep 1
+	migrate_counting_cpu "s$n" "d$n" --to dpdk:// --channels "$CHANNELS" --mode precopy \
+		--keep-source
+	record_run precopy-afpacket-veth
+	guest_quit "s$n"
+	guest_quit "d$n"
+}
+
 : >"$WORK/runs.jsonl"
 : >"$WORK/blaster_reps.jsonl"
-hosts_make dpb
+hosts_make dpf
+AF_HOST=$HOST_NAME
+for h in a b; do ip -n "$AF_HOST-$h" link set dev "$AF_HOST-v$h" mtu 9000; done
+hosts_make dpb # tcp's, at the default MTU as in the other benchmarks
 for REP in $(seq 1 "$REPS"); do
-	say "rep $REP of $REPS: page blaster, pre-copy over memif (loss-free, 1% drops, 1% drop+dup+reorder), over tcp"
+	say "rep $REP of $REPS: page blaster, pre-copy over memif (loss-free, 1% drops, 1% drop+dup+reorder), over tcp, over af_packet"
 	BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif --memif-runs page:2048 \
 		--seconds "$SECS" --buf "$MEM" | sed "s/^{/{\"rep\":$REP,/" >>"$WORK/blaster_reps.jsonl"
 	run_memif precopy-memif idle --mode precopy --keep-source
 	LOSS=drop=0.01 run_memif precopy-memif-drop1 idle --mode precopy --keep-source
 	LOSS=0.01 run_memif precopy-memif-loss1 idle --mode precopy --keep-source
 	run_tcp
+	run_afpacket
 done
 REP=0
 run_memif postcopy-memif dirtier:rate=20M,pattern=uniform --mode postcopy --precopy-rounds 0
@@ -152,9 +178,9 @@ for l in open(sys.argv[5]):
     if l.strip():
         r = json.loads(l)
         blreps[r["rep"]] = (r.get("runs") or [{}])[0]
-def blast(mode, payload, field="mb_per_s"):
+def blast(mode, payload, field="mb_per_s", link="memif"):
     for r in bl.get("runs", []):
-        if r.get("link") == "memif" and r.get("mode") == mode and r.get("frame_payload") == payload:
+        if r.get("link") == link and r.get("mode") == mode and r.get("frame_payload") == payload:
             return r.get(field)
 def num(v):
     return isinstance(v, (int, float))
@@ -181,12 +207,15 @@ per_rep = [{"rep": i,
             "dpdk_memif_1pct_drop_mb_per_s": tput("precopy-memif-drop1", i),
             "dpdk_memif_1pct_loss_mb_per_s": tput("precopy-memif-loss1", i),
             "tcp_veth_mb_per_s": tput("precopy-tcp-veth", i),
+            "dpdk_afpacket_veth_mb_per_s": tput("precopy-afpacket-veth", i),
             "dpdk_memif_cpu_s_per_gib": cpu_per_gib("precopy-memif", i),
             "dpdk_memif_1pct_drop_cpu_s_per_gib": cpu_per_gib("precopy-memif-drop1", i),
             "dpdk_memif_1pct_loss_cpu_s_per_gib": cpu_per_gib("precopy-memif-loss1", i),
             "tcp_veth_cpu_s_per_gib": cpu_per_gib("precopy-tcp-veth", i),
+            "dpdk_afpacket_veth_cpu_s_per_gib": cpu_per_gib("precopy-afpacket-veth", i),
             "dpdk_over_blaster_page": ratio(tput("precopy-memif", i), blreps.get(i, {}).get("mb_per_s")),
             "dpdk_over_tcp": ratio(tput("precopy-memif", i), tput("precopy-tcp-veth", i)),
+            "afpacket_over_tcp": ratio(tput("precopy-afpacket-veth", i), tput("precopy-tcp-veth", i)),
             "drop1_over_lossfree": ratio(tput("precopy-memif-drop1", i), tput("precopy-memif", i)),
             "loss1_over_lossfree": ratio(tput("precopy-memif-loss1", i), tput("precopy-memif", i)),
             "frames_drop1": runs.get(("precopy-memif-drop1", i), {}).get("frames"),
@@ -205,19 +234,24 @@ out = {
     "reps": nreps,
     "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
                                "raw_4096": blast("raw", 4096), "page_4096": blast("page", 4096)},
+    "blaster_afpacket_mb_per_s": {"raw_2048": blast("raw", 2048, link="af_packet"),
+                                  "page_2048": blast("page", 2048, link="af_packet")},
     # Medians over the reps.
     "precopy_mb_per_s": {"dpdk_memif": m("dpdk_memif_mb_per_s"),
                          "dpdk_memif_1pct_drop": m("dpdk_memif_1pct_drop_mb_per_s"),
                          "dpdk_memif_1pct_loss": m("dpdk_memif_1pct_loss_mb_per_s"),
                          "tcp_veth": m("tcp_veth_mb_per_s"),
+                         "dpdk_afpacket_veth": m("dpdk_afpacket_veth_mb_per_s"),
                          "blaster_page_2048": m("blaster_page_2048_mb_per_s")},
     "dpdk_over_blaster_page": m("dpdk_over_blaster_page"),
     "cpu_s_per_gib": {"blaster_page_2048": m("blaster_page_2048_cpu_s_per_gib"),
                       "dpdk_memif": m("dpdk_memif_cpu_s_per_gib"),
                       "dpdk_memif_1pct_drop": m("dpdk_memif_1pct_drop_cpu_s_per_gib"),
                       "dpdk_memif_1pct_loss": m("dpdk_memif_1pct_loss_cpu_s_per_gib"),
-                      "tcp_veth": m("tcp_veth_cpu_s_per_gib")},
+                      "tcp_veth": m("tcp_veth_cpu_s_per_gib"),
+                      "dpdk_afpacket_veth": m("dpdk_afpacket_veth_cpu_s_per_gib")},
     "dpdk_over_tcp": m("dpdk_over_tcp"),
+    "afpacket_over_tcp": m("afpacket_over_tcp"),
     "drop1_over_lossfree": m("drop1_over_lossfree"),
     "loss1_over_lossfree": m("loss1_over_lossfree"),
     "per_rep": per_rep,
@@ -246,6 +280,11 @@ print(f"  med {cell(p['blaster_page_2048'], c['blaster_page_2048']):>14} {cell(p
       f"{cell(p['dpdk_memif_1pct_loss'], c['dpdk_memif_1pct_loss']):>14} {cell(p['tcp_veth'], c['tcp_veth']):>14} "
       f"{out['dpdk_over_blaster_page']!s:>8} {out['dpdk_over_tcp']!s:>6} "
       f"{out['drop1_over_lossfree']!s:>6} {out['loss1_over_lossfree']!s:>6}", file=e)
+a = out["blaster_afpacket_mb_per_s"]
+print(f"over af_packet on veth (MTU 9000), per rep: " +
+      ", ".join(cell(r['dpdk_afpacket_veth_mb_per_s'], r['dpdk_afpacket_veth_cpu_s_per_gib']) for r in per_rep) +
+      f"; median {cell(p['dpdk_afpacket_veth'], c['dpdk_afpacket_veth'])}, {out['afpacket_over_tcp']}x tcp; "
+      f"blaster over af_packet (MTU 3500): raw {a['raw_2048']} MB/s, page mode {a['page_2048']} (2 KiB)", file=e)
 print("post-copy at once over memif, same dirtier (stream: full speed, or --postcopy-bandwidth-limit):", file=e)
 print(f"  {'mechanism':10} {'stream':>6} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
 for r in out["postcopy"]:
