@@ -4,6 +4,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <net/if.h>
 #include <pthread.h>
 #include <sched.h>
 #include <setjmp.h>
@@ -11,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -306,6 +309,41 @@ static unsigned devarg_uint(const struct rte_eth_dev_info *info, const char *key
 	return def;
 }
 
+/* Bytes of an af_packet rx ring frame before the packet (TPACKET_V2: the 32-byte header
+ * and a sockaddr_ll, aligned, then 2 bytes so the IP header is aligned): a frame of
+ * framesz holds a packet of framesz - 66 bytes at most. Larger ones arrive cut short,
+ * and fail their CRC; 4064-byte frames in 4096-byte ring frames never arrived whole. */
+#define AF_PACKET_RING_OVERHEAD 66
+
+/* The MTU of af_packet's kernel interface (its --vdev iface), or 0. The PMD reports
+ * 1500 whatever the interface has, which held frames to 1514 bytes (three a page) on a
+ * veth of MTU 9000. */
+static unsigned iface_mtu(const struct rte_eth_dev_info *info)
+{
+	const struct rte_devargs *da = info->device ? rte_dev_devargs(info->device) : NULL;
+	const char *args = da != NULL && da->args != NULL ? da->args : "";
+	const char *a = strstr(args, "iface=");
+	struct ifreq ifr = {0};
+	unsigned mtu = 0;
+	int fd;
+
+	while (a != NULL && a != args && a[-1] != ',')
+		a = strstr(a + 1, "iface=");
+	if (a == NULL)
+		return 0;
+	a += strlen("iface=");
+	size_t n = strcspn(a, ",");
+	if (n == 0 || n >= sizeof(ifr.ifr_name))
+		return 0;
+	memcpy(ifr.ifr_name, a, n);
+	fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0 && ioctl(fd, SIOCGIFMTU, &ifr) == 0 && ifr.ifr_mtu > 0)
+		mtu = (unsigned)ifr.ifr_mtu;
+	if (fd >= 0)
+		close(fd);
+	return mtu;
+}
+
 /* The largest frame the port takes as its --vdev arguments set it up, up to
  * DPDKT_FRAME_AUTO_MAX: memif's buffer and af_packet's ring frame (neither checks the
  * MTU, which stays; memif reports a 1518-byte maximum it does not enforce); a standard
@@ -317,7 +355,7 @@ static unsigned largest_frame(const struct rte_eth_dev_info *info)
 	if (strcmp(info->driver_name, "net_memif") == 0)
 		f = devarg_uint(info, "bsize", 2048);
 	else if (strcmp(info->driver_name, "net_af_packet") == 0)
-		f = devarg_uint(info, "framesz", 2048) - 32;
+		f = devarg_uint(info, "framesz", 2048) - AF_PACKET_RING_OVERHEAD;
 	if (f > DPDKT_FRAME_AUTO_MAX)
 		f = DPDKT_FRAME_AUTO_MAX;
 	return f < std ? std : f;
@@ -342,16 +380,20 @@ static int check_pmd(const struct rte_eth_dev_info *info, const char *name, unsi
 			return -EINVAL;
 		}
 	} else if (strcmp(info->driver_name, "net_af_packet") == 0) {
-		/* A ring frame holds the packet after TPACKET2_HDRLEN less a sockaddr_ll;
-		 * tx drops larger packets silently and rx wants mbufs of that size. */
+		/* A tx ring frame holds the packet after TPACKET2_HDRLEN less a sockaddr_ll
+		 * (tx drops larger packets silently, and rx wants mbufs of that size); an rx
+		 * ring frame holds less (AF_PACKET_RING_OVERHEAD), and the kernel cuts what
+		 * does not fit. */
 		unsigned framesz = devarg_uint(info, "framesz", 2048);
 		unsigned data = framesz > 32 ? framesz - 32 : 0;
-		if (frame_size > data) {
+		unsigned fits =
+		    framesz > AF_PACKET_RING_OVERHEAD ? framesz - AF_PACKET_RING_OVERHEAD : 0;
+		if (frame_size > fits) {
 			snprintf(
 			    err, errlen,
 			    "%s: frames of up to %u bytes need framesz=%u or more in its --vdev "
 			    "arguments (it has %u)",
-			    name, frame_size, frame_size + 32, data + 32);
+			    name, frame_size, frame_size + AF_PACKET_RING_OVERHEAD, framesz);
 			return -EINVAL;
 		}
 		*room = RTE_MAX(*room, data);
@@ -421,14 +463,18 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		goto fail_free;
 	}
 	if (c.frame_size == 0) {
-		uint16_t mtu;
+		uint16_t pmd_mtu;
+		unsigned mtu = 0;
 		c.frame_size = largest_frame(&info);
 		/* af_packet's kernel interface drops what exceeds its MTU. */
-		if (strcmp(info.driver_name, "net_af_packet") == 0 &&
-		    rte_eth_dev_get_mtu(p->id, &mtu) == 0 &&
-		    c.frame_size > (unsigned)mtu + RTE_ETHER_HDR_LEN)
+		if (strcmp(info.driver_name, "net_af_packet") == 0) {
+			mtu = iface_mtu(&info);
+			if (mtu == 0 && rte_eth_dev_get_mtu(p->id, &pmd_mtu) == 0)
+				mtu = pmd_mtu;
+		}
+		if (mtu != 0 && c.frame_size > mtu + RTE_ETHER_HDR_LEN)
 			c.frame_size =
-			    RTE_MAX((unsigned)mtu + RTE_ETHER_HDR_LEN, (unsigned)RTE_ETHER_MIN_LEN);
+			    RTE_MAX(mtu + RTE_ETHER_HDR_LEN, (unsigned)RTE_ETHER_MIN_LEN);
 	}
 	unsigned room = cfg->frame_size; /* bytes of an mbuf after its headroom */
 	rc = check_pmd(&info, p->name, cfg->frame_size, &room, err, errlen);
