@@ -296,17 +296,32 @@ static int find_port(const char *name, uint16_t *id, char *err, size_t errlen)
 	return 0;
 }
 
-/* A numeric key=value of the port's --vdev arguments, or def. */
-static unsigned devarg_uint(const struct rte_eth_dev_info *info, const char *key, unsigned def)
+/* The value of key in the port's --vdev arguments (key=value,...) into buf; false when
+ * it is absent or does not fit. */
+static bool devarg_str(const struct rte_eth_dev_info *info, const char *key, char *buf, size_t size)
 {
 	const struct rte_devargs *da = info->device ? rte_dev_devargs(info->device) : NULL;
 	const char *args = da != NULL && da->args != NULL ? da->args : "";
 	size_t klen = strlen(key);
 
 	for (const char *a = strstr(args, key); a != NULL; a = strstr(a + 1, key))
-		if ((a == args || a[-1] == ',') && a[klen] == '=')
-			return strtoul(a + klen + 1, NULL, 0);
-	return def;
+		if ((a == args || a[-1] == ',') && a[klen] == '=') {
+			size_t n = strcspn(a + klen + 1, ",");
+			if (n >= size)
+				return false;
+			memcpy(buf, a + klen + 1, n);
+			buf[n] = 0;
+			return true;
+		}
+	return false;
+}
+
+/* A numeric key=value of the port's --vdev arguments, or def. */
+static unsigned devarg_uint(const struct rte_eth_dev_info *info, const char *key, unsigned def)
+{
+	char v[32];
+
+	return devarg_str(info, key, v, sizeof(v)) ? (unsigned)strtoul(v, NULL, 0) : def;
 }
 
 /* Bytes of an af_packet rx ring frame before the packet (TPACKET_V2: the 32-byte header
@@ -320,27 +335,17 @@ static unsigned devarg_uint(const struct rte_eth_dev_info *info, const char *key
  * veth of MTU 9000. */
 static unsigned iface_mtu(const struct rte_eth_dev_info *info)
 {
-	const struct rte_devargs *da = info->device ? rte_dev_devargs(info->device) : NULL;
-	const char *args = da != NULL && da->args != NULL ? da->args : "";
-	const char *a = strstr(args, "iface=");
 	struct ifreq ifr = {0};
 	unsigned mtu = 0;
-	int fd;
 
-	while (a != NULL && a != args && a[-1] != ',')
-		a = strstr(a + 1, "iface=");
-	if (a == NULL)
+	if (!devarg_str(info, "iface", ifr.ifr_name, sizeof(ifr.ifr_name)) || !ifr.ifr_name[0])
 		return 0;
-	a += strlen("iface=");
-	size_t n = strcspn(a, ",");
-	if (n == 0 || n >= sizeof(ifr.ifr_name))
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
 		return 0;
-	memcpy(ifr.ifr_name, a, n);
-	fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	if (fd >= 0 && ioctl(fd, SIOCGIFMTU, &ifr) == 0 && ifr.ifr_mtu > 0)
+	if (ioctl(fd, SIOCGIFMTU, &ifr) == 0 && ifr.ifr_mtu > 0)
 		mtu = (unsigned)ifr.ifr_mtu;
-	if (fd >= 0)
-		close(fd);
+	close(fd);
 	return mtu;
 }
 
