@@ -235,7 +235,8 @@ out = {
     "blaster_memif_mb_per_s": {"raw_2048": blast("raw", 2048), "page_2048": blast("page", 2048),
                                "raw_4096": blast("raw", 4096), "page_4096": blast("page", 4096)},
     "blaster_afpacket_mb_per_s": {"raw_2048": blast("raw", 2048, link="af_packet"),
-                                  "page_2048": blast("page", 2048, link="af_packet")},
+                                  "page_2048": blast("page", 2048, link="af_packet"),
+                                  "page_4096": blast("page", 4096, link="af_packet")},
     # Medians over the reps.
     "precopy_mb_per_s": {"dpdk_memif": m("dpdk_memif_mb_per_s"),
                          "dpdk_memif_1pct_drop": m("dpdk_memif_1pct_drop_mb_per_s"),
@@ -284,7 +285,8 @@ a = out["blaster_afpacket_mb_per_s"]
 print(f"over af_packet on veth (MTU 9000), per rep: " +
       ", ".join(cell(r['dpdk_afpacket_veth_mb_per_s'], r['dpdk_afpacket_veth_cpu_s_per_gib']) for r in per_rep) +
       f"; median {cell(p['dpdk_afpacket_veth'], c['dpdk_afpacket_veth'])}, {out['afpacket_over_tcp']}x tcp; "
-      f"blaster over af_packet (MTU 3500): raw {a['raw_2048']} MB/s, page mode {a['page_2048']} (2 KiB)", file=e)
+      f"blaster over af_packet: raw {a['raw_2048']} MB/s, page mode {a['page_2048']} (2 KiB), "
+      f"{a['page_4096']} (4 KiB)", file=e)
 print("post-copy at once over memif, same dirtier (stream: full speed, or --postcopy-bandwidth-limit):", file=e)
 print(f"  {'mechanism':10} {'stream':>6} {'total ms':>9} {'blocked ms':>10} {'requests':>8} {'p50 us':>7} {'p99 us':>7}", file=e)
 for r in out["postcopy"]:
