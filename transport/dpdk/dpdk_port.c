@@ -350,20 +350,30 @@ static unsigned iface_mtu(const struct rte_eth_dev_info *info)
 }
 
 /* The largest frame the port takes as its --vdev arguments set it up, up to
- * DPDKT_FRAME_AUTO_MAX: memif's buffer and af_packet's ring frame (neither checks the
- * MTU, which stays; memif reports a 1518-byte maximum it does not enforce); a standard
- * frame on anything else. */
+ * DPDKT_FRAME_AUTO_MAX: memif's buffer (memif reports a 1518-byte maximum it does not
+ * enforce, and no MTU applies); af_packet's rx ring frame, within its kernel interface's
+ * MTU, which drops larger frames (1500 when it cannot be read); a standard frame on
+ * anything else. */
 static unsigned largest_frame(const struct rte_eth_dev_info *info)
 {
 	unsigned std = RTE_ETHER_MAX_LEN - RTE_ETHER_CRC_LEN, f = std;
+	bool af_packet = strcmp(info->driver_name, "net_af_packet") == 0;
 
 	if (strcmp(info->driver_name, "net_memif") == 0)
 		f = devarg_uint(info, "bsize", 2048);
-	else if (strcmp(info->driver_name, "net_af_packet") == 0)
+	else if (af_packet)
 		f = devarg_uint(info, "framesz", 2048) - AF_PACKET_RING_OVERHEAD;
 	if (f > DPDKT_FRAME_AUTO_MAX)
 		f = DPDKT_FRAME_AUTO_MAX;
-	return f < std ? std : f;
+	if (f < std)
+		f = std;
+	if (af_packet) {
+		unsigned mtu = iface_mtu(info);
+		if (mtu == 0)
+			mtu = RTE_ETHER_MTU;
+		f = RTE_MIN(f, RTE_MAX(mtu + RTE_ETHER_HDR_LEN, (unsigned)RTE_ETHER_MIN_LEN));
+	}
+	return f;
 }
 
 /* Limits of the virtual PMDs that they do not report. Raises *room to what the PMD's
@@ -467,20 +477,8 @@ int dpdkt_port_open(const struct dpdkt_port_cfg *cfg, struct dpdkt_port **out, c
 		snprintf(err, errlen, "%s: cannot read device info: %s", p->name, strerror(-rc));
 		goto fail_free;
 	}
-	if (c.frame_size == 0) {
-		uint16_t pmd_mtu;
-		unsigned mtu = 0;
+	if (c.frame_size == 0)
 		c.frame_size = largest_frame(&info);
-		/* af_packet's kernel interface drops what exceeds its MTU. */
-		if (strcmp(info.driver_name, "net_af_packet") == 0) {
-			mtu = iface_mtu(&info);
-			if (mtu == 0 && rte_eth_dev_get_mtu(p->id, &pmd_mtu) == 0)
-				mtu = pmd_mtu;
-		}
-		if (mtu != 0 && c.frame_size > mtu + RTE_ETHER_HDR_LEN)
-			c.frame_size =
-			    RTE_MAX(mtu + RTE_ETHER_HDR_LEN, (unsigned)RTE_ETHER_MIN_LEN);
-	}
 	unsigned room = cfg->frame_size; /* bytes of an mbuf after its headroom */
 	rc = check_pmd(&info, p->name, cfg->frame_size, &room, err, errlen);
 	if (rc < 0)

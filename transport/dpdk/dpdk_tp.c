@@ -146,9 +146,9 @@ int dpdk_tp_parse_loss(const char *spec, struct dpdkt_loss *l)
 	}
 	while (*spec) {
 		size_t k = 0;
-		while (k < 3 && strncmp(spec, key[k], strlen(key[k])))
+		while (k < RTE_DIM(key) && strncmp(spec, key[k], strlen(key[k])))
 			k++;
-		if (k == 3)
+		if (k == RTE_DIM(key))
 			return -EINVAL;
 		spec += strlen(key[k]);
 		*rate[k] = strtod(spec, &end);
