@@ -48,6 +48,9 @@ say "ceiling: raw frame blaster over net_memif and net_af_packet"
 BLASTER=$BLASTER "$BENCH_ROOT/bench/dpdk_blaster.sh" --links memif,af_packet --seconds "$SECS" \
 	--buf "$MEM" >"$WORK/blaster.json"
 
+# The EAL arguments of every guest, but for its --file-prefix and --vdev.
+EAL="--no-huge -m 512 --no-pci"
+
 # memif_guest NAME ROLE PAIR ARGS...: a guest on this host owning one end of the memif
 # pair PAIR (ROLE server or client).
 memif_guest() {
@@ -61,7 +64,7 @@ memif_guest() {
 	local loss=
 	[ "$role" != server ] || loss=${LOSS:-}
 	HYMIG_TEST_DPDK_LOSS=$loss "$HYMIG" guest --ctl "$(ctl "$name")" \
-		--dpdk-eal "--no-huge -m 512 --no-pci --file-prefix hymig-b-$name-$$ \
+		--dpdk-eal "$EAL --file-prefix hymig-b-$name-$$ \
 --vdev net_memif0,role=$role,socket=$WORK/$pair.memif,socket-abstract=no,bsize=4096" \
 		"$@" 2>"$WORK/$name.log" &
 	BG_PIDS+=("$!")
@@ -121,13 +124,13 @@ run_tcp() {
 # (the kernel's packet rings copy each frame once more than memif).
 AF_RING=framesz=4096,blocksz=4096,framecnt=4096
 run_afpacket() {
-	local n=afp_r$REP eal="--no-huge -m 512 --no-pci --vdev net_af_packet0"
+	local n=afp_r$REP
 	say "pre-copy over dpdk af_packet on veth"
-	guest_start "$AF_HOST-b" "d$n" --mem "$MEM" --incoming dpdk:// \
-		--dpdk-eal "$eal,iface=$AF_HOST-vb,$AF_RING --file-prefix hymig-b-d$n-$$"
+	guest_start "$AF_HOST-b" "d$n" --mem "$MEM" --incoming dpdk:// --dpdk-eal \
+		"$EAL --file-prefix hymig-b-d$n-$$ --vdev net_af_packet0,iface=$AF_HOST-vb,$AF_RING"
 	guest_wait_ready "d$n"
-	guest_start "$AF_HOST-a" "s$n" --mem "$MEM" \
-		--dpdk-eal "$eal,iface=$AF_HOST-va,$AF_RING --file-prefix hymig-b-s$n-$$"
+	guest_start "$AF_HOST-a" "s$n" --mem "$MEM" --dpdk-eal \
+		"$EAL --file-prefix hymig-b-s$n-$$ --vdev net_af_packet0,iface=$AF_HOST-va,$AF_RING"
 	guest_wait_ready "s$n"
 	sleep 1
 	migrate_counting_cpu "s$n" "d$n" --to dpdk:// --channels "$CHANNELS" --mode precopy \
