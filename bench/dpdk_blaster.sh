@@ -2,8 +2,8 @@
 # Raw frame blaster over DPDK's own PMDs: the ceiling the dpdk transport is measured
 # against. Needs root and a build with DPDK (meson option dpdk).
 #
-#     bench/dpdk_blaster.sh [--seconds S] [--links memif,af_packet] [--pin] [--buf SIZE]
-#                           [--memif-runs MODE:PAYLOAD,...]
+#     bench/dpdk_blaster.sh [--seconds S] [--bytes SIZE] [--links memif,af_packet] [--pin]
+#                           [--buf SIZE] [--memif-runs MODE:PAYLOAD,...]
 #
 # For each link it runs build/bench/dpdk_blaster pairs, one receiver and one sender:
 #   memif      two processes on this host; the receiver is the memif server, the sender
@@ -14,8 +14,9 @@
 # into frames with a CRC32C per frame, checked and copied into place on the receiver),
 # with 2048-byte payloads (2 frames a page) and 4096 (one jumbo frame; over af_packet
 # in page mode only, as hymig's frames there carry about a page).
-# --seconds (default 8, at most 20) bounds each run; --pin puts the sender on CPU 0 and
-# the receiver on CPU 1. --memif-runs picks memif's runs (default
+# --seconds (default 8, at most 20) bounds each run, and so does --bytes (default none):
+# the payload bytes the sender sends (1G: as much as a 1 GiB migration moves). --pin puts
+# the sender on CPU 0 and the receiver on CPU 1. --memif-runs picks memif's runs (default
 # raw:2048,raw:4096,page:2048,page:4096). --buf (default 64M) sizes the page mode's
 # buffer on each side: give a migration's RAM size to compare with one, as a buffer that
 # fits in the cache is read and written faster than a guest's RAM. A table goes to
@@ -33,6 +34,7 @@ LINKS=memif,af_packet
 MEMIF_RUNS=raw:2048,raw:4096,page:2048,page:4096
 PIN=0
 BUF=64M
+BYTES=1000G # no bound short of --seconds
 
 usage() {
 	awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2
@@ -49,6 +51,7 @@ while [ $# -gt 0 ]; do
 	--links) LINKS=${2:?}; shift 2 ;;
 	--pin) PIN=1; shift ;;
 	--buf) BUF=${2:?}; shift 2 ;;
+	--bytes) BYTES=${2:?}; shift 2 ;;
 	--memif-runs) MEMIF_RUNS=${2:?}; shift 2 ;;
 	-h | --help) usage ;;
 	*) echo "unknown argument: $1" >&2; usage ;;
@@ -138,7 +141,7 @@ run() {
 	RUN=$((RUN + 1))
 	n=$WORK/run$RUN
 	local common=(--mode "$mode" --frame-payload "$payload" --seconds "$SECONDS_PER_RUN"
-		--bytes 1000G --wait 15 --buf "$BUF")
+		--bytes "$BYTES" --wait 15 --buf "$BUF")
 	local rx_pin=() tx_pin=() rx_ns=() tx_ns=() rx_dev tx_dev
 	if [ $PIN = 1 ]; then
 		tx_pin=(--cpu 0)
