@@ -234,4 +234,17 @@ migrate src13 --to "tcp://$ADDR_B:7043" --mode postcopy --precopy-rounds 0
 postcopy_ran
 verify_ok dst13
 "$HYMIG" quit --ctl "$(ctl dst13)"
+
+step "--hugepages auto with the pool free: hugetlb for an idle guest, never for an incoming one"
+guest b dst14 --mem 64M --incoming "tcp://$ADDR_B:7044"
+[ "$(status_field dst14 hugepages)" != hugetlb ] ||
+	fail "auto gave an incoming guest hugetlb: its post-copy faults would move 2 MiB each"
+"$HYMIG" quit --ctl "$(ctl dst14)"
+guest a idle14 --mem 64M --workload idle
+want=hugetlb # auto's choice when shmem THP is off
+grep -qE '\[(always|advise|within_size|force)\]' /sys/kernel/mm/transparent_hugepage/shmem_enabled &&
+	want=thp
+[ "$(status_field idle14 hugepages)" = "$want" ] ||
+	fail "auto gave an idle guest $(status_field idle14 hugepages), expected $want"
+"$HYMIG" quit --ctl "$(ctl idle14)"
 echo "PASS"
