@@ -1,4 +1,5 @@
-/* CRC32C for frames: three interleaved streams of the crc32 instruction, and a copy that
+/* CRC32C for frames: three interleaved streams of the crc32 instruction, or carry-less
+ * multiplication over AVX-512 where the CPU has it (VPCLMULQDQ), and a copy that
  * computes the CRC of what it stores in the same pass; and the copy that lands a frame's
  * payload in guest RAM with streaming stores. See dpdk_port.h.
  *
@@ -16,8 +17,7 @@
 #include <rte_hash_crc.h>
 
 #if defined(__x86_64__) && defined(__SSE4_2__)
-#include <emmintrin.h>
-#include <nmmintrin.h>
+#include <immintrin.h>
 
 /* Two block sizes: 3 x 1024 bytes for the bulk of a frame, 3 x 128 for its rest. */
 enum { LONG_PART = 1024, SHORT_PART = 128 };
@@ -49,10 +49,13 @@ static void shift_table_fill(uint32_t t[4][256], size_t len)
 		}
 }
 
-__attribute__((constructor)) static void shift_tables_init(void)
+static void fold_init(void);
+
+__attribute__((constructor)) static void crc_tables_init(void)
 {
 	shift_table_fill(shift_long, LONG_PART);
 	shift_table_fill(shift_short, SHORT_PART);
+	fold_init();
 }
 
 static inline uint32_t shift(const uint32_t t[4][256], uint32_t r)
@@ -104,6 +107,134 @@ static inline uint32_t blocks(uint32_t r, const uint8_t **src, uint8_t **dst, si
 	return r;
 }
 
+/* Folding by carry-less multiplication. The crc32 instruction's register after data is
+ * (r x^8n + M x^32) mod P, bits reflected (a byte's bit 0 is its highest power of x);
+ * r can be xored into the data's first 4 bytes instead. A 16-byte lane X of the data,
+ * its first 8 bytes H and last 8 L, stands for H x^64 + L; moved n bytes on it is
+ * H (x^(8n+64) mod P) + L (x^(8n) mod P), two products of 64 by 32 bits: what
+ * VPCLMULQDQ computes for four lanes at once, 96 bits each, to be xored into the lane
+ * n bytes further. A multiplication of reflected operands yields the product times x,
+ * hence the constants' x^(k-1). Four 64-byte accumulators fold 256 bytes a round
+ * (the multiplications' latency overlaps), then fold into one, whose lanes fold into
+ * one 16-byte value congruent to the data so far; the crc32 instruction over those 16
+ * bytes from 0 gives the register. Measured here (Zen 4), per GiB in 4032-byte frames:
+ * the CRC of frames in the cache took 64-74 ms by three crc32 streams, 34 ms folding;
+ * copy and CRC from a 1 GiB memfd 103-160 ms, 76-94 ms folding. */
+enum { FOLD_BLOCK = 256 };
+
+/* x^k mod P (P = CRC32C's polynomial 0x1EDC6F41, x^32 implied), bit i the coefficient
+ * of x^i, reflected into a 64-bit operand (coefficient of x^i at bit 63 - i). */
+static uint64_t xpow_reflected(unsigned k)
+{
+	uint32_t v = 1;
+
+	for (unsigned i = 0; i < k; i++)
+		v = (v << 1) ^ (v & 0x80000000u ? 0x1EDC6F41u : 0);
+	uint64_t out = 0;
+	for (unsigned i = 0; i < 32; i++)
+		if (v & (1u << i))
+			out |= 1ull << (63 - i);
+	return out;
+}
+
+/* Per lane: {x^(8n+63), x^(8n-1)} mod P moves the lane n bytes on. */
+static struct {
+	uint64_t n256[2], n192[2], n128[2], n64[2], lanes[8]; /* lanes: n = 48, 32, 16 */
+} fold_k;
+static bool fold_on; /* the CPU has it (and tests did not turn it off) */
+static bool fold_have;
+
+static void fold_pair(uint64_t k[2], unsigned n)
+{
+	k[0] = xpow_reflected(8 * n + 63);
+	k[1] = xpow_reflected(8 * n - 1);
+}
+
+static void fold_init(void)
+{
+	__builtin_cpu_init();
+	fold_have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq");
+	fold_on = fold_have;
+	fold_pair(fold_k.n256, 256);
+	fold_pair(fold_k.n192, 192);
+	fold_pair(fold_k.n128, 128);
+	fold_pair(fold_k.n64, 64);
+	fold_pair(fold_k.lanes, 48);
+	fold_pair(fold_k.lanes + 2, 32);
+	fold_pair(fold_k.lanes + 4, 16);
+	/* The last lane stays where it is (a blend keeps it). */
+}
+
+#define FOLD_TARGET __attribute__((target("avx512f,vpclmulqdq")))
+
+FOLD_TARGET static inline __m512i fold_by(__m512i x, __m512i k)
+{
+	return _mm512_xor_si512(_mm512_clmulepi64_epi128(x, k, 0x00),
+				_mm512_clmulepi64_epi128(x, k, 0x11));
+}
+
+FOLD_TARGET static inline __m512i broadcast_pair(const uint64_t k[2])
+{
+	return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)k));
+}
+
+/* The register after the first len - len % 64 bytes (len >= FOLD_BLOCK) of src, copied
+ * to dst when not NULL, started from r; advances *src, *dst and *len. */
+FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t **dst, size_t *len)
+{
+	const uint8_t *s = *src;
+	uint8_t *d = *dst;
+	size_t n = *len;
+	__m512i a[4];
+
+	for (int i = 0; i < 4; i++) {
+		a[i] = _mm512_loadu_si512(s + 64 * i);
+		if (d != NULL)
+			_mm512_storeu_si512(d + 64 * i, a[i]);
+	}
+	a[0] = _mm512_xor_si512(a[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)r)));
+	s += FOLD_BLOCK;
+	if (d != NULL)
+		d += FOLD_BLOCK;
+	n -= FOLD_BLOCK;
+	const __m512i k256 = broadcast_pair(fold_k.n256);
+	for (; n >= FOLD_BLOCK; n -= FOLD_BLOCK) {
+		for (int i = 0; i < 4; i++) {
+			__m512i v = _mm512_loadu_si512(s + 64 * i);
+			if (d != NULL)
+				_mm512_storeu_si512(d + 64 * i, v);
+			a[i] = _mm512_xor_si512(fold_by(a[i], k256), v);
+		}
+		s += FOLD_BLOCK;
+		if (d != NULL)
+			d += FOLD_BLOCK;
+	}
+	__m512i x = _mm512_xor_si512(fold_by(a[0], broadcast_pair(fold_k.n192)),
+				     fold_by(a[1], broadcast_pair(fold_k.n128)));
+	x = _mm512_xor_si512(x, fold_by(a[2], broadcast_pair(fold_k.n64)));
+	x = _mm512_xor_si512(x, a[3]);
+	const __m512i k64 = broadcast_pair(fold_k.n64);
+	for (; n >= 64; n -= 64) {
+		__m512i v = _mm512_loadu_si512(s);
+		if (d != NULL)
+			_mm512_storeu_si512(d, v);
+		x = _mm512_xor_si512(fold_by(x, k64), v);
+		s += 64;
+		if (d != NULL)
+			d += 64;
+	}
+	x = _mm512_mask_blend_epi64(0xC0, fold_by(x, _mm512_loadu_si512(fold_k.lanes)), x);
+	__m128i v = _mm_xor_si128(
+	    _mm_xor_si128(_mm512_extracti32x4_epi32(x, 0), _mm512_extracti32x4_epi32(x, 1)),
+	    _mm_xor_si128(_mm512_extracti32x4_epi32(x, 2), _mm512_extracti32x4_epi32(x, 3)));
+	uint64_t reg = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(v));
+	reg = _mm_crc32_u64(reg, (uint64_t)_mm_extract_epi64(v, 1));
+	*src = s;
+	*dst = d;
+	*len = n;
+	return (uint32_t)reg;
+}
+
 /* The raw register after buf (copied to dst when not NULL), started from r. */
 static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
 {
@@ -113,6 +244,8 @@ static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
 	if (d != NULL)
 		for (size_t off = 0; off < len && off < PREFETCH_MAX; off += 64)
 			__builtin_prefetch(s + off);
+	if (fold_on && len >= FOLD_BLOCK)
+		r = fold_blocks(r, &s, &d, &len);
 	r = blocks(r, &s, &d, &len, LONG_PART, shift_long);
 	r = blocks(r, &s, &d, &len, SHORT_PART, shift_short);
 	uint64_t r0 = r;
@@ -169,7 +302,19 @@ void dpdkt_uncached_fence(void)
 	_mm_sfence();
 }
 
+bool dpdkt_crc_set_fold(bool on)
+{
+	fold_on = on && fold_have;
+	return fold_on;
+}
+
 #else /* no SSE4.2: DPDK's portable CRC, and a copy before it */
+
+bool dpdkt_crc_set_fold(bool on)
+{
+	(void)on;
+	return false;
+}
 
 void dpdkt_copy_uncached(void *dst, const void *src, size_t len)
 {

@@ -147,12 +147,17 @@ void dpdkt_idle_wait(struct dpdkt_idle *b);
 
 /* CRC32C (Castagnoli, as iSCSI and ext4) of buf, continuing from crc (0 to start), so
  * fragments can be chained: dpdkt_crc32c(b, n, dpdkt_crc32c(a, m, 0)) is the CRC of a then b.
- * Three interleaved streams of the SSE4.2 crc32 instruction (dpdk_crc.c says how).
+ * Three interleaved streams of the SSE4.2 crc32 instruction, or carry-less multiplication
+ * by AVX-512 where the CPU has it (dpdk_crc.c says how).
  * "123456789" gives 0xE3069283. */
 uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc);
 /* Copies len bytes from src to dst and returns the CRC32C of the bytes stored (continuing
  * from crc), in one pass: src may change meanwhile and the CRC still matches dst. */
 uint32_t dpdkt_copy_crc32c(void *dst, const void *src, size_t len, uint32_t crc);
+/* Turns the carry-less multiplication path (AVX-512 VPCLMULQDQ, for 256 bytes and more)
+ * off, or back on where the CPU has it; returns whether it is in use. For tests and
+ * measurements: both paths give the same CRC. */
+bool dpdkt_crc_set_fold(bool on);
 /* Copies len bytes to memory nothing will read soon (a page landed in guest RAM) with
  * stores that bypass the cache: the lines are not read first, and the cache keeps the
  * frames still to come. These stores are weakly ordered: call dpdkt_uncached_fence

@@ -116,6 +116,30 @@ static void test_crc32c(void **state)
 			assert_int_equal(dst[0], 0);
 			assert_int_equal(dst[1 + n], 0);
 		}
+	/* Both paths (crc32 streams, and folding where the CPU has it), every length
+	 * through the 256-byte folding rounds and their 64-byte tail, from odd starts,
+	 * started from a register other than 0, and copying. */
+	for (int fold = 0; fold < 2; fold++) {
+		bool on = dpdkt_crc_set_fold(fold);
+		if (fold && !on)
+			print_message("no VPCLMULQDQ here: the folding path is not tested\n");
+		for (size_t off = 0; off < 4; off++)
+			for (size_t n = 0; n <= 1100 && off + n <= 4096; n += off ? 7 : 1) {
+				uint32_t want = crc32c_bitwise(buf + off, n);
+				assert_int_equal(dpdkt_crc32c(buf + off, n, 0), want);
+				assert_int_equal(dpdkt_crc32c(buf + off + n / 3, n - n / 3,
+							      dpdkt_crc32c(buf + off, n / 3, 0)),
+						 want);
+				memset(dst, 0, sizeof(dst));
+				assert_int_equal(dpdkt_copy_crc32c(dst + 1, buf + off, n, 0), want);
+				assert_memory_equal(dst + 1, buf + off, n);
+				assert_int_equal(dst[1 + n], 0);
+			}
+		for (size_t n = 3900; n <= 4096; n++)
+			assert_int_equal(dpdkt_crc32c(buf, n, 0), crc32c_bitwise(buf, n));
+	}
+	dpdkt_crc_set_fold(true);
+
 	buf[100] ^= 1;
 	assert_int_not_equal(dpdkt_crc32c(buf, 4096, 0), whole);
 	buf[100] ^= 1;
