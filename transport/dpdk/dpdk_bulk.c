@@ -180,9 +180,16 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 	else if (r->type == REC_PAGES)
 		dpdkt_uncached_fence(); /* bulk_deliver's copies, before the count says landed */
 	pthread_mutex_lock(&b->lock);
+	if (r->type != REC_SWITCH && r->type != REC_END) {
+		/* No broadcast: waiters wait for markers and errors, and waking the one in
+		 * land_wait for each record cost both guests' two cores a switch each. */
+		L->pages += r->npages;
+		pthread_mutex_unlock(&b->lock);
+		return 0;
+	}
 	if (r->type == REC_SWITCH) {
 		L->switched = true;
-	} else if (r->type == REC_END) {
+	} else {
 		if (r->first_page != L->pages && !b->error) {
 			b->error = -EPROTO;
 			snprintf(b->reason, sizeof(b->reason),
@@ -190,8 +197,6 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 				 (unsigned long long)r->first_page, (unsigned long long)L->pages);
 		}
 		L->ended = true;
-	} else {
-		L->pages += r->npages;
 	}
 	pthread_cond_broadcast(&b->changed);
 	pthread_mutex_unlock(&b->lock);
