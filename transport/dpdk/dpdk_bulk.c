@@ -19,6 +19,7 @@ struct dpdk_lane {
 	/* Destination (and the source's urgent lane): the record being received. */
 	uint8_t raw[sizeof(struct wire_rec)];
 	size_t hdr_got, off;
+	uint64_t wire; /* bytes received not yet in base.wire_bytes (added per record) */
 	struct wire_rec rec;
 	uint8_t *scratch; /* WIRE_MAX_RUN pages, for records landed through pc */
 	/* Guarded by dpdk_bulk.lock. */
@@ -212,7 +213,9 @@ static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, 
 	const uint8_t *p = frag;
 	int rc;
 
-	b->base.wire_bytes += len;
+	/* Not an atomic add per fragment: it would wait for the last page's streaming
+	 * stores to reach memory. */
+	L->wire += len;
 	if (flags & DPDKT_FRAG_START)
 		L->hdr_got = L->off = 0;
 	if (L->hdr_got < sizeof(L->raw)) {
@@ -240,6 +243,8 @@ static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, 
 		L->off += len;
 	}
 	if (flags & DPDKT_FRAG_END) {
+		b->base.wire_bytes += L->wire;
+		L->wire = 0;
 		if (L->hdr_got < sizeof(L->raw))
 			return land_fail(b, lane, -EPROTO, "%s: %s", "a record without its header");
 		return rec_end(b, lane, L);
