@@ -209,11 +209,11 @@ FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t
 		if (d != NULL)
 			d += FOLD_BLOCK;
 	}
+	const __m512i k64 = broadcast_pair(fold_k.n64);
 	__m512i x = _mm512_xor_si512(fold_by(a[0], broadcast_pair(fold_k.n192)),
 				     fold_by(a[1], broadcast_pair(fold_k.n128)));
-	x = _mm512_xor_si512(x, fold_by(a[2], broadcast_pair(fold_k.n64)));
+	x = _mm512_xor_si512(x, fold_by(a[2], k64));
 	x = _mm512_xor_si512(x, a[3]);
-	const __m512i k64 = broadcast_pair(fold_k.n64);
 	for (; n >= 64; n -= 64) {
 		__m512i v = _mm512_loadu_si512(s);
 		if (d != NULL)

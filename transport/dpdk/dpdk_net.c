@@ -892,10 +892,11 @@ static unsigned rx_queue(struct dpdkt_net *net, unsigned q)
 	uint16_t n = dpdkt_rx_burst(net->port, (uint16_t)q, ms, RX_BURST);
 
 	st_add_round(&net->st.rx_frames, n);
-	/* The payloads' CRCs first, for the whole burst: a 4 KiB frame's CRC took 650-690
-	 * TSC cycles when the frame before it had just landed (streaming stores), 250-330
-	 * checked with the others right after rx_burst copied them in. Without injection
-	 * only: injected corruption comes after this point. */
+	/* The payloads' CRCs first, for the whole burst, while rx_burst's copies are fresh:
+	 * a 4 KiB frame's CRC took 650-690 TSC cycles when the frame before it had just
+	 * landed, 250-330 checked with the others here (measured while each frame still
+	 * took locked adds, which waited for the landing's streaming stores: see
+	 * st_add_round). Without injection only: injected corruption comes after this. */
 	uint32_t crc[RX_BURST];
 	bool have[RX_BURST];
 	bool inj = net->pinj[DIR_RX].on;
