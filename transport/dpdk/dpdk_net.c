@@ -137,6 +137,16 @@ struct rte_mbuf *dpdkt_frame_new(struct dpdkt_net *net, struct rte_mempool_cache
 	} else {
 		if (rte_mempool_generic_get(net->port->pool, (void **)&m, 1, cache) < 0)
 			return NULL;
+		/* The next frame's mbuf: its lines are cold, as a lane's window keeps 2 MiB of
+		 * frames in flight. Timed with the TSC, a memif sender's allocation took
+		 * 119-166 cycles a frame without this, 87-134 with it. */
+		if (cache->len > 0) {
+			const char *next = cache->objs[cache->len - 1];
+			__builtin_prefetch(next, 1);
+			__builtin_prefetch(next + RTE_CACHE_LINE_SIZE, 1);
+			__builtin_prefetch(next + sizeof(struct rte_mbuf) + RTE_PKTMBUF_HEADROOM,
+					   1);
+		}
 		rte_pktmbuf_reset(m);
 	}
 	uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(DPDKT_HDR_LEN + len));
