@@ -108,35 +108,6 @@ static int dirty_scan(int fd, struct hm_pm_scan_arg *a)
 	return n < 0 ? -errno : (int)n;
 }
 
-/* WP_ASYNC: write-protects [start, end) by a PAGEMAP_SCAN that protects what it matches
- * and reports nothing. Protecting 1 GiB of 4 KiB pages took 7.4 ms here (11.6 with a
- * vCPU running: bench/dirty_scan.c's start), against 18.7 (18.6) for
- * UFFDIO_WRITEPROTECT, whose walk also looks up each page's folio. A page not mapped in
- * the range is left as it is: a write maps it unprotected, and the next collect reports
- * it, as one protected by UFFDIO_WRITEPROTECT would be. */
-static int dirty_wp_async_arm(struct dirty_tracker *t, uint64_t start, uint64_t end)
-{
-	struct hm_pm_scan_arg a = {
-	    .size = sizeof(a),
-	    .flags = HM_PM_SCAN_WP_MATCHING | HM_PM_SCAN_CHECK_WPASYNC,
-	    .start = start,
-	    .end = end,
-	    .category_mask = HM_PAGE_IS_WRITTEN,
-	    .return_mask = HM_PAGE_IS_WRITTEN,
-	};
-
-	while (a.start < a.end) {
-		int n = dirty_scan(t->pagemap_fd, &a);
-
-		if (n < 0)
-			return n;
-		if (a.walk_end <= a.start)
-			return -EIO; /* no progress: never loop on it */
-		a.start = a.walk_end;
-	}
-	return 0;
-}
-
 /* PAGEMAP_SCAN must work on a plain range before WP_ASYNC is worth choosing. */
 static bool dirty_pagemap_scan_works(int fd, const struct ram_region *r)
 {
@@ -441,6 +412,54 @@ int dirty_start_lazy(struct dirty_tracker *t)
 	return 0;
 }
 
+/* WP_ASYNC: the written pages of [s, e) of a region (pages of it), re-protected in the
+ * same walk when rearm. One caller at a time when out is set: it uses t->vec. With out
+ * NULL nothing is reported and the walk only protects, as dirty_arm does: protecting
+ * 1 GiB of 4 KiB pages took 7.4 ms so (11.6 with a vCPU running: bench/dirty_scan.c's
+ * start) against 18.7 (18.6) by UFFDIO_WRITEPROTECT, whose walk also looks up each
+ * page's folio. A page not mapped in the range is left as it is: a write maps it
+ * unprotected, and the next collect reports it, as one protected by UFFDIO_WRITEPROTECT
+ * would be. */
+static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, uint64_t s, uint64_t e,
+			       struct bitmap *out, bool rearm, bool atomic, uint64_t *added)
+{
+	const struct ram_region *r = &t->ram->r[ri];
+	uint64_t base = (uintptr_t)r->guest;
+	/* category WRITTEN with return WRITTEN alone takes the kernel's fast path, which
+	 * also counts a PTE zapped since it was written as written. */
+	struct hm_pm_scan_arg a = {
+	    .size = sizeof(a),
+	    .flags = HM_PM_SCAN_CHECK_WPASYNC | (rearm ? HM_PM_SCAN_WP_MATCHING : 0),
+	    .start = base + s * HM_PAGE_SIZE,
+	    .end = base + e * HM_PAGE_SIZE,
+	    .vec = out ? (uintptr_t)t->vec : 0,
+	    .vec_len = out ? DIRTY_VEC_LEN : 0,
+	    .category_mask = HM_PAGE_IS_WRITTEN,
+	    .return_mask = HM_PAGE_IS_WRITTEN,
+	};
+
+	while (a.start < a.end) {
+		int n = dirty_scan(t->pagemap_fd, &a);
+
+		if (n < 0) {
+			log_err("dirty: PAGEMAP_SCAN over hymig-ram:%u: %s", ri, strerror(-n));
+			return n;
+		}
+		for (int i = 0; i < n; i++)
+			*added += dirty_set_range(
+			    out, r->first_page + (t->vec[i].start - base) / HM_PAGE_SIZE,
+			    (t->vec[i].end - t->vec[i].start) / HM_PAGE_SIZE, atomic);
+		/* The walk stops where the vector filled: go on from there. */
+		if (a.walk_end <= a.start && n == 0) {
+			log_err("dirty: PAGEMAP_SCAN made no progress at 0x%llx",
+				(unsigned long long)a.start);
+			return -EIO;
+		}
+		a.start = a.walk_end;
+	}
+	return 0;
+}
+
 /* The pages of [first_page, first_page + npages) in region r, as [*s, *e) of the region
  * rounded out to multiples of unit pages; false when none are in r. */
 static bool region_span(const struct ram_region *r, uint64_t first_page, uint64_t npages,
@@ -467,13 +486,12 @@ int dirty_arm(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
 	pthread_mutex_lock(&t->lock);
 	for (unsigned i = 0; i < t->ram->nregions && rc == 0 && npages; i++) {
 		const struct ram_region *r = &t->ram->r[i];
-		uint64_t s, e;
+		uint64_t s, e, none = 0;
 
 		if (!region_span(r, first_page, npages, r->backing_page / HM_PAGE_SIZE, &s, &e))
 			continue;
 		rc = t->method == DIRTY_WP_ASYNC
-			 ? dirty_wp_async_arm(t, (uintptr_t)r->guest + s * HM_PAGE_SIZE,
-					      (uintptr_t)r->guest + e * HM_PAGE_SIZE)
+			 ? dirty_collect_async(t, i, s, e, NULL, true, false, &none)
 			 : uffd_wp(t->uffd, (uintptr_t)r->guest + s * HM_PAGE_SIZE,
 				   (e - s) * HM_PAGE_SIZE, true);
 		if (rc < 0) {
@@ -522,48 +540,6 @@ void dirty_mark(struct dirty_tracker *t, uint64_t first_page, uint64_t npages)
 	if (npages > t->pending.nbits - first_page)
 		npages = t->pending.nbits - first_page;
 	dirty_set_range(&t->pending, first_page, npages, true);
-}
-
-/* WP_ASYNC: the written pages of [s, e) of a region (pages of it), re-protected in the
- * same walk when rearm. One caller at a time: it uses t->vec. */
-static int dirty_collect_async(struct dirty_tracker *t, unsigned ri, uint64_t s, uint64_t e,
-			       struct bitmap *out, bool rearm, bool atomic, uint64_t *added)
-{
-	const struct ram_region *r = &t->ram->r[ri];
-	uint64_t base = (uintptr_t)r->guest;
-	/* category WRITTEN with return WRITTEN alone takes the kernel's fast path, which
-	 * also counts a PTE zapped since it was written as written. */
-	struct hm_pm_scan_arg a = {
-	    .size = sizeof(a),
-	    .flags = HM_PM_SCAN_CHECK_WPASYNC | (rearm ? HM_PM_SCAN_WP_MATCHING : 0),
-	    .start = base + s * HM_PAGE_SIZE,
-	    .end = base + e * HM_PAGE_SIZE,
-	    .vec = (uintptr_t)t->vec,
-	    .vec_len = DIRTY_VEC_LEN,
-	    .category_mask = HM_PAGE_IS_WRITTEN,
-	    .return_mask = HM_PAGE_IS_WRITTEN,
-	};
-
-	while (a.start < a.end) {
-		int n = dirty_scan(t->pagemap_fd, &a);
-
-		if (n < 0) {
-			log_err("dirty: PAGEMAP_SCAN over hymig-ram:%u: %s", ri, strerror(-n));
-			return n;
-		}
-		for (int i = 0; i < n; i++)
-			*added += dirty_set_range(
-			    out, r->first_page + (t->vec[i].start - base) / HM_PAGE_SIZE,
-			    (t->vec[i].end - t->vec[i].start) / HM_PAGE_SIZE, atomic);
-		/* The walk stops where the vector filled: go on from there. */
-		if (a.walk_end <= a.start && n == 0) {
-			log_err("dirty: PAGEMAP_SCAN made no progress at 0x%llx",
-				(unsigned long long)a.start);
-			return -EIO;
-		}
-		a.start = a.walk_end;
-	}
-	return 0;
 }
 
 /* Re-protects pages [s, e) of a region; e == 0 is an empty run. */
