@@ -8,8 +8,9 @@
  * for one and sends to its MAC. --mode page does a migration's per-page work: each 4 KiB
  * page of a buffer of random data is copied into frames of --frame-payload bytes (a
  * page needs 4096/B of them) and each frame carries the CRC32C of the bytes copied
- * into it; the receiver checks the CRC and copies the payload to the page's offset in
- * its own buffer, and at the end compares that buffer with what the sender's seed
+ * into it; the receiver copies the payload to the page's offset in its own buffer and
+ * checks the CRC in the same pass (as hymig's destination lands most frames), and at
+ * the end compares that buffer with what the sender's seed
  * generates. --mode raw sends frames without copy or CRC. A sequence number in each
  * frame counts drops. Each side prints one JSON line on stdout (the receiver's holds
  * the figures) and DPDK's log goes to stderr. Idle polling backs off to short sleeps,
@@ -474,11 +475,9 @@ static void rx_frame(const struct opts *o, struct rx_state *s, uint8_t *buf, str
 		return;
 	/* A PMD may chain a large frame over several mbufs. */
 	const uint8_t *pl = rte_pktmbuf_read(m, HDRS, len, scratch);
-	if (dpdkt_crc32c(pl, len, 0) != rte_le_to_cpu_32(h->crc)) {
+	/* Checked as it lands, as the transport lands pages (dpdkt_link_cfg.land_at). */
+	if (dpdkt_land_crc32c(buf + off, pl, len, 0) != rte_le_to_cpu_32(h->crc))
 		s->crc_errors++;
-		return;
-	}
-	dpdkt_copy_uncached(buf + off, pl, len); /* as the transport lands pages */
 }
 
 static int run_rx(const struct opts *o, struct dpdkt_port *p, uint8_t *buf)

@@ -88,6 +88,13 @@ static int land_fail(struct dpdk_bulk *b, unsigned lane, int rc, const char *fmt
 	return rc;
 }
 
+/* Whether lane's records land through pc (into scratch) rather than straight into the
+ * migrator view. */
+static bool via_pc(const struct dpdk_bulk *b, unsigned lane)
+{
+	return b->pc && (b->lanes[lane].switched || lane == b->urgent);
+}
+
 /* A whole record reached a lane that lands through pc: claim, write, release. */
 static void land_pc(struct dpdk_bulk *b, struct dpdk_lane *L)
 {
@@ -135,7 +142,7 @@ static int rec_start(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 		ram_region_of(b->ram, r->first_page + r->npages - 1))
 		return land_fail(b, lane, -EPROTO, "%s: %s",
 				 "a record crosses a RAM region boundary");
-	if (r->type == REC_PAGES && b->pc && (L->switched || urgent) && !L->scratch &&
+	if (r->type == REC_PAGES && via_pc(b, lane) && !L->scratch &&
 	    !(L->scratch = malloc((size_t)WIRE_MAX_RUN * HM_PAGE_SIZE)))
 		return land_fail(b, lane, -ENOMEM, "%s: %s", "no memory for a landing buffer");
 	return 0;
@@ -173,8 +180,7 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 		pthread_mutex_unlock(&b->lock);
 		return 0;
 	}
-	if ((r->type == REC_PAGES || r->type == REC_ZERO) && b->pc &&
-	    (L->switched || lane == b->urgent))
+	if ((r->type == REC_PAGES || r->type == REC_ZERO) && via_pc(b, lane))
 		land_pc(b, L);
 	else if (r->type == REC_ZERO)
 		memset(ram_mig_page(b->ram, r->first_page), 0, (size_t)r->npages * HM_PAGE_SIZE);
@@ -202,6 +208,22 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 	pthread_cond_broadcast(&b->changed);
 	pthread_mutex_unlock(&b->lock);
 	return 0;
+}
+
+/* dpdkt_link_cfg.land_at: where a middle or last fragment of a page record lands in the
+ * migrator view. A frame that turns out invalid leaves its bytes in the record's pages
+ * still to come, which the lane's next frames write; through pc, scratch is copied
+ * from, so it is left to bulk_deliver. */
+static void *bulk_land_at(void *ctx, unsigned lane, size_t len, unsigned flags)
+{
+	struct dpdk_bulk *b = ctx;
+	struct dpdk_lane *L = &b->lanes[lane];
+	const struct wire_rec *r = &L->rec;
+
+	if ((flags & DPDKT_FRAG_START) || L->hdr_got < sizeof(L->raw) || r->type != REC_PAGES ||
+	    via_pc(b, lane) || L->off + len > (size_t)r->npages * HM_PAGE_SIZE)
+		return NULL;
+	return (uint8_t *)ram_mig_page(b->ram, r->first_page) + L->off;
 }
 
 /* Runs on the poller thread (or a sender helping it) for each fragment, in order per
@@ -235,7 +257,9 @@ static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, 
 		    L->off + len > (size_t)r->npages * HM_PAGE_SIZE)
 			return land_fail(b, lane, -EPROTO, "%s: %s",
 					 "a record is longer than its header says");
-		if (b->pc && (L->switched || lane == b->urgent))
+		if (flags & DPDKT_FRAG_LANDED)
+			; /* bulk_land_at's place */
+		else if (via_pc(b, lane))
 			memcpy(L->scratch + L->off, p, len);
 		else
 			dpdkt_copy_uncached((uint8_t *)ram_mig_page(b->ram, r->first_page) + L->off,
@@ -310,6 +334,7 @@ static int bulk_open(struct dpdk_slot *s, const struct rte_ether_addr *peer, boo
 	if (lc.keepalive_ms > 100)
 		lc.keepalive_ms = 100;
 	lc.dead_cb = bulk_dead;
+	lc.land_at = bulk_land_at;
 	rc = dpdkt_link_open(s->net, peer, session, cfg->channels + 1, &lc, bulk_deliver, b,
 			     &b->link, why, sizeof(why));
 	if (rc < 0) {

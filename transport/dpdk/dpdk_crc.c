@@ -178,9 +178,21 @@ FOLD_TARGET static inline __m512i broadcast_pair(const uint64_t k[2])
 	return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)k));
 }
 
+/* Stores v at d: a streaming store (d 64-byte aligned) or a plain one. */
+FOLD_TARGET static inline __attribute__((always_inline)) void fold_store(uint8_t *d, __m512i v,
+									 bool stream)
+{
+	if (stream)
+		_mm512_stream_si512((void *)d, v);
+	else
+		_mm512_storeu_si512(d, v);
+}
+
 /* The register after the first len - len % 64 bytes (len >= FOLD_BLOCK) of src, copied
- * to dst when not NULL, started from r; advances *src, *dst and *len. */
-FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t **dst, size_t *len)
+ * to dst when not NULL (by streaming stores when stream), started from r; advances *src,
+ * *dst and *len. */
+FOLD_TARGET static inline __attribute__((always_inline)) uint32_t
+fold_body(uint32_t r, const uint8_t **src, uint8_t **dst, size_t *len, bool stream)
 {
 	const uint8_t *s = *src;
 	uint8_t *d = *dst;
@@ -190,7 +202,7 @@ FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t
 	for (int i = 0; i < 4; i++) {
 		a[i] = _mm512_loadu_si512(s + 64 * i);
 		if (d != NULL)
-			_mm512_storeu_si512(d + 64 * i, a[i]);
+			fold_store(d + 64 * i, a[i], stream);
 	}
 	a[0] = _mm512_xor_si512(a[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)r)));
 	s += FOLD_BLOCK;
@@ -202,7 +214,7 @@ FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t
 		for (int i = 0; i < 4; i++) {
 			__m512i v = _mm512_loadu_si512(s + 64 * i);
 			if (d != NULL)
-				_mm512_storeu_si512(d + 64 * i, v);
+				fold_store(d + 64 * i, v, stream);
 			a[i] = _mm512_xor_si512(fold_by(a[i], k256), v);
 		}
 		s += FOLD_BLOCK;
@@ -217,7 +229,7 @@ FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t
 	for (; n >= 64; n -= 64) {
 		__m512i v = _mm512_loadu_si512(s);
 		if (d != NULL)
-			_mm512_storeu_si512(d, v);
+			fold_store(d, v, stream);
 		x = _mm512_xor_si512(fold_by(x, k64), v);
 		s += 64;
 		if (d != NULL)
@@ -233,6 +245,17 @@ FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t
 	*dst = d;
 	*len = n;
 	return (uint32_t)reg;
+}
+
+FOLD_TARGET static uint32_t fold_blocks(uint32_t r, const uint8_t **src, uint8_t **dst, size_t *len)
+{
+	return fold_body(r, src, dst, len, false);
+}
+
+FOLD_TARGET static uint32_t fold_blocks_stream(uint32_t r, const uint8_t **src, uint8_t **dst,
+					       size_t *len)
+{
+	return fold_body(r, src, dst, len, true);
 }
 
 /* The raw register after buf (copied to dst when not NULL), started from r. */
@@ -302,6 +325,44 @@ void dpdkt_uncached_fence(void)
 	_mm_sfence();
 }
 
+/* reg_update's copy of the len & ~7 bytes at an 8-byte aligned d by 8-byte streaming
+ * stores; advances *src, *dst and *len. */
+static uint32_t words_stream(uint32_t r, const uint8_t **src, uint8_t **dst, size_t *len)
+{
+	uint64_t r0 = r;
+
+	for (; *len >= 8; *len -= 8, *src += 8, *dst += 8) {
+		uint64_t v = load64(*src);
+		_mm_stream_si64((long long *)*dst, (long long)v);
+		r0 = _mm_crc32_u64(r0, v);
+	}
+	return (uint32_t)r0;
+}
+
+/* reg_update's copy with streaming stores: 64-byte ones from dst's first line boundary
+ * on, and 8-byte ones for the partial lines at both ends when dst is 8-byte aligned. A
+ * frame's payload ends within the line where the next frame's starts: plain stores
+ * read that line from memory first, streaming ones from both frames join in the
+ * write-combining buffer. */
+static uint32_t reg_update_uncached(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
+{
+	size_t head = (size_t)(-(uintptr_t)d & 63);
+
+	if (!fold_on || len < head + FOLD_BLOCK)
+		return reg_update(r, s, d, len);
+	len -= head;
+	if ((uintptr_t)d & 7) {
+		r = reg_update(r, s, d, head);
+		s += head;
+		d += head;
+	} else {
+		r = words_stream(r, &s, &d, &head); /* head is a multiple of 8 */
+	}
+	r = fold_blocks_stream(r, &s, &d, &len);
+	r = words_stream(r, &s, &d, &len); /* d is on a line boundary */
+	return reg_update(r, s, d, len);
+}
+
 bool dpdkt_crc_set_fold(bool on)
 {
 	fold_on = on && fold_have;
@@ -323,6 +384,13 @@ void dpdkt_copy_uncached(void *dst, const void *src, size_t len)
 
 void dpdkt_uncached_fence(void)
 {
+}
+
+static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len);
+
+static uint32_t reg_update_uncached(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
+{
+	return reg_update(r, s, d, len);
 }
 
 static uint32_t reg_update(uint32_t r, const uint8_t *s, uint8_t *d, size_t len)
@@ -351,4 +419,9 @@ uint32_t dpdkt_crc32c(const void *buf, size_t len, uint32_t crc)
 uint32_t dpdkt_copy_crc32c(void *dst, const void *src, size_t len, uint32_t crc)
 {
 	return ~reg_update(~crc, src, dst, len);
+}
+
+uint32_t dpdkt_land_crc32c(void *dst, const void *src, size_t len, uint32_t crc)
+{
+	return ~reg_update_uncached(~crc, src, dst, len);
 }

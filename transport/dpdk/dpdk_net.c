@@ -190,7 +190,7 @@ enum decode_err { DEC_OK, DEC_SHORT, DEC_MAGIC, DEC_CRC };
 
 /* Validates the wire header of a frame of avail bytes past the Ethernet header, and
  * its CRC over the payload, or payload_crc when not NULL (the payload's CRC, computed
- * over the same bytes: see payload_crc). */
+ * as land_early landed it). */
 static enum decode_err wire_decode(const uint8_t *p, size_t avail, struct hdr *h,
 				   const uint32_t *payload_crc)
 {
@@ -655,8 +655,9 @@ static void take_ack(struct dpdkt_net *net, struct dpdkt_link *l, struct lane *l
 
 /* ---- The poller: receiving ---- */
 
-/* Delivers one in-order DATA frame and frees it. */
-static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m)
+/* Delivers one in-order DATA frame and frees it; landed: DPDKT_FRAG_LANDED or 0. */
+static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, struct rte_mbuf *m,
+		    unsigned landed)
 {
 	struct lane *ln = &l->lanes[lane];
 	const struct dpdkt_wire *w = wire_of(m);
@@ -669,7 +670,7 @@ static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, 
 		dpdkt_link_fail(l, -EPROTO, true);
 		return;
 	}
-	int rc = l->deliver(l->ctx, lane, payload_of(m), len, flags);
+	int rc = l->deliver(l->ctx, lane, payload_of(m), len, flags | landed);
 	round_free(net, m);
 	if (rc < 0) {
 		dpdkt_link_fail(l, rc, true);
@@ -681,9 +682,10 @@ static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, 
 		st_add_round(&l->st.rx_msgs, 1);
 }
 
-/* A DATA frame for lane; consumes m. */
+/* A DATA frame for lane; consumes m. landed: DPDKT_FRAG_LANDED (land_early did, so it
+ * is the next in order) or 0. */
 static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane,
-		      struct rte_mbuf *m, uint32_t seq)
+		      struct rte_mbuf *m, uint32_t seq, unsigned landed)
 {
 	struct lane *ln = &l->lanes[lane];
 	uint32_t d = seq - ln->rcv_nxt;
@@ -716,7 +718,7 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		return;
 	}
 	bool had_held = ln->held > 0;
-	deliver(net, l, lane, m);
+	deliver(net, l, lane, m, landed);
 	ln->rcv_nxt++;
 	while (ln->held > 0 && atomic_load(&l->dead) == 0) {
 		struct rte_mbuf **slot = &ln->rx[ln->rcv_nxt & l->mask];
@@ -725,7 +727,7 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		m = *slot;
 		*slot = NULL;
 		ln->held--;
-		deliver(net, l, lane, m);
+		deliver(net, l, lane, m, 0);
 		ln->rcv_nxt++;
 	}
 	if (had_held)
@@ -755,28 +757,42 @@ static void hello_queue(struct dpdkt_net *net, struct rte_mbuf *m)
 	st_add(&net->st.hello_rx, 1);
 }
 
-/* The CRC of the payload m's wire header says it has, into *crc; false when m is too
- * short for its header or that payload (wire_decode then finds it so). */
-static bool payload_crc(const struct rte_mbuf *m, uint32_t *crc)
+/* Lands an in-order middle or last DATA fragment of p (avail bytes past the Ethernet
+ * header) where its link's land_at says, computing its payload's CRC into *crc in the
+ * same pass: the CRC then costs little more than the copy. The header is not checked
+ * yet: its fields only find the place, which an invalid frame leaves to the lane's next
+ * frames (see dpdkt_link_cfg.land_at). Returns whether it landed. */
+static bool land_early(struct dpdkt_net *net, const struct rte_ether_hdr *eth, const uint8_t *p,
+		       size_t avail, uint32_t *crc)
 {
-	if (m->nb_segs != 1 || m->data_len < DPDKT_HDR_LEN)
+	struct dpdkt_wire w;
+
+	if (avail < sizeof(w))
 		return false;
-	const uint8_t *w = rte_pktmbuf_mtod_offset(m, const uint8_t *, RTE_ETHER_HDR_LEN);
-	uint16_t len;
-	memcpy(&len, w + offsetof(struct dpdkt_wire, len), sizeof(len));
-	len = rte_le_to_cpu_16(len);
-	if (len > m->data_len - DPDKT_HDR_LEN)
+	memcpy(&w, p, sizeof(w));
+	size_t len = rte_le_to_cpu_16(w.len);
+	if (w.type != DPDKT_DATA || (w.flags & DPDKT_FRAG_START) || len > avail - sizeof(w))
 		return false;
-	*crc = dpdkt_crc32c(w + sizeof(struct dpdkt_wire), len, 0);
+	struct dpdkt_link *l = find_link(net, rte_le_to_cpu_64(w.session));
+	if (l == NULL || l->cfg.land_at == NULL || w.lane >= l->nlanes ||
+	    atomic_load(&l->dead) != 0 || !rte_is_same_ether_addr(&eth->src_addr, &l->peer))
+		return false;
+	struct lane *ln = &l->lanes[w.lane];
+	if (!ln->in_msg || rte_le_to_cpu_32(w.seq) != ln->rcv_nxt)
+		return false;
+	void *to = l->cfg.land_at(l->ctx, w.lane, len, w.flags & DPDKT_FRAG_END);
+	if (to == NULL)
+		return false;
+	*crc = dpdkt_land_crc32c(to, p + sizeof(w), len, 0);
 	return true;
 }
 
-/* Checks and dispatches one received frame; consumes m. pcrc: its payload's CRC from
- * payload_crc, or NULL to compute it here. */
-static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m, const uint32_t *pcrc)
+/* Checks and dispatches one received frame; consumes m. */
+static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m)
 {
 	struct hdr h;
 	uint64_t *drop;
+	uint32_t crc;
 
 	if (m->nb_segs != 1 || m->data_len < DPDKT_HDR_LEN) {
 		drop = &net->st.drop_short;
@@ -800,8 +816,10 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m, const uint32_t
 		drop = &net->st.drop_own;
 		goto drop;
 	}
-	switch (wire_decode(rte_pktmbuf_mtod_offset(m, const uint8_t *, RTE_ETHER_HDR_LEN),
-			    m->data_len - RTE_ETHER_HDR_LEN, &h, pcrc)) {
+	const uint8_t *wp = rte_pktmbuf_mtod_offset(m, const uint8_t *, RTE_ETHER_HDR_LEN);
+	size_t avail = m->data_len - RTE_ETHER_HDR_LEN;
+	bool landed = !bcast && land_early(net, eth, wp, avail, &crc);
+	switch (wire_decode(wp, avail, &h, landed ? &crc : NULL)) {
 	case DEC_OK:
 		break;
 	case DEC_SHORT:
@@ -862,7 +880,7 @@ static void take_frame(struct dpdkt_net *net, struct rte_mbuf *m, const uint32_t
 			__atomic_store_n(&net->awake_until, net->now + URGENT_AWAKE_NS,
 					 __ATOMIC_RELAXED);
 		}
-		take_data(net, l, h.lane, m, h.seq);
+		take_data(net, l, h.lane, m, h.seq, landed ? DPDKT_FRAG_LANDED : 0);
 		return;
 	}
 drop:
@@ -877,12 +895,12 @@ static void rx_inject(struct dpdkt_net *net, struct rte_mbuf *m)
 
 	unsigned n = inject(net, &net->pinj[DIR_RX], m, 0, out);
 	for (unsigned i = 0; i < n; i++)
-		take_frame(net, out[i], NULL);
+		take_frame(net, out[i]);
 }
 
 static bool rx_emit(void *ctx, const struct held *h)
 {
-	take_frame(ctx, h->m, NULL);
+	take_frame(ctx, h->m);
 	return true;
 }
 
@@ -902,21 +920,12 @@ static unsigned rx_queue(struct dpdkt_net *net, unsigned q)
 	uint16_t n = dpdkt_rx_burst(net->port, (uint16_t)q, ms, RX_BURST);
 
 	st_add_round(&net->st.rx_frames, n);
-	/* The payloads' CRCs first, for the whole burst, while rx_burst's copies are fresh:
-	 * a 4 KiB frame's CRC took 650-690 TSC cycles when the frame before it had just
-	 * landed, 250-330 checked with the others here (measured while each frame still
-	 * took locked adds, which waited for the landing's streaming stores: see
-	 * st_add_round). Without injection only: injected corruption comes after this. */
-	uint32_t crc[RX_BURST];
-	bool have[RX_BURST];
 	bool inj = net->pinj[DIR_RX].on;
-	for (uint16_t i = 0; i < n; i++)
-		have[i] = !inj && payload_crc(ms[i], &crc[i]);
 	for (uint16_t i = 0; i < n; i++) {
 		if (inj)
 			rx_inject(net, ms[i]);
 		else
-			take_frame(net, ms[i], have[i] ? &crc[i] : NULL);
+			take_frame(net, ms[i]);
 		/* Between bulk frames, urgent ones that came are taken, so they do not wait
 		 * for a whole burst of bulk work (a burst of 64 landed pages took ~100 us). */
 		if (q != 1 && net->port->queues > 1 && (i + 1) % URGENT_EVERY == 0)

@@ -107,6 +107,8 @@ enum dpdkt_frame_type {
 /* Flags of a DATA frame, and of deliver callbacks. */
 #define DPDKT_FRAG_START 1u /* first fragment of a message */
 #define DPDKT_FRAG_END	 2u /* last fragment of a message */
+/* deliver only: the fragment's bytes are at the place land_at gave (dpdkt_link_cfg). */
+#define DPDKT_FRAG_LANDED 4u
 
 /* The header after the Ethernet header. Little-endian. */
 struct dpdkt_wire {
@@ -238,6 +240,14 @@ struct dpdkt_link_cfg {
 	 * dpdkt_link_shutdown or close (peer silent, RESET, a deliver error, a send that
 	 * timed out mid-message), with that error. NULL: none. Same rules as deliver. */
 	void (*dead_cb)(void *ctx, int err);
+	/* Where deliver would copy the len bytes of lane's next fragment, a middle or last
+	 * one (flags), when all it does with them is that copy, else NULL. Asked on the
+	 * poller thread before the frame's CRC is checked: the net copies the payload
+	 * there while it computes the CRC (dpdkt_land_crc32c), then passes the frame to
+	 * deliver with DPDKT_FRAG_LANDED if it was valid. An invalid frame leaves its
+	 * bytes there, which the lane's next frames overwrite: the place must be one they
+	 * fill. NULL: deliver copies every fragment, after the check. */
+	void *(*land_at)(void *ctx, unsigned lane, size_t len, unsigned flags);
 };
 /* Defaults: window 512, keepalive 100 ms, dead 1000 ms, no urgent lane, RTO 2 ms
  * initially, 1..200 ms, ack every 16 frames or after 100 us. */

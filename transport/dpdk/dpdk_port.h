@@ -164,5 +164,9 @@ bool dpdkt_crc_set_fold(bool on);
  * before a store that says they are done (once per batch: a fence waits for them). */
 void dpdkt_copy_uncached(void *dst, const void *src, size_t len);
 void dpdkt_uncached_fence(void);
+/* dpdkt_copy_crc32c with dpdkt_copy_uncached's stores: lands a frame's payload and
+ * computes the CRC to check it by in one pass (the frame is in the cache, so the CRC
+ * costs little more than the copy). */
+uint32_t dpdkt_land_crc32c(void *dst, const void *src, size_t len, uint32_t crc);
 
 #endif

@@ -100,12 +100,17 @@ struct rx_lane {
 	atomic_bool failed;
 	char err[256];
 	uint8_t expect[FRAME_SIZE];
+	/* With land: the message as it is put together (fragments landed by the net at
+	 * on_land_at's place, the others copied by on_deliver), then a canary. */
+	uint8_t *whole;
+	uint64_t asked, landed; /* on_land_at's places given; fragments delivered landed */
 };
 
 struct side {
 	uint64_t run;
 	unsigned dir; /* of the messages this side receives */
 	bool sink;    /* throughput: copy into sink_buf, check nothing */
+	bool land;    /* the links land fragments (on_land_at) */
 	uint8_t *sink_buf;
 	size_t sink_off;
 	struct rx_lane lanes[NLANES];
@@ -122,6 +127,36 @@ static int rx_fail(struct rx_lane *c, const char *fmt, ...)
 	vsnprintf(c->err, sizeof(c->err), fmt, ap);
 	va_end(ap);
 	atomic_store(&c->failed, true);
+	return 0;
+}
+
+#define CANARY 0xa5
+
+/* dpdkt_link_cfg.land_at of a side with land: a middle or last fragment goes to its
+ * place in the lane's message. */
+static void *on_land_at(void *ctx, unsigned lane, size_t len, unsigned flags)
+{
+	struct side *s = ctx;
+	struct rx_lane *c = &s->lanes[lane];
+
+	if ((flags & DPDKT_FRAG_START) || !c->in_msg || c->off + len > c->size)
+		return NULL;
+	c->asked++;
+	return c->whole + c->off;
+}
+
+/* A message put together with land is whole: frames that failed their CRC after landing
+ * left nothing of theirs in it, nor past it. */
+static int check_msg(struct rx_lane *c, unsigned lane)
+{
+	static _Thread_local uint8_t want[MSG_MAX];
+
+	fill(want, c->seed, 0, c->size);
+	if (memcmp(c->whole, want, c->size) != 0)
+		return rx_fail(c, "lane %u message %u: differs once put together", lane, c->msg);
+	for (size_t k = c->size; k < c->size + FRAME_SIZE; k++)
+		if (c->whole[k] != CANARY)
+			return rx_fail(c, "lane %u message %u: written past its end", lane, c->msg);
 	return 0;
 }
 
@@ -149,6 +184,8 @@ static int on_deliver(void *ctx, unsigned lane, const void *frag, size_t len, un
 		c->seed = msg_seed(s->run, s->dir, lane, c->msg);
 		c->size = msg_size(c->seed);
 		c->off = 0;
+		if (s->land)
+			memset(c->whole + c->size, CANARY, FRAME_SIZE);
 	} else if (!c->in_msg) {
 		return rx_fail(c, "lane %u: fragment without START after message %u", lane, c->msg);
 	}
@@ -159,11 +196,24 @@ static int on_deliver(void *ctx, unsigned lane, const void *frag, size_t len, un
 	if (memcmp(c->expect, frag, len) != 0)
 		return rx_fail(c, "lane %u message %u: bytes %zu..%zu differ", lane, c->msg, c->off,
 			       c->off + len);
+	if (flags & DPDKT_FRAG_LANDED) {
+		if (!s->land)
+			return rx_fail(c, "lane %u: a fragment landed without land_at", lane);
+		dpdkt_uncached_fence();
+		if (memcmp(c->whole + c->off, frag, len) != 0)
+			return rx_fail(c, "lane %u message %u: landed bytes %zu..%zu differ", lane,
+				       c->msg, c->off, c->off + len);
+		c->landed++;
+	} else if (s->land) {
+		memcpy(c->whole + c->off, frag, len);
+	}
 	c->off += len;
 	if (flags & DPDKT_FRAG_END) {
 		if (c->off != c->size)
 			return rx_fail(c, "lane %u message %u: END at %zu of %zu bytes", lane,
 				       c->msg, c->off, c->size);
+		if (s->land && check_msg(c, lane) != 0)
+			return 0;
 		c->in_msg = false;
 		c->msg++;
 		atomic_fetch_add(&c->done, 1);
@@ -300,12 +350,17 @@ static void print_net(const char *name, const struct dpdkt_net_stats *s)
 	       (unsigned long long)s->inj_reorder, (unsigned long long)s->inj_corrupt);
 }
 
+enum {
+	TRAFFIC_HELP = 1, /* as on hymig's bulk link, senders run poll rounds (senders_help) */
+	TRAFFIC_LAND = 2, /* as on hymig's bulk link, the net lands fragments (land_at) */
+};
+
 /* Sends n_ab[lane] messages from A to B and n_ba[lane] back on a link of NLANES lanes
  * (the last one urgent), all at once, under loss (or none), and checks that every one
- * arrived intact, in order, once. help: as on hymig's bulk link, senders run poll rounds
- * (senders_help). */
+ * arrived intact, in order, once. opts: TRAFFIC_*. */
 static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *n_ba,
-			const struct dpdkt_loss *loss, bool help, struct dpdkt_link_stats *out_a)
+			const struct dpdkt_loss *loss, unsigned opts,
+			struct dpdkt_link_stats *out_a)
 {
 	struct dpdkt_link_cfg cfg;
 	struct dpdkt_link *la, *lb;
@@ -315,12 +370,20 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 	dpdkt_link_cfg_init(&cfg);
 	cfg.urgent_lane = NLANES - 1;
 	cfg.dead_ms = 10000; /* loss must not look like a dead peer */
-	cfg.senders_help = help;
+	cfg.senders_help = opts & TRAFFIC_HELP;
 	set_loss(loss, 0x1234 + next_session);
 	dpdkt_net_stats(na, &na0);
 	dpdkt_net_stats(nb, &nb0);
 	uint64_t run = mix(next_session);
 	struct side *sa = side_new(run, 1), *sb = side_new(run, 0);
+	if (opts & TRAFFIC_LAND) {
+		cfg.land_at = on_land_at;
+		sa->land = sb->land = true;
+		for (unsigned lane = 0; lane < NLANES; lane++) {
+			assert_non_null(sa->lanes[lane].whole = malloc(MSG_MAX + FRAME_SIZE));
+			assert_non_null(sb->lanes[lane].whole = malloc(MSG_MAX + FRAME_SIZE));
+		}
+	}
 	open_pair(&cfg, NLANES, sa, sb, &la, &lb, &session);
 
 	struct rte_eth_stats q0, q1;
@@ -408,10 +471,26 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 		assert_true(all_out - urgent_out >= n_ab[0] + n_ab[1]);
 	if (out_a)
 		*out_a = sa_st;
+	if (opts & TRAFFIC_LAND) {
+		uint64_t asked = 0, landed = 0;
+		for (unsigned lane = 0; lane < NLANES; lane++) {
+			asked += sb->lanes[lane].asked;
+			landed += sb->lanes[lane].landed;
+		}
+		printf("  B: %llu fragments landed by the net, %llu more then dropped\n",
+		       (unsigned long long)landed, (unsigned long long)(asked - landed));
+		assert_true(landed > 0);
+		if (loss != NULL && loss->corrupt > 0)
+			assert_true(asked > landed); /* frames that failed after landing */
+	}
 
 	set_loss(NULL, 0);
 	dpdkt_link_close(la);
 	dpdkt_link_close(lb);
+	for (unsigned lane = 0; lane < NLANES; lane++) {
+		free(sa->lanes[lane].whole);
+		free(sb->lanes[lane].whole);
+	}
 	free(sa);
 	free(sb);
 	check_pools();
@@ -553,8 +632,9 @@ static void test_cfg_checked(void **state)
 static void test_lanes_clean(void **state)
 {
 	const unsigned ab[NLANES] = {2000, 2000, 2000}, ba[NLANES] = {300, 300, 0};
-	run_traffic("no loss", ab, ba, NULL, false, NULL);
-	run_traffic("no loss, helping senders", ab, ba, NULL, true, NULL);
+	run_traffic("no loss", ab, ba, NULL, 0, NULL);
+	run_traffic("no loss, helping senders", ab, ba, NULL, TRAFFIC_HELP, NULL);
+	run_traffic("no loss, landed by the net", ab, ba, NULL, TRAFFIC_LAND, NULL);
 }
 
 static void test_lanes_loss1(void **state)
@@ -562,7 +642,7 @@ static void test_lanes_loss1(void **state)
 	const unsigned ab[NLANES] = {600, 600, 600}, ba[NLANES] = {150, 0, 150};
 	struct dpdkt_loss loss = {.drop = 0.01, .dup = 0.01, .reorder = 0.01};
 	struct dpdkt_link_stats s;
-	run_traffic("1% drop+dup+reorder each way, at tx and rx", ab, ba, &loss, false, &s);
+	run_traffic("1% drop+dup+reorder each way, at tx and rx", ab, ba, &loss, 0, &s);
 	assert_true(s.retrans > 0);
 }
 
@@ -571,9 +651,12 @@ static void test_lanes_loss10(void **state)
 	const unsigned ab[NLANES] = {200, 200, 200}, ba[NLANES] = {60, 0, 60};
 	struct dpdkt_loss loss = {.drop = 0.10, .dup = 0.10, .reorder = 0.10};
 	struct dpdkt_link_stats s;
-	run_traffic("10% drop+dup+reorder each way, at tx and rx", ab, ba, &loss, false, &s);
+	run_traffic("10% drop+dup+reorder each way, at tx and rx", ab, ba, &loss, 0, &s);
 	assert_true(s.retrans > 0);
-	run_traffic("10% drop+dup+reorder, helping senders", ab, ba, &loss, true, &s);
+	run_traffic("10% drop+dup+reorder, helping senders", ab, ba, &loss, TRAFFIC_HELP, &s);
+	assert_true(s.retrans > 0);
+	run_traffic("10% drop+dup+reorder, landed by the net", ab, ba, &loss,
+		    TRAFFIC_HELP | TRAFFIC_LAND, &s);
 	assert_true(s.retrans > 0);
 }
 
@@ -584,13 +667,17 @@ static void test_corrupt(void **state)
 	struct dpdkt_net_stats a0, b0, a1, b1;
 	dpdkt_net_stats(na, &a0);
 	dpdkt_net_stats(nb, &b0);
-	run_traffic("3% corrupted each way, at tx and rx", ab, ba, &loss, false, NULL);
+	run_traffic("3% corrupted each way, at tx and rx", ab, ba, &loss, 0, NULL);
 	dpdkt_net_stats(na, &a1);
 	dpdkt_net_stats(nb, &b1);
 	assert_true(b1.drop_crc > b0.drop_crc);
 	assert_true(a1.drop_crc > a0.drop_crc);
 	assert_true(b1.inj_corrupt > b0.inj_corrupt);
-	run_traffic("3% corrupted each way, helping senders", ab, ba, &loss, true, NULL);
+	run_traffic("3% corrupted each way, helping senders", ab, ba, &loss, TRAFFIC_HELP, NULL);
+	/* A frame that fails its CRC after the net landed it leaves nothing behind in
+	 * the message once whole (check_msg). */
+	run_traffic("3% corrupted each way, landed by the net", ab, ba, &loss,
+		    TRAFFIC_HELP | TRAFFIC_LAND, NULL);
 }
 
 /* Frames of a known session from another MAC, and of an unknown session, are dropped. */

@@ -147,29 +147,41 @@ static void test_crc32c(void **state)
 	assert_int_not_equal(dpdkt_crc32c(buf, 4096, 0), whole);
 }
 
-/* The streaming copy: every destination alignment, lengths below, at and past the
- * 64-byte lines it streams, and nothing written outside [dst, dst + len). */
+/* The streaming copies, without and with the CRC (by both CRC paths): every destination
+ * alignment, lengths below, at and past the 64-byte lines they stream and the 256-byte
+ * folding rounds, and nothing written outside [dst, dst + len). */
 static void test_copy_uncached(void **state)
 {
-	static const size_t lens[] = {0, 1, 63, 64, 65, 127, 128, 191, 1000, 4032, 4096};
+	static const size_t lens[] = {0,   1,	63,  64,  65,  127,  128,  191,
+				      255, 256, 257, 319, 320, 1000, 4032, 4096};
 	_Alignas(64) uint8_t src[4096 + 64], dst[4096 + 128];
 
 	srand(11);
 	for (size_t i = 0; i < sizeof(src); i++)
 		src[i] = rand();
-	for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++)
-		for (size_t doff = 1; doff <= 64; doff += 7)
-			for (size_t soff = 0; soff < 64; soff += 13) {
-				size_t n = lens[i];
-				memset(dst, 0xa5, sizeof(dst));
-				dpdkt_copy_uncached(dst + doff, src + soff, n);
-				dpdkt_uncached_fence();
-				assert_memory_equal(dst + doff, src + soff, n);
-				for (size_t k = 0; k < doff; k++)
-					assert_int_equal(dst[k], 0xa5);
-				for (size_t k = doff + n; k < sizeof(dst); k++)
-					assert_int_equal(dst[k], 0xa5);
-			}
+	for (int mode = 0; mode < 3; mode++) {
+		/* 0: no CRC; 1: CRC by crc32 streams; 2: CRC by folding where there is. */
+		dpdkt_crc_set_fold(mode == 2);
+		for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++)
+			for (size_t doff = 1; doff <= 64; doff += 7)
+				for (size_t soff = 0; soff < 64; soff += 13) {
+					size_t n = lens[i];
+					memset(dst, 0xa5, sizeof(dst));
+					if (mode == 0)
+						dpdkt_copy_uncached(dst + doff, src + soff, n);
+					else
+						assert_int_equal(
+						    dpdkt_land_crc32c(dst + doff, src + soff, n, 7),
+						    dpdkt_crc32c(src + soff, n, 7));
+					dpdkt_uncached_fence();
+					assert_memory_equal(dst + doff, src + soff, n);
+					for (size_t k = 0; k < doff; k++)
+						assert_int_equal(dst[k], 0xa5);
+					for (size_t k = doff + n; k < sizeof(dst); k++)
+						assert_int_equal(dst[k], 0xa5);
+				}
+	}
+	dpdkt_crc_set_fold(true);
 }
 
 static void test_port_before_eal(void **state)
