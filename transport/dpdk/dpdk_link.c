@@ -21,6 +21,7 @@
 #define POOL_WAIT_US  20	  /* a sender's sleep when the mbuf pool is empty */
 #define LANE_CACHE    32	  /* mbufs a lane's senders keep at hand */
 #define WAIT_SLICE_NS 50000000ull /* blocked callers re-check at least this often */
+#define HELP_BURSTS   4		  /* a helping sender's bursts between poll rounds */
 
 /* ---- Small helpers ---- */
 
@@ -404,7 +405,7 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 	size_t ioff = 0, off = 0;
 
 	struct rte_mbuf *burst[XMIT_BURST];
-	unsigned nb = 0;
+	unsigned nb = 0, bursts = 0;
 	uint64_t now = 0; /* read once per burst: a clock read per frame cost 3% of the CPU */
 
 	pthread_mutex_lock(&ln->send_lock);
@@ -463,6 +464,10 @@ int dpdkt_link_send(struct dpdkt_link *link, unsigned lane, const struct iovec *
 		if (nb == XMIT_BURST) {
 			dpdkt_lane_xmit(link, ln, burst, nb);
 			nb = 0;
+			/* The acks of a long message are taken in as it goes: a gap the peer
+			 * reported is then resent while the window still has room. */
+			if (++bursts % HELP_BURSTS == 0 && lane_helps(link, ln))
+				dpdkt_poll_help(net);
 		}
 	}
 	if (nb > 0)
