@@ -231,8 +231,9 @@ struct dpdkt_link_cfg {
 	unsigned ack_every;    /* ack at once after this many frames */
 	unsigned ack_delay_us; /* ack at the latest this long after a frame arrived */
 	/* Senders of the other lanes than the urgent one run a poll round (receive acks,
-	 * timers) after each message and before they wait for the window, when the poller
-	 * is not in one, until the link's first urgent frame: the poller then sleeps
+	 * timers) after each message, every 128 frames of a long one and before they wait
+	 * for the window, when the poller is not in one, until the link's first urgent
+	 * frame: the poller then sleeps
 	 * instead of waking for every ack. The callbacks of every link of the net may then
 	 * run on the thread that calls dpdkt_link_send, which must hold no lock they take. */
 	bool senders_help;
