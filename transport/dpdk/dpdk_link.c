@@ -183,6 +183,7 @@ static void link_free(struct dpdkt_link *l)
 				rte_pktmbuf_free(ln->rx[s]);
 		free(ln->tx);
 		free(ln->rx);
+		free(ln->rx_landed);
 		if (ln->cache != NULL) {
 			rte_mempool_cache_flush(ln->cache, l->net->port->pool);
 			rte_mempool_cache_free(ln->cache);
@@ -229,8 +230,10 @@ int dpdkt_link_open(struct dpdkt_net *net, const struct rte_ether_addr *peer, ui
 		ln->hole_next = UINT64_MAX;
 		ln->tx = calloc(l->win, sizeof(ln->tx[0]));
 		ln->rx = calloc(l->win, sizeof(ln->rx[0]));
+		ln->rx_landed = calloc(l->win, sizeof(ln->rx_landed[0]));
 		ln->cache = rte_mempool_cache_create(LANE_CACHE, (int)rte_socket_id());
-		if (ln->tx == NULL || ln->rx == NULL || ln->cache == NULL) {
+		if (ln->tx == NULL || ln->rx == NULL || ln->rx_landed == NULL ||
+		    ln->cache == NULL) {
 			l->nlanes = i + 1;
 			goto nomem_link;
 		}

@@ -682,8 +682,8 @@ static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, 
 		st_add_round(&l->st.rx_msgs, 1);
 }
 
-/* A DATA frame for lane; consumes m. landed: DPDKT_FRAG_LANDED (land_early did, so it
- * is the next in order) or 0. */
+/* A DATA frame for lane; consumes m. landed: DPDKT_FRAG_LANDED (land_early did: it is
+ * the next in order, or one ahead not held yet) or 0. */
 static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane,
 		      struct rte_mbuf *m, uint32_t seq, unsigned landed)
 {
@@ -713,6 +713,7 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		if (ln->held < DPDKT_DUPTHRESH || seq != ln->rx_high + 1)
 			ln->ack_now = true;
 		ln->rx[seq & l->mask] = m;
+		ln->rx_landed[seq & l->mask] = landed != 0;
 		if (ln->held++ == 0 || (int32_t)(seq - ln->rx_high) > 0)
 			ln->rx_high = seq;
 		return;
@@ -727,7 +728,8 @@ static void take_data(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane
 		m = *slot;
 		*slot = NULL;
 		ln->held--;
-		deliver(net, l, lane, m, 0);
+		deliver(net, l, lane, m,
+			ln->rx_landed[ln->rcv_nxt & l->mask] ? DPDKT_FRAG_LANDED : 0);
 		ln->rcv_nxt++;
 	}
 	if (had_held)
@@ -757,11 +759,13 @@ static void hello_queue(struct dpdkt_net *net, struct rte_mbuf *m)
 	st_add(&net->st.hello_rx, 1);
 }
 
-/* Lands an in-order middle or last DATA fragment of p (avail bytes past the Ethernet
- * header) where its link's land_at says, computing its payload's CRC into *crc in the
- * same pass: the CRC then costs little more than the copy. The header is not checked
- * yet: its fields only find the place, which an invalid frame leaves to the lane's next
- * frames (see dpdkt_link_cfg.land_at). Returns whether it landed. */
+/* Lands a middle or last DATA fragment of p (avail bytes past the Ethernet header), the
+ * next in order on its lane or one ahead of it that is not held yet, where its link's
+ * land_at says, computing its payload's CRC into *crc in the same pass: the CRC then
+ * costs little more than the copy, and a frame that waits for a resent one ahead of it
+ * is not copied later from an mbuf gone cold. The header is not checked yet: its fields
+ * only find the place, which an invalid frame leaves to the frame that takes its place
+ * (see dpdkt_link_cfg.land_at). Returns whether it landed. */
 static bool land_early(struct dpdkt_net *net, const struct rte_ether_hdr *eth, const uint8_t *p,
 		       size_t avail, uint32_t *crc)
 {
@@ -778,9 +782,13 @@ static bool land_early(struct dpdkt_net *net, const struct rte_ether_hdr *eth, c
 	    atomic_load(&l->dead) != 0 || !rte_is_same_ether_addr(&eth->src_addr, &l->peer))
 		return false;
 	struct lane *ln = &l->lanes[w.lane];
-	if (!ln->in_msg || rte_le_to_cpu_32(w.seq) != ln->rcv_nxt)
+	uint32_t ahead = rte_le_to_cpu_32(w.seq) - ln->rcv_nxt;
+	/* A held frame landed already, or will be copied from its mbuf: a copy of it
+	 * that turned out invalid would leave its bytes where nothing writes again. */
+	if (!ln->in_msg || ahead >= l->win ||
+	    (ahead > 0 && ln->rx[(ln->rcv_nxt + ahead) & l->mask]))
 		return false;
-	void *to = l->cfg.land_at(l->ctx, w.lane, len, w.flags & DPDKT_FRAG_END);
+	void *to = l->cfg.land_at(l->ctx, w.lane, ahead, len, w.flags & DPDKT_FRAG_END);
 	if (to == NULL)
 		return false;
 	*crc = dpdkt_land_crc32c(to, p + sizeof(w), len, 0);

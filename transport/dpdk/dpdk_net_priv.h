@@ -72,6 +72,7 @@ struct lane {
 	uint32_t rx_high;     /* highest sequence held (if held) */
 	uint32_t held;	      /* out-of-order frames held */
 	struct rte_mbuf **rx; /* held frames, by seq & mask */
+	bool *rx_landed;      /* ... whose payload land_early landed */
 	uint32_t ack_pending; /* frames received since our last ack */
 	bool ack_now;	      /* ack without delay (gap, duplicate, hole filled) */
 	uint64_t ack_since;   /* when the first unacked frame arrived */

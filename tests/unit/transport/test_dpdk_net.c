@@ -104,6 +104,7 @@ struct rx_lane {
 	 * on_land_at's place, the others copied by on_deliver), then a canary. */
 	uint8_t *whole;
 	uint64_t asked, landed; /* on_land_at's places given; fragments delivered landed */
+	uint64_t asked_ahead;	/* ... places given ahead of the next frame */
 };
 
 struct side {
@@ -111,6 +112,7 @@ struct side {
 	unsigned dir; /* of the messages this side receives */
 	bool sink;    /* throughput: copy into sink_buf, check nothing */
 	bool land;    /* the links land fragments (on_land_at) */
+	size_t frame_payload; /* with land: dpdkt_net_payload_max */
 	uint8_t *sink_buf;
 	size_t sink_off;
 	struct rx_lane lanes[NLANES];
@@ -133,16 +135,18 @@ static int rx_fail(struct rx_lane *c, const char *fmt, ...)
 #define CANARY 0xa5
 
 /* dpdkt_link_cfg.land_at of a side with land: a middle or last fragment goes to its
- * place in the lane's message. */
-static void *on_land_at(void *ctx, unsigned lane, size_t len, unsigned flags)
+ * place in the lane's message, ahead full frames on. */
+static void *on_land_at(void *ctx, unsigned lane, unsigned ahead, size_t len, unsigned flags)
 {
 	struct side *s = ctx;
 	struct rx_lane *c = &s->lanes[lane];
+	size_t at = c->off + (size_t)ahead * s->frame_payload;
 
-	if ((flags & DPDKT_FRAG_START) || !c->in_msg || c->off + len > c->size)
+	if ((flags & DPDKT_FRAG_START) || !c->in_msg || at + len > c->size)
 		return NULL;
 	c->asked++;
-	return c->whole + c->off;
+	c->asked_ahead += ahead > 0;
+	return c->whole + at;
 }
 
 /* A message put together with land is whole: frames that failed their CRC after landing
@@ -379,6 +383,8 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 	if (opts & TRAFFIC_LAND) {
 		cfg.land_at = on_land_at;
 		sa->land = sb->land = true;
+		sa->frame_payload = dpdkt_net_payload_max(na);
+		sb->frame_payload = dpdkt_net_payload_max(nb);
 		for (unsigned lane = 0; lane < NLANES; lane++) {
 			assert_non_null(sa->lanes[lane].whole = malloc(MSG_MAX + FRAME_SIZE));
 			assert_non_null(sb->lanes[lane].whole = malloc(MSG_MAX + FRAME_SIZE));
@@ -472,14 +478,19 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 	if (out_a)
 		*out_a = sa_st;
 	if (opts & TRAFFIC_LAND) {
-		uint64_t asked = 0, landed = 0;
+		uint64_t asked = 0, landed = 0, ahead = 0;
 		for (unsigned lane = 0; lane < NLANES; lane++) {
 			asked += sb->lanes[lane].asked;
 			landed += sb->lanes[lane].landed;
+			ahead += sb->lanes[lane].asked_ahead;
 		}
-		printf("  B: %llu fragments landed by the net, %llu more then dropped\n",
-		       (unsigned long long)landed, (unsigned long long)(asked - landed));
+		printf("  B: %llu fragments landed by the net (%llu ahead of the next in order), "
+		       "%llu more then dropped\n",
+		       (unsigned long long)landed, (unsigned long long)ahead,
+		       (unsigned long long)(asked - landed));
 		assert_true(landed > 0);
+		if (loss != NULL && (loss->drop > 0 || loss->reorder > 0))
+			assert_true(ahead > 0);
 		if (loss != NULL && loss->corrupt > 0)
 			assert_true(asked > landed); /* frames that failed after landing */
 	}
