@@ -6,7 +6,7 @@
 #
 # 1. Ceiling: bench/dpdk_blaster.sh over net_memif and net_af_packet on veth (raw
 #    frames, and page mode: each 4 KiB page copied into frames with a CRC32C each,
-#    checked and copied into place), --seconds S each.
+#    copied into place with the CRC checked in the same pass), --seconds S each.
 # 2. N reps, in turn: the page-mode blaster (2 KiB payloads) moving SIZE bytes, the
 #    pre-copy of an idle SIZE guest between two guest processes joined by net_memif, the
 #    same blaster again (the rep's ceiling is the mean of the two: runs of the same

@@ -11,9 +11,10 @@
 #   af_packet  net_af_packet on a veth pair (MTU 9000) between two network namespaces
 #              the script makes and removes; the kernel drops what the receiver misses
 # and in each mode: raw (frames without copy or CRC) and page (each 4 KiB page copied
-# into frames with a CRC32C per frame, checked and copied into place on the receiver),
-# with 2048-byte payloads (2 frames a page) and 4096 (one jumbo frame; over af_packet
-# in page mode only, as hymig's frames there carry about a page).
+# into frames with a CRC32C per frame, copied into place on the receiver with the CRC
+# checked in the same pass), with 2048-byte payloads (2 frames a page) and 4096 (one
+# jumbo frame; over af_packet in page mode only, as hymig's frames there carry about a
+# page).
 # --seconds (default 8, at most 20) bounds each run, and so does --bytes (default none):
 # the payload bytes the sender sends (1G: as much as a 1 GiB migration moves). --pin puts
 # the sender on CPU 0 and the receiver on CPU 1. --memif-runs picks memif's runs (default
