@@ -775,7 +775,9 @@ static bool land_early(struct dpdkt_net *net, const struct rte_ether_hdr *eth, c
 		return false;
 	memcpy(&w, p, sizeof(w));
 	size_t len = rte_le_to_cpu_16(w.len);
-	if (w.type != DPDKT_DATA || (w.flags & DPDKT_FRAG_START) || len > avail - sizeof(w))
+	/* No longer than a frame of ours: its bytes stay within its own frame's place. */
+	if (w.type != DPDKT_DATA || (w.flags & DPDKT_FRAG_START) || len > avail - sizeof(w) ||
+	    len > net->payload_max)
 		return false;
 	struct dpdkt_link *l = find_link(net, rte_le_to_cpu_64(w.session));
 	if (l == NULL || l->cfg.land_at == NULL || w.lane >= l->nlanes ||
