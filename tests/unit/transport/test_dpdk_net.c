@@ -109,9 +109,9 @@ struct rx_lane {
 
 struct side {
 	uint64_t run;
-	unsigned dir; /* of the messages this side receives */
-	bool sink;    /* throughput: copy into sink_buf, check nothing */
-	bool land;    /* the links land fragments (on_land_at) */
+	unsigned dir;	      /* of the messages this side receives */
+	bool sink;	      /* throughput: copy into sink_buf, check nothing */
+	bool land;	      /* the links land fragments (on_land_at) */
 	size_t frame_payload; /* with land: dpdkt_net_payload_max */
 	uint8_t *sink_buf;
 	size_t sink_off;
