@@ -33,7 +33,6 @@ struct dpdk_bulk {
 	struct postcopy *pc;
 	struct dpdkt_link *link;
 	struct dpdkt_net *net;
-	size_t frame_payload; /* dpdkt_net_payload_max: every frame of a record but its last */
 	bool source;
 	unsigned urgent; /* lane index of the urgent lane */
 	pthread_mutex_t lock;
@@ -212,16 +211,16 @@ static int rec_end(struct dpdk_bulk *b, unsigned lane, struct dpdk_lane *L)
 }
 
 /* dpdkt_link_cfg.land_at: where a middle or last fragment of a page record lands in the
- * migrator view, ahead full frames past the next one. A frame that turns out invalid
+ * migrator view, skip bytes past the next one. A frame that turns out invalid
  * leaves its bytes in the record's pages still to come, which the frame in its place
- * writes (bulk_deliver holds the peer to full middle frames); through pc, scratch is
+ * writes (the net holds the peer to full middle frames); through pc, scratch is
  * copied from, so it is left to bulk_deliver. */
-static void *bulk_land_at(void *ctx, unsigned lane, unsigned ahead, size_t len, unsigned flags)
+static void *bulk_land_at(void *ctx, unsigned lane, size_t skip, size_t len, unsigned flags)
 {
 	struct dpdk_bulk *b = ctx;
 	struct dpdk_lane *L = &b->lanes[lane];
 	const struct wire_rec *r = &L->rec;
-	size_t at = L->off + (size_t)ahead * b->frame_payload;
+	size_t at = L->off + skip;
 
 	if ((flags & DPDKT_FRAG_START) || L->hdr_got < sizeof(L->raw) || r->type != REC_PAGES ||
 	    via_pc(b, lane) || at + len > (size_t)r->npages * HM_PAGE_SIZE)
@@ -260,12 +259,6 @@ static int bulk_deliver(void *ctx, unsigned lane, const void *frag, size_t len, 
 		    L->off + len > (size_t)r->npages * HM_PAGE_SIZE)
 			return land_fail(b, lane, -EPROTO, "%s: %s",
 					 "a record is longer than its header says");
-		/* dpdkt_link_send fills every frame of a message but its last: a frame
-		 * landed ahead of the next one (bulk_land_at) counted on it. */
-		if (!(flags & DPDKT_FRAG_END) &&
-		    (flags & DPDKT_FRAG_START ? len + sizeof(L->raw) : len) != b->frame_payload)
-			return land_fail(b, lane, -EPROTO, "%s: %s",
-					 "a record's middle frame is not full");
 		if (flags & DPDKT_FRAG_LANDED)
 			; /* bulk_land_at's place */
 		else if (via_pc(b, lane))
@@ -322,7 +315,6 @@ static int bulk_open(struct dpdk_slot *s, const struct rte_ether_addr *peer, boo
 	b->ram = cfg->ram;
 	b->pc = source ? NULL : cfg->pc;
 	b->net = s->net;
-	b->frame_payload = dpdkt_net_payload_max(s->net);
 	b->source = source;
 	b->urgent = cfg->channels;
 	pthread_mutex_init(&b->lock, NULL);

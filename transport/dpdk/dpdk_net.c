@@ -664,8 +664,11 @@ static void deliver(struct dpdkt_net *net, struct dpdkt_link *l, unsigned lane, 
 	unsigned flags = w->flags & (DPDKT_FRAG_START | DPDKT_FRAG_END);
 	size_t len = rte_le_to_cpu_16(w->len);
 
-	/* Sequence numbers make this impossible unless the peer is broken. */
-	if (((flags & DPDKT_FRAG_START) != 0) == ln->in_msg) {
+	/* Sequence numbers make the first impossible unless the peer is broken; and
+	 * dpdkt_link_send fills every frame of a message but its last, which land_early's
+	 * skip for a frame ahead counts on. */
+	if (((flags & DPDKT_FRAG_START) != 0) == ln->in_msg ||
+	    (!(flags & DPDKT_FRAG_END) && len != net->payload_max)) {
 		rte_pktmbuf_free(m);
 		dpdkt_link_fail(l, -EPROTO, true);
 		return;
@@ -790,7 +793,8 @@ static bool land_early(struct dpdkt_net *net, const struct rte_ether_hdr *eth, c
 	if (!ln->in_msg || ahead >= l->win ||
 	    (ahead > 0 && ln->rx[(ln->rcv_nxt + ahead) & l->mask]))
 		return false;
-	void *to = l->cfg.land_at(l->ctx, w.lane, ahead, len, w.flags & DPDKT_FRAG_END);
+	void *to = l->cfg.land_at(l->ctx, w.lane, (size_t)ahead * net->payload_max, len,
+				  w.flags & DPDKT_FRAG_END);
 	if (to == NULL)
 		return false;
 	*crc = dpdkt_land_crc32c(to, p + sizeof(w), len, 0);

@@ -242,16 +242,16 @@ struct dpdkt_link_cfg {
 	 * timed out mid-message), with that error. NULL: none. Same rules as deliver. */
 	void (*dead_cb)(void *ctx, int err);
 	/* Where deliver will copy the len bytes of a middle or last fragment (flags) of
-	 * lane's current message, ahead frames past the next one in order (0: that one),
-	 * when all it does with them is that copy, else NULL. Every fragment of a message
-	 * but its last carries dpdkt_net_payload_max bytes, so the place is ahead times
-	 * that further on. Asked on the poller thread before the frame's CRC is checked:
-	 * the net copies the payload there while it computes the CRC (dpdkt_land_crc32c),
-	 * then passes the frame to deliver, in order, with DPDKT_FRAG_LANDED if it was
-	 * valid. An invalid frame leaves its bytes there, which the frame that takes its
-	 * place overwrites: the place must be one that frame fills. NULL: deliver copies
-	 * every fragment, after the check. */
-	void *(*land_at)(void *ctx, unsigned lane, unsigned ahead, size_t len, unsigned flags);
+	 * lane's current message that start skip bytes past those of the next fragment in
+	 * order (0: it is that one), when all it does with them is that copy, else NULL.
+	 * (Every fragment of a message but its last carries dpdkt_net_payload_max bytes: a
+	 * peer that sends a shorter one kills the link.) Asked on the poller thread before
+	 * the frame's CRC is checked: the net copies the payload there while it computes
+	 * the CRC (dpdkt_land_crc32c), then passes the frame to deliver, in order, with
+	 * DPDKT_FRAG_LANDED if it was valid. An invalid frame leaves its bytes there, which
+	 * the frame that takes its place overwrites: the place must be one that frame
+	 * fills. NULL: deliver copies every fragment, after the check. */
+	void *(*land_at)(void *ctx, unsigned lane, size_t skip, size_t len, unsigned flags);
 };
 /* Defaults: window 512, keepalive 100 ms, dead 1000 ms, no urgent lane, RTO 2 ms
  * initially, 1..200 ms, ack every 16 frames or after 100 us. */

@@ -104,15 +104,14 @@ struct rx_lane {
 	 * on_land_at's place, the others copied by on_deliver), then a canary. */
 	uint8_t *whole;
 	uint64_t asked, landed; /* on_land_at's places given; fragments delivered landed */
-	uint64_t asked_ahead;	/* ... places given ahead of the next frame */
+	uint64_t asked_ahead;	/* ... places given past the next frame's */
 };
 
 struct side {
 	uint64_t run;
-	unsigned dir;	      /* of the messages this side receives */
-	bool sink;	      /* throughput: copy into sink_buf, check nothing */
-	bool land;	      /* the links land fragments (on_land_at) */
-	size_t frame_payload; /* with land: dpdkt_net_payload_max */
+	unsigned dir; /* of the messages this side receives */
+	bool sink;    /* throughput: copy into sink_buf, check nothing */
+	bool land;    /* the links land fragments (on_land_at) */
 	uint8_t *sink_buf;
 	size_t sink_off;
 	struct rx_lane lanes[NLANES];
@@ -135,17 +134,17 @@ static int rx_fail(struct rx_lane *c, const char *fmt, ...)
 #define CANARY 0xa5
 
 /* dpdkt_link_cfg.land_at of a side with land: a middle or last fragment goes to its
- * place in the lane's message, ahead full frames on. */
-static void *on_land_at(void *ctx, unsigned lane, unsigned ahead, size_t len, unsigned flags)
+ * place in the lane's message, skip bytes on. */
+static void *on_land_at(void *ctx, unsigned lane, size_t skip, size_t len, unsigned flags)
 {
 	struct side *s = ctx;
 	struct rx_lane *c = &s->lanes[lane];
-	size_t at = c->off + (size_t)ahead * s->frame_payload;
+	size_t at = c->off + skip;
 
 	if ((flags & DPDKT_FRAG_START) || !c->in_msg || at + len > c->size)
 		return NULL;
 	c->asked++;
-	c->asked_ahead += ahead > 0;
+	c->asked_ahead += skip > 0;
 	return c->whole + at;
 }
 
@@ -383,8 +382,6 @@ static void run_traffic(const char *name, const unsigned *n_ab, const unsigned *
 	if (opts & TRAFFIC_LAND) {
 		cfg.land_at = on_land_at;
 		sa->land = sb->land = true;
-		sa->frame_payload = dpdkt_net_payload_max(na);
-		sb->frame_payload = dpdkt_net_payload_max(nb);
 		for (unsigned lane = 0; lane < NLANES; lane++) {
 			assert_non_null(sa->lanes[lane].whole = malloc(MSG_MAX + FRAME_SIZE));
 			assert_non_null(sb->lanes[lane].whole = malloc(MSG_MAX + FRAME_SIZE));
