@@ -268,7 +268,15 @@ static int arm_next(struct hm_migration *m)
 static int run_round(struct hm_migration *m, unsigned flags)
 {
 	uint64_t t_check = now_ns(), t_service = t_check, npages = m->ram->npages;
+	/* Arming is bulk work, as sending is: at this thread's own priority it held a CPU
+	 * for the ~15 ms it takes at round 1's start, while the senders and the
+	 * destination's poller, which acknowledges their frames, shared the other (ftrace:
+	 * a CPU stood idle for 5-8 ms of them, the senders waiting for acknowledgements). */
+	bool arming = atomic_load(&m->armed) < npages;
 	int rc = 0;
+
+	if (arming)
+		prio_set_bulk();
 
 	pthread_mutex_lock(&m->lock);
 	m->round_flags = flags;
@@ -323,6 +331,8 @@ static int run_round(struct hm_migration *m, unsigned flags)
 	pthread_mutex_unlock(&m->lock);
 	while (!rc && atomic_load(&m->armed) < npages) /* a cut round */
 		rc = arm_next(m);
+	if (arming)
+		prio_set_normal();
 	stats_bytes(m);
 	if (rc && !m->st.error[0])
 		fail(m, rc, "sending pages failed: %s (the destination died or the link broke)",
