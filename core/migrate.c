@@ -1129,7 +1129,7 @@ static void *engine_main(void *arg)
 	m->st.rtt_ms = m->rtt_ms;
 	pthread_mutex_unlock(&m->lock);
 	for (unsigned i = 0; i < m->cfg.channels; i++) {
-		m->senders[i] = (struct sender){.m = m, .ch = i};
+		m->senders[i] = (struct sender){.m = m, .ch = i, .cpu = -1};
 		if ((rc = -pthread_create(&m->senders[i].thread, NULL, sender_main,
 					  &m->senders[i]))) {
 			fail(m, rc, "cannot start sender threads");

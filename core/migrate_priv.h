@@ -17,7 +17,10 @@ struct sender {
 	struct hm_migration *m;
 	unsigned ch;
 	pthread_t thread;
-	uint64_t pages; /* pages in records sent on this channel (the end record's count) */
+	uint64_t pages;	   /* pages in records sent on this channel (the end record's count) */
+	atomic_int cpu;	   /* the CPU it last ran on when it took a block (spread_sender) */
+	bool spread;	   /* its affinity leaves out other senders' CPUs (spread_sender) */
+	cpu_set_t allowed; /* its affinity before it was spread */
 };
 
 /* How senders run a round. */
@@ -103,6 +106,7 @@ struct hm_migration {
 /* A sender thread (arg: its struct sender): sends its channel's share of each round the
  * engine starts (round_gen), then counts itself out of round_busy. */
 void *sender_main(void *arg);
+bool spread_affinity(cpu_set_t *set, int cpu, const int *lower, unsigned nlower);
 /* Whether page p (of a run ending at end) is all zeros, read through the guest view. */
 bool zero_page(const struct hm_ram *ram, uint64_t p, uint64_t end);
 

@@ -216,6 +216,57 @@ static uint64_t next_block(struct sender *s, uint64_t blk, bool first)
 	return first ? s->ch : blk + m->cfg.channels;
 }
 
+/* The affinity that moves a sender off CPU cpu, from the CPUs it may run on (set) and
+ * those the senders of lower channels ran on last (lower, -1 for none): set without
+ * lower's CPUs. False, and set as it was, when no lower sender is on cpu or no CPU
+ * would be left. */
+bool spread_affinity(cpu_set_t *set, int cpu, const int *lower, unsigned nlower)
+{
+	cpu_set_t out = *set;
+	bool shared = false;
+
+	for (unsigned i = 0; i < nlower; i++) {
+		shared |= lower[i] == cpu;
+		if (lower[i] >= 0 && lower[i] < CPU_SETSIZE)
+			CPU_CLR(lower[i], &out);
+	}
+	if (!shared || !CPU_COUNT(&out))
+		return false;
+	*set = out;
+	return true;
+}
+
+/* Moves this sender off a CPU that a sender of a lower channel runs on, where the
+ * process may run elsewhere (spread_affinity). The kernel balances load, not threads:
+ * two senders at nice 19 shared one CPU for a whole 1 GiB pre-copy while the
+ * destination's poller (nice 5) used 60% of the other and left the rest idle (ftrace,
+ * 2 cores), and the pre-copy ran at the speed of one sender. Only the higher channel
+ * moves, so two senders never move away from each other onto the same CPU. The
+ * affinity comes back at the round's end (unspread_sender). */
+static void spread_sender(struct sender *s)
+{
+	struct hm_migration *m = s->m;
+	int cpu = sched_getcpu(), lower[WIRE_MAX_CHANNELS];
+	cpu_set_t set = s->allowed;
+
+	atomic_store(&s->cpu, cpu);
+	for (unsigned i = 0; i < s->ch; i++)
+		lower[i] = atomic_load(&m->senders[i].cpu);
+	if (spread_affinity(&set, cpu, lower, s->ch) &&
+	    !pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
+		s->spread = true;
+}
+
+/* Gives a spread sender back the CPUs it may run on (those of the round's start), once
+ * it has taken its last block of the round. */
+static void unspread_sender(struct sender *s)
+{
+	if (s->spread)
+		pthread_setaffinity_np(pthread_self(), sizeof(s->allowed), &s->allowed);
+	s->spread = false;
+	atomic_store(&s->cpu, -1); /* no more blocks: a higher sender may come here */
+}
+
 /* Sends this channel's share of the round (next_block); with collect_first,
  * collect_block before each block. */
 static int send_round(struct sender *s, bool skip_zero, bool collect_first)
@@ -225,6 +276,8 @@ static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 	struct batch b = {0};
 	int rc = 0;
 
+	if (pthread_getaffinity_np(pthread_self(), sizeof(s->allowed), &s->allowed))
+		CPU_ZERO(&s->allowed); /* unknown: spread_affinity leaves it alone */
 	if (m->postcopy) {
 		rc = send_postcopy(s, &b);
 	} else {
@@ -237,6 +290,7 @@ static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 				break; /* what is left stays in m->send */
 			if ((rc = wait_armed(m, (blk + 1) * BLOCK_PAGES)) < 0)
 				break;
+			spread_sender(s);
 			if (collect_first && (rc = collect_block(m, blk)) < 0)
 				break;
 			n = send_block(s, &b, blk, skip_zero, true);
@@ -252,6 +306,7 @@ static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 				rc = m->bulk->ops->drain(m->bulk, s->ch);
 		}
 	}
+	unspread_sender(s);
 	if (!rc)
 		rc = flush(s, &b);
 	if (!rc && !m->paused)

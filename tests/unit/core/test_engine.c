@@ -13,6 +13,7 @@
 
 #include <sys/utsname.h>
 
+#include "core/migrate_priv.h"
 #include "core/prio.h"
 #include "core/ram.h"
 #include "include/hymig/hymig.h"
@@ -260,6 +261,48 @@ static void test_state_names(void **state)
 
 /* The slice a vCPU asks for is the one the scheduler keeps (custom slices: 6.12+),
  * and the nice value is left as it was. */
+static cpu_set_t cpus(int a, int b, int c, int d)
+{
+	cpu_set_t s;
+	int l[] = {a, b, c, d};
+
+	CPU_ZERO(&s);
+	for (int i = 0; i < 4; i++)
+		if (l[i] >= 0)
+			CPU_SET(l[i], &s);
+	return s;
+}
+
+/* A sender moves off a CPU a lower channel's sender is on, to the CPUs no lower sender
+ * is on; it stays where it is alone, or where it could go nowhere else. */
+static void test_spread_affinity(void **state)
+{
+	cpu_set_t set = cpus(0, 1, 2, 3), want;
+
+	assert_true(spread_affinity(&set, 1, (int[]){1}, 1));
+	want = cpus(0, 2, 3, -1);
+	assert_true(CPU_EQUAL(&set, &want));
+
+	set = cpus(0, 1, 2, 3); /* lower senders at 2 and 1, or not placed yet (-1) */
+	assert_true(spread_affinity(&set, 1, (int[]){2, -1, 1}, 3));
+	want = cpus(0, 3, -1, -1);
+	assert_true(CPU_EQUAL(&set, &want));
+
+	set = cpus(0, 1, 2, 3); /* alone on its CPU: stays */
+	assert_false(spread_affinity(&set, 1, (int[]){0, 2}, 2));
+	want = cpus(0, 1, 2, 3);
+	assert_true(CPU_EQUAL(&set, &want));
+
+	set = cpus(1, 2, -1, -1); /* both CPUs taken by lower senders: stays */
+	assert_false(spread_affinity(&set, 1, (int[]){1, 2}, 2));
+	want = cpus(1, 2, -1, -1);
+	assert_true(CPU_EQUAL(&set, &want));
+
+	assert_false(spread_affinity(&set, 1, NULL, 0)); /* channel 0 never moves */
+	CPU_ZERO(&set);					 /* its affinity unknown */
+	assert_false(spread_affinity(&set, 1, (int[]){1}, 1));
+}
+
 static void test_prio_slice(void **state)
 {
 	struct utsname u;
@@ -284,7 +327,7 @@ int main(void)
 	    cmocka_unit_test(test_precopy_states), cmocka_unit_test(test_cold_states),
 	    cmocka_unit_test(test_refused_layout), cmocka_unit_test(test_cancel_before_start),
 	    cmocka_unit_test(test_bad_config),	   cmocka_unit_test(test_state_names),
-	    cmocka_unit_test(test_prio_slice),
+	    cmocka_unit_test(test_prio_slice),	   cmocka_unit_test(test_spread_affinity),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
