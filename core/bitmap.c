@@ -89,6 +89,50 @@ static uint64_t next_bit(const struct bitmap *b, uint64_t i, uint64_t flip)
 	return r < b->nbits ? r : b->nbits;
 }
 
+/* The bits [from, to) of a word, 0 <= from < to <= 64. */
+static uint64_t word_mask(unsigned from, unsigned to)
+{
+	return (to == 64 ? ~0ULL : (1ULL << to) - 1) & ~((1ULL << from) - 1);
+}
+
+uint64_t bitmap_claim_run(struct bitmap *b, uint64_t p, uint64_t q)
+{
+	while (p < q) {
+		uint64_t *w = &b->words[p / 64];
+		unsigned from = p % 64, to = q - p < 64 - from ? (unsigned)(q - p) + from : 64;
+		uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED), run;
+		do {
+			/* The set bits from bit 'from' on, up to the first clear one. */
+			uint64_t ones =
+			    ~old >> from ? (uint64_t)__builtin_ctzll(~old >> from) : 64 - from;
+			unsigned end = from + (unsigned)ones < to ? from + (unsigned)ones : to;
+			if (end == from)
+				return p;
+			run = word_mask(from, end);
+		} while (!__atomic_compare_exchange_n(w, &old, old & ~run, false, __ATOMIC_RELAXED,
+						      __ATOMIC_RELAXED));
+		p += (uint64_t)__builtin_popcountll(run);
+		if (p % 64) /* the run ended inside this word */
+			return p;
+	}
+	return q;
+}
+
+uint64_t bitmap_set_range_count(struct bitmap *b, uint64_t start, uint64_t len)
+{
+	uint64_t had = 0;
+
+	while (len) {
+		unsigned from = start % 64, to = len < 64 - from ? (unsigned)len + from : 64;
+		uint64_t m = word_mask(from, to);
+		had += (uint64_t)__builtin_popcountll(b->words[start / 64] & m);
+		b->words[start / 64] |= m;
+		start += to - from;
+		len -= to - from;
+	}
+	return had;
+}
+
 uint64_t bitmap_next_set(const struct bitmap *b, uint64_t i)
 {
 	return next_bit(b, i, 0);

@@ -47,6 +47,13 @@ static inline bool bitmap_test_and_clear_atomic(struct bitmap *b, uint64_t i)
 	return __atomic_fetch_and(&b->words[i / 64], ~m, __ATOMIC_RELAXED) & m;
 }
 
+/* Clears the run of set bits that starts at p, up to q at most, a word at a time (one
+ * compare-and-swap per 64 bits instead of a locked instruction per bit); the bits
+ * another thread clears meanwhile are not taken. Returns where the run this call
+ * cleared ends: p when bit p was clear. */
+uint64_t bitmap_claim_run(struct bitmap *b, uint64_t p, uint64_t q);
+/* Sets bits [start, start + len) and returns how many of them were set already. */
+uint64_t bitmap_set_range_count(struct bitmap *b, uint64_t start, uint64_t len);
 /* Sets bits [start, start + len). */
 void bitmap_set_range(struct bitmap *b, uint64_t start, uint64_t len);
 /* Clears bits [start, start + len). */

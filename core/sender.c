@@ -66,12 +66,7 @@ static int add_run(struct sender *s, struct batch *b, uint64_t first, uint32_t n
 		b->zero += n;
 	} else {
 		b->data += n;
-		for (uint64_t p = first; p < first + n; p++) {
-			if (bitmap_test(&m->sent_once, p))
-				b->resent++;
-			else
-				bitmap_set(&m->sent_once, p);
-		}
+		b->resent += bitmap_set_range_count(&m->sent_once, first, n);
 	}
 	return b->n == RUNS_BATCH || b->bytes >= m->pace_bytes ? flush(s, b) : 0;
 }
@@ -107,9 +102,7 @@ static int64_t send_block(struct sender *s, struct batch *b, uint64_t blk, bool 
 			q = end;
 		if (claim) {
 			/* Only the pages this thread cleared itself are its to send. */
-			uint64_t r = p;
-			while (r < q && bitmap_test_and_clear_atomic(&m->send, r))
-				r++;
+			uint64_t r = bitmap_claim_run(&m->send, p, q);
 			if (r == p) {
 				p = bitmap_next_set(&m->send, p + 1);
 				continue;

@@ -85,6 +85,49 @@ static void test_or(void **state)
 	bitmap_fini(&b);
 }
 
+/* bitmap_claim_run and bitmap_set_range_count against the bit-by-bit loops they replace
+ * in the senders, over random maps and every start and end around word edges. */
+static void test_claim_and_count(void **state)
+{
+	struct bitmap a, b;
+	uint64_t seed = 88172645463325252ULL;
+
+	assert_int_equal(bitmap_init(&a, 300), 0);
+	assert_int_equal(bitmap_init(&b, 300), 0);
+	for (int round = 0; round < 200; round++) {
+		for (uint64_t w = 0; w < BITMAP_WORDS(300); w++) {
+			seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+			/* mostly long runs of ones, as dirty maps have */
+			a.words[w] = round % 3 ? seed | (seed >> 1) | (seed >> 2) : ~0ULL;
+		}
+		uint64_t p = seed % 200, q = p + (seed >> 20) % 100 + 1;
+		for (uint64_t w = 0; w < BITMAP_WORDS(300); w++)
+			b.words[w] = a.words[w];
+		uint64_t r = p;
+		while (r < q && bitmap_test_and_clear_atomic(&b, r))
+			r++;
+		assert_int_equal(bitmap_claim_run(&a, p, q), r);
+		for (uint64_t w = 0; w < BITMAP_WORDS(300); w++)
+			assert_int_equal(a.words[w], b.words[w]);
+
+		uint64_t had = 0;
+		for (uint64_t i = p; i < q; i++) {
+			had += bitmap_test(&b, i);
+			bitmap_set(&b, i);
+		}
+		assert_int_equal(bitmap_set_range_count(&a, p, q - p), had);
+		for (uint64_t w = 0; w < BITMAP_WORDS(300); w++)
+			assert_int_equal(a.words[w], b.words[w]);
+	}
+	a.words[1] = ~0ULL; /* a run over a whole word and into the next */
+	a.words[2] = 0xf;
+	a.words[0] = 1ULL << 63;
+	assert_int_equal(bitmap_claim_run(&a, 63, 300), 132);
+	assert_int_equal(bitmap_claim_run(&a, 63, 300), 63);
+	bitmap_fini(&a);
+	bitmap_fini(&b);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -92,6 +135,7 @@ int main(void)
 	    cmocka_unit_test(test_ranges),
 	    cmocka_unit_test(test_next),
 	    cmocka_unit_test(test_or),
+	    cmocka_unit_test(test_claim_and_count),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
