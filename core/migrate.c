@@ -294,6 +294,10 @@ static int run_round(struct hm_migration *m, unsigned flags)
 			pthread_mutex_unlock(&m->lock);
 			if ((rc = arm_next(m)) < 0)
 				m->bulk->ops->bulk_shutdown(m->bulk);
+			if (arming && atomic_load(&m->armed) == npages) {
+				prio_set_normal(); /* the rest of the round is the control's */
+				arming = false;
+			}
 			pthread_mutex_lock(&m->lock);
 			if (!rc && now_ns() - t_service < 200 * 1000000ULL)
 				continue;
