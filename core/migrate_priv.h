@@ -74,6 +74,7 @@ struct hm_migration {
 	/* Post-copy: the page server and where the background stream should go next. */
 	pthread_t server;
 	atomic_bool server_stop;
+	bool server_up;		 /* the page server thread runs (start_server) */
 	bool running_seen;	 /* the destination confirmed it runs the guest */
 	bool resume_req;	 /* an operator asked to resume a paused post-copy */
 	bool destroying;	 /* hm_migration_destroy: stop waiting for a resume */
