@@ -290,12 +290,14 @@ static int send_round(struct sender *s, bool skip_zero, bool collect_first)
 			rc = n < 0 ? (int)n : 0;
 			/* Blocks taken as they go leave at once: a batch of 32 taken together
 			 * ended a round with one sender still sending up to 32 MiB while the
-			 * other had nothing left (5-14 ms of 1 GiB, ftrace). */
-			if (!rc && b.n && (m->bulk->ops->caps & TP_CAP_DRAIN_LANDS))
+			 * other had nothing left (5-14 ms of 1 GiB, ftrace). A collected block's
+			 * pages leave, and land, before the next block is collected: queued in a
+			 * socket buffer, they would be read long after their collect. */
+			bool collected = collect_first && n > 0;
+			if (!rc &&
+			    (collected || (b.n && (m->bulk->ops->caps & TP_CAP_DRAIN_LANDS))))
 				rc = flush(s, &b);
-			/* The pages leave before the next block is collected: queued in a socket
-			 * buffer, they would be read long after their collect. */
-			if (!rc && collect_first && n > 0 && !(rc = flush(s, &b)))
+			if (!rc && collected)
 				rc = m->bulk->ops->drain(m->bulk, s->ch);
 		}
 	}
